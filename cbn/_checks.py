@@ -1,0 +1,89 @@
+"""Input validation shared by the kernels' API and the reference.
+
+Every public function funnels its arguments through here, so a bad input gets the same
+clear exception whichever implementation is called, and nothing is ever modified.
+"""
+import numbers
+import operator
+
+import numpy as np
+
+# float16 is accepted but computed in float32: float16 sums overflow at 65504.
+DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_data(x, name="x"):
+    """Return ``x`` as an ndarray of a supported floating dtype, without copying."""
+    array = np.asarray(x)
+    if array.dtype not in DATA_DTYPES:
+        raise TypeError(
+            f"{name} must be float16, float32 or float64, got dtype {array.dtype}")
+    if array.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    return array
+
+
+def kept_axes(ndim, axis):
+    """Normalise ``axis`` (int or sequence, negatives allowed) to a sorted tuple."""
+    spelled = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
+    if len(spelled) == 0:
+        raise ValueError("axis must name at least one feature axis")
+    axes = []
+    for a in spelled:
+        try:
+            a = operator.index(a)
+        except TypeError:
+            raise TypeError(f"axis entries must be integers, got {a!r}") from None
+        if not -ndim <= a < ndim:
+            raise ValueError(f"axis {a} is out of range for an array of rank {ndim}")
+        axes.append(a % ndim)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"axis {spelled} names the same axis twice")
+    return tuple(sorted(axes))
+
+
+def feature_shape(shape, axes):
+    """Shape of the per-feature parameter and statistic arrays."""
+    return tuple(shape[a] for a in axes)
+
+
+def reduction_size(shape, axes):
+    """Number of elements each feature's statistics are taken over (ValueError if zero)."""
+    n = 1
+    for a, extent in enumerate(shape):
+        if a not in axes:
+            n *= extent
+    if n == 0:
+        raise ValueError(
+            f"cannot take batch statistics over zero elements (x.shape={tuple(shape)}, "
+            f"feature axes={axes})")
+    return n
+
+
+def as_parameter(value, name, expected_shape):
+    """Return a per-feature parameter as a float64 array of ``expected_shape``, or None.
+
+    Parameters of any real dtype are accepted and used in float64: they are small, and the
+    per-feature factors computed from them should not lose what the kernels accumulated.
+    """
+    if value is None:
+        return None
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real numeric array, got dtype {array.dtype}")
+    if array.shape != expected_shape:
+        raise ValueError(
+            f"{name} has shape {array.shape}, but the feature axes give {expected_shape}")
+    return array.astype(np.float64, copy=False)
+
+
+def as_epsilon(epsilon):
+    value = float(epsilon)
+    if not (value >= 0.0 and np.isfinite(value)):
+        raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
+    return value
+
+
+def same_shape(dy, x):
+    if dy.shape != x.shape:
+        raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")

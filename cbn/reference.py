@@ -1,0 +1,94 @@
+"""Plain NumPy batch normalization: the oracle the kernels are tested against.
+
+Written from the math, not for speed. Every function computes in float64 and casts the
+per-element result back to the dtype of ``x``; per-feature results (statistics and
+parameter gradients) are returned in float64, exactly as :mod:`cbn` does.
+
+Notation: the statistics of each feature are taken over the ``n`` elements that share its
+index on the feature axes ``axis``; ``x̂ = (x − mean) / sqrt(var + epsilon)`` and
+``y = γ·x̂ + β``. ``var`` is the biased (population) variance, computed in two passes
+(never as E[x²] − E[x]², which cancels catastrophically when |mean| ≫ std).
+"""
+import numpy as np
+
+from . import _checks
+
+__all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
+
+
+def _prepare(x, axis):
+    """x as float64, the reduced axes, and a function shaping parameters to broadcast."""
+    x = _checks.as_data(x)
+    axes = _checks.kept_axes(x.ndim, axis)
+    _checks.reduction_size(x.shape, axes)
+    reduced = tuple(a for a in range(x.ndim) if a not in axes)
+    broadcast_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
+    features = _checks.feature_shape(x.shape, axes)
+
+    def parameter(value, name, default=None):
+        if value is None and default is None:
+            raise TypeError(f"{name} is required")
+        value = _checks.as_parameter(value, name, features)
+        return np.float64(default) if value is None else value.reshape(broadcast_shape)
+
+    return x.astype(np.float64), reduced, parameter
+
+
+def _statistics(x64, reduced):
+    mean = x64.mean(axis=reduced, keepdims=True)
+    var = np.square(x64 - mean).mean(axis=reduced, keepdims=True)
+    return mean, var
+
+
+def batch_stats(x, axis=-1):
+    """Batch mean and biased variance of each feature, in float64."""
+    x64, reduced, _ = _prepare(x, axis)
+    mean, var = _statistics(x64, reduced)
+    return mean.squeeze(axis=reduced), var.squeeze(axis=reduced)
+
+
+def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3):
+    """Training-mode batch norm: ``(y, mean, var)`` with the batch statistics of ``x``."""
+    x64, reduced, parameter = _prepare(x, axis)
+    gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
+    epsilon = _checks.as_epsilon(epsilon)
+    mean, var = _statistics(x64, reduced)
+    y = gamma64 * (x64 - mean) / np.sqrt(var + epsilon) + beta64
+    return (y.astype(np.asarray(x).dtype), mean.squeeze(axis=reduced),
+            var.squeeze(axis=reduced))
+
+
+def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3):
+    """Inference-mode batch norm with given (moving) statistics."""
+    x64, _, parameter = _prepare(x, axis)
+    mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
+    gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
+    epsilon = _checks.as_epsilon(epsilon)
+    y = gamma64 * (x64 - mean64) / np.sqrt(var64 + epsilon) + beta64
+    return y.astype(np.asarray(x).dtype)
+
+
+def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3):
+    """Gradients ``(dx, dgamma, dbeta)`` of training-mode batch norm.
+
+    ``mean`` and ``var`` are the batch statistics the forward pass used, so ``dx`` includes
+    the paths through them::
+
+        dbeta  = Σ dy                dgamma = Σ dy·x̂
+        dx     = γ / sqrt(var + ε) · (dy − dbeta/n − x̂·dgamma/n)
+    """
+    x64, reduced, parameter = _prepare(x, axis)
+    dy = _checks.as_data(dy, "dy")
+    _checks.same_shape(dy, x64)
+    dy64 = dy.astype(np.float64)
+    mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
+    gamma64 = parameter(gamma, "gamma", 1.0)
+    epsilon = _checks.as_epsilon(epsilon)
+    n = _checks.reduction_size(x64.shape, tuple(a for a in range(x64.ndim) if a not in reduced))
+    inv_std = 1.0 / np.sqrt(var64 + epsilon)
+    x_hat = (x64 - mean64) * inv_std
+    dbeta = dy64.sum(axis=reduced, keepdims=True)
+    dgamma = (dy64 * x_hat).sum(axis=reduced, keepdims=True)
+    dx = gamma64 * inv_std * (dy64 - dbeta / n - x_hat * dgamma / n)
+    return (dx.astype(np.asarray(x).dtype), dgamma.squeeze(axis=reduced),
+            dbeta.squeeze(axis=reduced))
