@@ -1,7 +1,12 @@
-"""cbn: fast CPU batch normalization for NumPy."""
+"""cbn: fast CPU batch normalization for NumPy.
+
+The four functions run on Cython + OpenMP kernels; :mod:`cbn.reference` has the same four
+in plain NumPy and is the oracle they are tested against.
+"""
 from . import reference
-from .reference import batch_stats, batch_norm_forward, batch_norm_inference, batch_norm_backward
+from .api import (batch_norm_backward, batch_norm_forward, batch_norm_inference, batch_stats,
+                  openmp_enabled)
 
 __version__ = "0.1.0"
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-           "reference"]
+           "openmp_enabled", "reference"]

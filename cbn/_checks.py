@@ -87,3 +87,19 @@ def as_epsilon(epsilon):
 def same_shape(dy, x):
     if dy.shape != x.shape:
         raise ValueError(f"dy has shape {dy.shape} but x has shape {x.shape}")
+
+
+def output_buffer(out, x, name="out"):
+    """Check a caller-supplied output buffer for an array shaped like x."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name} must be an ndarray, got {type(out).__name__}")
+    if out.shape != x.shape or out.dtype != x.dtype:
+        raise ValueError(f"{name} must have shape {x.shape} and dtype {x.dtype}, "
+                         f"got {out.shape} {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    if np.may_share_memory(out, x) and not (
+            out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
+            and out.strides == x.strides):
+        raise ValueError(f"{name} partly overlaps the input; pass the input itself or a "
+                         f"separate buffer")

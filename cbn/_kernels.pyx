@@ -1,0 +1,865 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False
+"""Batch-norm kernels: loops only. Inputs are validated and laid out by cbn.api/_layout.
+
+Design
+------
+Every operand is walked through the four indices of a cbn._layout.Plan (outer/inner
+feature, outer/inner reduced element), in one of two loop orders:
+
+* features inner ("FI", e.g. NHWC or (batch, features)): a work item is a fixed chunk of
+  rows times a tile of up to TILE_FEATURES features; the inner loop runs along features
+  and accumulates into per-feature double arrays.
+* rows inner ("RI", e.g. NCHW or a transposed (features, batch) view): a work item is one
+  feature times a fixed chunk of its reduced elements; the inner loop is a reduction into
+  LANES double accumulators.
+
+Statistics are computed per block of about BLOCK_ELEMENTS elements in two passes over data
+that is still in L1 (block mean, then block sum of squared deviations), and blocks, then
+chunks, are combined with Chan et al.'s pairwise update. So x is read once from memory,
+the variance never cancels as E[x^2] - E[x]^2 does, and everything accumulates in double
+whatever the data type.
+
+The work decomposition (tiles, blocks, chunks) depends on the shape only. Threads take
+whole work items and chunk results are combined in chunk order, so results are bitwise
+identical for every thread count. When a RI feature fits in one chunk, the statistics
+and the normalization of that feature run back to back while its data is in cache.
+"""
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt
+from libc.stdint cimport int64_t
+
+import numpy as np
+cimport numpy as cnp
+
+cnp.import_array()
+
+cdef extern from "_platform.h":
+    int cbn_openmp_enabled() noexcept nogil
+    int cbn_max_threads() noexcept nogil
+    const char *cbn_simd_flags() noexcept
+
+
+cdef enum:
+    TILE_FEATURES = 1024        # features per FI work item: its accumulators stay in L1
+    BLOCK_ELEMENTS = 4096       # elements per two-pass statistics block
+    MAX_CHUNKS = 64             # FI chunks of rows, i.e. partial results per feature
+    CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
+    TARGET_ITEMS = 64           # RI: split features into chunks until this many items
+    MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
+    PARALLEL_MIN_ELEMENTS = 32768  # below this, OpenMP dispatch costs more than it saves
+    LANES = 16                  # independent accumulators in a RI reduction
+
+
+def openmp_enabled():
+    return bool(cbn_openmp_enabled())
+
+
+def max_threads():
+    return cbn_max_threads()
+
+
+def simd_flags():
+    return cbn_simd_flags().decode().split()
+
+
+# ---------------------------------------------------------------------------------------
+# Work decomposition
+# ---------------------------------------------------------------------------------------
+
+cdef struct Grid:
+    Py_ssize_t n_fo, n_fi, n_ro, n_ri, n_rows, n_features
+    bint features_inner
+    Py_ssize_t tile_width, n_tiles, rows_per_block   # FI only
+    Py_ssize_t n_chunks, chunk_length                # rows (FI) or reduced elements (RI)
+    Py_ssize_t n_items
+    int n_threads
+
+
+cdef struct Walk:
+    const int64_t *feature_offsets
+    int64_t feature_stride
+    const int64_t *row_offsets
+    int64_t row_stride
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef Grid make_grid(plan):
+    cdef Grid g
+    cdef Py_ssize_t n_blocks, wanted
+    g.n_fo = plan.n_feature_outer
+    g.n_fi = plan.n_feature_inner
+    g.n_ro = plan.n_row_outer
+    g.n_ri = plan.n_row_inner
+    g.n_rows = g.n_ro * g.n_ri
+    g.n_features = g.n_fo * g.n_fi
+    g.features_inner = plan.features_inner
+    if g.features_inner:
+        g.tile_width = min(g.n_fi, <Py_ssize_t>TILE_FEATURES)
+        g.n_tiles = ceil_div(g.n_fi, g.tile_width)
+        g.rows_per_block = max(1, BLOCK_ELEMENTS // g.tile_width)
+        n_blocks = ceil_div(g.n_rows, g.rows_per_block)
+        g.n_chunks = min(n_blocks, <Py_ssize_t>MAX_CHUNKS,
+                         max(1, CHUNK_BUDGET // g.n_features))
+        g.chunk_length = ceil_div(n_blocks, g.n_chunks) * g.rows_per_block
+        g.n_items = g.n_fo * g.n_tiles
+    else:
+        g.tile_width = 1
+        g.n_tiles = 1
+        g.rows_per_block = 0
+        wanted = ceil_div(TARGET_ITEMS, g.n_features)
+        g.n_chunks = max(1, min(wanted, g.n_rows // MIN_CHUNK_ELEMENTS))
+        g.chunk_length = ceil_div(g.n_rows, g.n_chunks)
+        g.n_items = g.n_features
+    g.n_chunks = ceil_div(g.n_rows, g.chunk_length)
+    g.n_items *= g.n_chunks
+    if g.n_rows * g.n_features < PARALLEL_MIN_ELEMENTS:
+        g.n_threads = 1
+    else:
+        g.n_threads = <int>max(1, min(<Py_ssize_t>cbn_max_threads(), g.n_items))
+    return g
+
+
+cdef Walk make_walk(layout):
+    cdef Walk w
+    cdef cnp.ndarray feature_offsets = layout.feature_offsets
+    cdef cnp.ndarray row_offsets = layout.row_offsets
+    w.feature_offsets = <const int64_t *>cnp.PyArray_DATA(feature_offsets)
+    w.feature_stride = layout.feature_stride
+    w.row_offsets = <const int64_t *>cnp.PyArray_DATA(row_offsets)
+    w.row_stride = layout.row_stride
+    return w
+
+
+cdef inline double *data_or_null(object array):
+    return NULL if array is None else <double *>cnp.PyArray_DATA(array)
+
+
+cdef inline Py_ssize_t chunk_count(const Grid *g, Py_ssize_t c) noexcept nogil:
+    return min(g.chunk_length, g.n_rows - c * g.chunk_length)
+
+
+# An FI item: rows [r_begin, r_end) of features f0 .. f0 + width (fo, fi0 .. fi0 + width).
+cdef struct FiItem:
+    Py_ssize_t chunk, fo, fi0, f0, width, r_begin, r_end
+
+
+cdef inline FiItem fi_item(const Grid *g, Py_ssize_t item) noexcept nogil:
+    cdef FiItem it
+    cdef Py_ssize_t tile_index = item // g.n_chunks
+    it.chunk = item - tile_index * g.n_chunks
+    it.fo = tile_index // g.n_tiles
+    it.fi0 = (tile_index - it.fo * g.n_tiles) * g.tile_width
+    it.width = min(g.tile_width, g.n_fi - it.fi0)
+    it.f0 = it.fo * g.n_fi + it.fi0
+    it.r_begin = it.chunk * g.chunk_length
+    it.r_end = min(it.r_begin + g.chunk_length, g.n_rows)
+    return it
+
+
+# A RI item: reduced elements [r_begin, r_end) of feature f = (fo, fi).
+cdef struct RiItem:
+    Py_ssize_t chunk, f, r_begin, r_end
+
+
+cdef inline RiItem ri_item(const Grid *g, Py_ssize_t item) noexcept nogil:
+    cdef RiItem it
+    it.f = item // g.n_chunks
+    it.chunk = item - it.f * g.n_chunks
+    it.r_begin = it.chunk * g.chunk_length
+    it.r_end = min(it.r_begin + g.chunk_length, g.n_rows)
+    return it
+
+
+cdef inline int64_t feature_offset(const Walk *w, const Grid *g, Py_ssize_t f) noexcept nogil:
+    cdef Py_ssize_t fo = f // g.n_fi
+    return w.feature_offsets[fo] + (f - fo * g.n_fi) * w.feature_stride
+
+
+cdef inline int64_t row_offset(const Walk *w, Py_ssize_t ro, Py_ssize_t ri) noexcept nogil:
+    return w.row_offsets[ro] + ri * w.row_stride
+
+
+# ---------------------------------------------------------------------------------------
+# Inner loops
+# ---------------------------------------------------------------------------------------
+
+cdef inline void add_row(const floating *p, int64_t step, Py_ssize_t n,
+                         double *acc) noexcept nogil:
+    cdef Py_ssize_t j
+    if step == 1:
+        for j in range(n):
+            acc[j] += p[j]
+    else:
+        for j in range(n):
+            acc[j] += p[j * step]
+
+
+cdef inline void add_squared_deviation_row(const floating *p, int64_t step, Py_ssize_t n,
+                                           const double *mean, double *acc) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double d
+    if step == 1:
+        for j in range(n):
+            d = p[j] - mean[j]
+            acc[j] += d * d
+    else:
+        for j in range(n):
+            d = p[j * step] - mean[j]
+            acc[j] += d * d
+
+
+cdef inline double sum_lanes(double *lanes) noexcept nogil:
+    cdef int width = LANES
+    cdef int l
+    while width > 1:
+        width //= 2
+        for l in range(width):
+            lanes[l] += lanes[l + width]
+    return lanes[0]
+
+
+cdef inline double sum_run(const floating *p, int64_t step, Py_ssize_t n) noexcept nogil:
+    cdef double lanes[LANES]
+    cdef Py_ssize_t i, block, n_main = n - n % LANES
+    cdef int l
+    for l in range(LANES):
+        lanes[l] = 0.0
+    if step == 1:
+        for block in range(n_main // LANES):
+            i = block * LANES
+            for l in range(LANES):
+                lanes[l] += p[i + l]
+    else:
+        for block in range(n_main // LANES):
+            i = block * LANES
+            for l in range(LANES):
+                lanes[l] += p[(i + l) * step]
+    for i in range(n_main, n):
+        lanes[i - n_main] += p[i * step]
+    return sum_lanes(lanes)
+
+
+cdef inline double squared_deviation_run(const floating *p, int64_t step, Py_ssize_t n,
+                                         double mean) noexcept nogil:
+    cdef double lanes[LANES]
+    cdef double d
+    cdef Py_ssize_t i, block, n_main = n - n % LANES
+    cdef int l
+    for l in range(LANES):
+        lanes[l] = 0.0
+    if step == 1:
+        for block in range(n_main // LANES):
+            i = block * LANES
+            for l in range(LANES):
+                d = p[i + l] - mean
+                lanes[l] += d * d
+    else:
+        for block in range(n_main // LANES):
+            i = block * LANES
+            for l in range(LANES):
+                d = p[(i + l) * step] - mean
+                lanes[l] += d * d
+    for i in range(n_main, n):
+        d = p[i * step] - mean
+        lanes[i - n_main] += d * d
+    return sum_lanes(lanes)
+
+
+cdef inline void normalize_row(const floating *x, int64_t x_step, floating *y, int64_t y_step,
+                               Py_ssize_t n, const double *mean, const double *scale,
+                               const double *shift) noexcept nogil:
+    cdef Py_ssize_t j
+    if x_step == 1 and y_step == 1:
+        for j in range(n):
+            y[j] = <floating>((x[j] - mean[j]) * scale[j] + shift[j])
+    else:
+        for j in range(n):
+            y[j * y_step] = <floating>((x[j * x_step] - mean[j]) * scale[j] + shift[j])
+
+
+cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, int64_t y_step,
+                               Py_ssize_t n, double mean, double scale,
+                               double shift) noexcept nogil:
+    cdef Py_ssize_t i
+    if x_step == 1 and y_step == 1:
+        for i in range(n):
+            y[i] = <floating>((x[i] - mean) * scale + shift)
+    else:
+        for i in range(n):
+            y[i * y_step] = <floating>((x[i * x_step] - mean) * scale + shift)
+
+
+cdef inline void add_gradient_row(const floating *dy, int64_t dy_step, const floating *x,
+                                  int64_t x_step, Py_ssize_t n, const double *mean,
+                                  double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    cdef Py_ssize_t j
+    cdef double g
+    if dy_step == 1 and x_step == 1:
+        for j in range(n):
+            g = dy[j]
+            sum_dy[j] += g
+            sum_dy_xc[j] += g * (x[j] - mean[j])
+    else:
+        for j in range(n):
+            g = dy[j * dy_step]
+            sum_dy[j] += g
+            sum_dy_xc[j] += g * (x[j * x_step] - mean[j])
+
+
+cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floating *x,
+                              int64_t x_step, Py_ssize_t n, double mean,
+                              double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    cdef double lanes_dy[LANES]
+    cdef double lanes_dy_xc[LANES]
+    cdef double g
+    cdef Py_ssize_t i, block, n_main = n - n % LANES
+    cdef int l
+    for l in range(LANES):
+        lanes_dy[l] = 0.0
+        lanes_dy_xc[l] = 0.0
+    if dy_step == 1 and x_step == 1:
+        for block in range(n_main // LANES):
+            i = block * LANES
+            for l in range(LANES):
+                g = dy[i + l]
+                lanes_dy[l] += g
+                lanes_dy_xc[l] += g * (x[i + l] - mean)
+    else:
+        for block in range(n_main // LANES):
+            i = block * LANES
+            for l in range(LANES):
+                g = dy[(i + l) * dy_step]
+                lanes_dy[l] += g
+                lanes_dy_xc[l] += g * (x[(i + l) * x_step] - mean)
+    for i in range(n_main, n):
+        g = dy[i * dy_step]
+        lanes_dy[i - n_main] += g
+        lanes_dy_xc[i - n_main] += g * (x[i * x_step] - mean)
+    sum_dy[0] += sum_lanes(lanes_dy)
+    sum_dy_xc[0] += sum_lanes(lanes_dy_xc)
+
+
+# dx = coef_dy * dy + coef_xc * (x - mean) + offset: the training-mode gradient, with the
+# per-feature factors computed once in backward_factors.
+cdef inline void input_gradient_row(const floating *dy, int64_t dy_step, const floating *x,
+                                    int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
+                                    const double *mean, const double *coef_dy,
+                                    const double *coef_xc, const double *offset) noexcept nogil:
+    cdef Py_ssize_t j
+    if dy_step == 1 and x_step == 1 and dx_step == 1:
+        for j in range(n):
+            dx[j] = <floating>(coef_dy[j] * dy[j] + coef_xc[j] * (x[j] - mean[j]) + offset[j])
+    else:
+        for j in range(n):
+            dx[j * dx_step] = <floating>(coef_dy[j] * dy[j * dy_step]
+                                         + coef_xc[j] * (x[j * x_step] - mean[j]) + offset[j])
+
+
+cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const floating *x,
+                                    int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
+                                    double mean, double coef_dy, double coef_xc,
+                                    double offset) noexcept nogil:
+    cdef Py_ssize_t i
+    if dy_step == 1 and x_step == 1 and dx_step == 1:
+        for i in range(n):
+            dx[i] = <floating>(coef_dy * dy[i] + coef_xc * (x[i] - mean) + offset)
+    else:
+        for i in range(n):
+            dx[i * dx_step] = <floating>(coef_dy * dy[i * dy_step]
+                                         + coef_xc * (x[i * x_step] - mean) + offset)
+
+
+# Chan, Golub & LeVeque (1979): fold a block's (n_b, mean_b, M2_b) into a running
+# (n_a, mean_a, M2_a) without cancellation; weight_b = n_b / n, cross = n_a * n_b / n.
+cdef inline void chan_update(double *mean, double *m2, double mean_b, double m2_b,
+                             double weight_b, double cross) noexcept nogil:
+    cdef double delta = mean_b - mean[0]
+    mean[0] += delta * weight_b
+    m2[0] += m2_b + delta * delta * cross
+
+
+# ---------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------
+
+cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_ssize_t item,
+                          double *scratch, double *chunk_mean, double *chunk_m2) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef double *acc_mean = scratch
+    cdef double *acc_m2 = scratch + g.tile_width
+    cdef double *block_mean = scratch + 2 * g.tile_width
+    cdef double *block_m2 = scratch + 3 * g.tile_width
+    cdef const floating *tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef Py_ssize_t block, r0, r1, r, ro, ri, j, n_acc = 0, n_block
+    cdef Py_ssize_t ro0, ri0
+    cdef double weight, cross
+    for block in range(ceil_div(it.r_end - it.r_begin, g.rows_per_block)):
+        r0 = it.r_begin + block * g.rows_per_block
+        r1 = min(r0 + g.rows_per_block, it.r_end)
+        n_block = r1 - r0
+        ro0 = r0 // g.n_ri
+        ri0 = r0 - ro0 * g.n_ri
+        for j in range(it.width):
+            block_mean[j] = 0.0
+            block_m2[j] = 0.0
+        ro, ri = ro0, ri0
+        for r in range(n_block):
+            add_row(tile + row_offset(xw, ro, ri), xw.feature_stride, it.width, block_mean)
+            ri += 1
+            if ri == g.n_ri:
+                ri, ro = 0, ro + 1
+        for j in range(it.width):
+            block_mean[j] /= n_block
+        ro, ri = ro0, ri0
+        for r in range(n_block):
+            add_squared_deviation_row(tile + row_offset(xw, ro, ri), xw.feature_stride,
+                                      it.width, block_mean, block_m2)
+            ri += 1
+            if ri == g.n_ri:
+                ri, ro = 0, ro + 1
+        if n_acc == 0:
+            for j in range(it.width):
+                acc_mean[j] = block_mean[j]
+                acc_m2[j] = block_m2[j]
+        else:
+            weight = n_block / <double>(n_acc + n_block)
+            cross = n_acc * weight
+            for j in range(it.width):
+                chan_update(&acc_mean[j], &acc_m2[j], block_mean[j], block_m2[j], weight, cross)
+        n_acc += n_block
+    for j in range(it.width):
+        chunk_mean[it.chunk * g.n_features + it.f0 + j] = acc_mean[j]
+        chunk_m2[it.chunk * g.n_features + it.f0 + j] = acc_m2[j]
+
+
+cdef void ri_moments(const Grid *g, const floating *x, const Walk *xw, RiItem it,
+                     double *mean_out, double *m2_out) noexcept nogil:
+    cdef const floating *feature = x + feature_offset(xw, g, it.f)
+    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri
+    cdef Py_ssize_t run, n_acc = 0
+    cdef double acc_mean = 0.0, acc_m2 = 0.0, block_mean, block_m2, weight
+    cdef const floating *p
+    while r < it.r_end:
+        run = min(g.n_ri - ri, it.r_end - r, <Py_ssize_t>BLOCK_ELEMENTS)
+        p = feature + row_offset(xw, ro, ri)
+        block_mean = sum_run(p, xw.row_stride, run) / run
+        block_m2 = squared_deviation_run(p, xw.row_stride, run, block_mean)
+        if n_acc == 0:
+            acc_mean, acc_m2 = block_mean, block_m2
+        else:
+            weight = run / <double>(n_acc + run)
+            chan_update(&acc_mean, &acc_m2, block_mean, block_m2, weight, n_acc * weight)
+        n_acc += run
+        r += run
+        ri += run
+        if ri == g.n_ri:
+            ri, ro = 0, ro + 1
+    mean_out[0] = acc_mean
+    m2_out[0] = acc_m2
+
+
+cdef void moments_items(const Grid *g, const floating *x, const Walk *xw, double *scratch,
+                        Py_ssize_t scratch_per_thread, double *chunk_mean,
+                        double *chunk_m2) noexcept nogil:
+    cdef Py_ssize_t item
+    cdef RiItem it
+    for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+        if g.features_inner:
+            fi_moments_item(g, x, xw, item, scratch + threadid() * scratch_per_thread,
+                            chunk_mean, chunk_m2)
+        else:
+            it = ri_item(g, item)
+            ri_moments(g, x, xw, it, &chunk_mean[it.chunk * g.n_features + it.f],
+                       &chunk_m2[it.chunk * g.n_features + it.f])
+
+
+cdef void merge_feature_chunks(const Grid *g, Py_ssize_t f, const double *chunk_mean,
+                               const double *chunk_m2, double *mean_out,
+                               double *var_out) noexcept nogil:
+    """Fold feature f's chunks in chunk order (fixed, whatever the thread count)."""
+    cdef Py_ssize_t c, n_acc = chunk_count(g, 0), n_chunk
+    cdef double weight
+    mean_out[f] = chunk_mean[f]
+    var_out[f] = chunk_m2[f]
+    for c in range(1, g.n_chunks):
+        n_chunk = chunk_count(g, c)
+        weight = n_chunk / <double>(n_acc + n_chunk)
+        chan_update(&mean_out[f], &var_out[f], chunk_mean[c * g.n_features + f],
+                    chunk_m2[c * g.n_features + f], weight, n_acc * weight)
+        n_acc += n_chunk
+    var_out[f] /= g.n_rows
+
+
+cdef void merge_chunk_moments(const Grid *g, const double *chunk_mean, const double *chunk_m2,
+                              double *mean_out, double *var_out) noexcept nogil:
+    cdef Py_ssize_t f
+    for f in prange(g.n_features, num_threads=g.n_threads, schedule="static"):
+        merge_feature_chunks(g, f, chunk_mean, chunk_m2, mean_out, var_out)
+
+
+cdef struct Buffers:
+    double *scratch             # per thread: scratch_per_thread doubles
+    Py_ssize_t scratch_per_thread
+    double *chunk_a             # n_chunks x n_features partial results
+    double *chunk_b
+
+
+cdef class Workspace:
+    """Owns the per-call buffers that the nogil code sees as a Buffers struct."""
+    cdef object arrays
+    cdef Buffers buffers
+
+    def __cinit__(self, Py_ssize_t n_threads, Py_ssize_t scratch_per_thread,
+                  Py_ssize_t n_partials):
+        cdef cnp.ndarray scratch = np.empty(max(1, n_threads * scratch_per_thread))
+        cdef cnp.ndarray chunk_a = np.empty(max(1, n_partials))
+        cdef cnp.ndarray chunk_b = np.empty(max(1, n_partials))
+        self.arrays = (scratch, chunk_a, chunk_b)
+        self.buffers.scratch = <double *>cnp.PyArray_DATA(scratch)
+        self.buffers.scratch_per_thread = scratch_per_thread
+        self.buffers.chunk_a = <double *>cnp.PyArray_DATA(chunk_a)
+        self.buffers.chunk_b = <double *>cnp.PyArray_DATA(chunk_b)
+
+
+cdef Workspace make_workspace(const Grid *g, Py_ssize_t tile_arrays):
+    """Scratch of tile_arrays tile-wide arrays per thread (FI only), and chunk partials."""
+    return Workspace(g.n_threads, tile_arrays * g.tile_width if g.features_inner else 0,
+                     g.n_chunks * g.n_features)
+
+
+cdef void compute_moments(const Grid *g, const floating *x, const Walk *xw, const Buffers *ws,
+                          double *mean_out, double *var_out) noexcept nogil:
+    moments_items(g, x, xw, ws.scratch, ws.scratch_per_thread, ws.chunk_a, ws.chunk_b)
+    merge_chunk_moments(g, ws.chunk_a, ws.chunk_b, mean_out, var_out)
+
+
+def batch_stats(cnp.ndarray x, plan, cnp.ndarray mean_out, cnp.ndarray var_out):
+    cdef Grid g = make_grid(plan)
+    cdef Walk xw = make_walk(plan.operands[0])
+    cdef Workspace ws = make_workspace(&g, 4)
+    cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
+    cdef double *var = <double *>cnp.PyArray_DATA(var_out)
+    cdef const float *x32
+    cdef const double *x64
+    if x.dtype == np.float32:
+        x32 = <const float *>cnp.PyArray_DATA(x)
+        with nogil:
+            compute_moments(&g, x32, &xw, &ws.buffers, mean, var)
+    else:
+        x64 = <const double *>cnp.PyArray_DATA(x)
+        with nogil:
+            compute_moments(&g, x64, &xw, &ws.buffers, mean, var)
+
+
+# ---------------------------------------------------------------------------------------
+# Normalization (training forward and inference)
+# ---------------------------------------------------------------------------------------
+
+cdef inline void normalization_factors(Py_ssize_t f, const double *var, const double *gamma,
+                                       double epsilon, double *scale) noexcept nogil:
+    scale[f] = (1.0 if gamma == NULL else gamma[f]) / sqrt(var[f] + epsilon)
+
+
+cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                            const Walk *yw, Py_ssize_t item, const double *mean,
+                            const double *scale, const double *shift) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
+    cdef Py_ssize_t r, ro = it.r_begin // g.n_ri, ri = it.r_begin - ro * g.n_ri
+    for r in range(it.r_begin, it.r_end):
+        normalize_row(x_tile + row_offset(xw, ro, ri), xw.feature_stride,
+                      y_tile + row_offset(yw, ro, ri), yw.feature_stride, it.width,
+                      mean + it.f0, scale + it.f0, shift + it.f0)
+        ri += 1
+        if ri == g.n_ri:
+            ri, ro = 0, ro + 1
+
+
+cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                            const Walk *yw, RiItem it, double mean, double scale,
+                            double shift) noexcept nogil:
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef floating *y_feature = y + feature_offset(yw, g, it.f)
+    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri, run
+    while r < it.r_end:
+        run = min(g.n_ri - ri, it.r_end - r)
+        normalize_run(x_feature + row_offset(xw, ro, ri), xw.row_stride,
+                      y_feature + row_offset(yw, ro, ri), yw.row_stride, run,
+                      mean, scale, shift)
+        r += run
+        ri, ro = 0, ro + 1
+
+
+cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                          const Walk *yw, const double *mean, const double *scale,
+                          const double *shift) noexcept nogil:
+    cdef Py_ssize_t item
+    cdef RiItem it
+    for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+        if g.features_inner:
+            fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+        else:
+            it = ri_item(g, item)
+            ri_normalize_item(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f])
+
+
+cdef void fused_forward(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                        const Walk *yw, const double *gamma, const double *shift,
+                        double epsilon, double *mean, double *var, double *scale) noexcept nogil:
+    """RI with one chunk per feature: normalize each feature right after its statistics."""
+    cdef Py_ssize_t f
+    cdef RiItem it
+    for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
+        it = ri_item(g, f)
+        ri_moments(g, x, xw, it, &mean[f], &var[f])
+        var[f] /= g.n_rows
+        normalization_factors(f, var, gamma, epsilon, scale)
+        ri_normalize_item(g, x, xw, y, yw, it, mean[f], scale[f], shift[f])
+
+
+cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                        const Walk *yw, const Buffers *ws, const double *gamma, const double *shift,
+                        double epsilon, double *mean, double *var, double *scale) noexcept nogil:
+    cdef Py_ssize_t f
+    if not g.features_inner and g.n_chunks == 1:
+        fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale)
+        return
+    compute_moments(g, x, xw, ws, mean, var)
+    for f in range(g.n_features):
+        normalization_factors(f, var, gamma, epsilon, scale)
+    normalize_items(g, x, xw, y, yw, mean, scale, shift)
+
+
+def batch_norm_forward(cnp.ndarray x, cnp.ndarray y, plan, gamma, cnp.ndarray shift,
+                       double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out):
+    """shift is beta (zeros when there is none); gamma may be None."""
+    cdef Grid g = make_grid(plan)
+    cdef Walk xw = make_walk(plan.operands[0]), yw = make_walk(plan.operands[1])
+    cdef Workspace ws = make_workspace(&g, 4)
+    cdef double[::1] scale = np.empty(max(1, g.n_features))
+    cdef double *gamma_data = data_or_null(gamma)
+    cdef double *shift_data = <double *>cnp.PyArray_DATA(shift)
+    cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
+    cdef double *var = <double *>cnp.PyArray_DATA(var_out)
+    cdef void *x_data = cnp.PyArray_DATA(x)
+    cdef void *y_data = cnp.PyArray_DATA(y)
+    if x.dtype == np.float32:
+        with nogil:
+            forward_nogil(&g, <const float *>x_data, &xw, <float *>y_data, &yw, &ws.buffers, gamma_data,
+                          shift_data, epsilon, mean, var, &scale[0])
+    else:
+        with nogil:
+            forward_nogil(&g, <const double *>x_data, &xw, <double *>y_data, &yw, &ws.buffers,
+                          gamma_data, shift_data, epsilon, mean, var, &scale[0])
+
+
+def batch_norm_inference(cnp.ndarray x, cnp.ndarray y, plan, cnp.ndarray mean,
+                         cnp.ndarray var, gamma, cnp.ndarray shift, double epsilon):
+    cdef Grid g = make_grid(plan)
+    cdef Walk xw = make_walk(plan.operands[0]), yw = make_walk(plan.operands[1])
+    cdef double[::1] scale = np.empty(max(1, g.n_features))
+    cdef double *gamma_data = data_or_null(gamma)
+    cdef double *mean_data = <double *>cnp.PyArray_DATA(mean)
+    cdef double *var_data = <double *>cnp.PyArray_DATA(var)
+    cdef double *shift_data = <double *>cnp.PyArray_DATA(shift)
+    cdef void *x_data = cnp.PyArray_DATA(x)
+    cdef void *y_data = cnp.PyArray_DATA(y)
+    cdef Py_ssize_t f
+    cdef bint single = x.dtype == np.float32
+    with nogil:
+        for f in range(g.n_features):
+            normalization_factors(f, var_data, gamma_data, epsilon, &scale[0])
+        if single:
+            normalize_items(&g, <const float *>x_data, &xw, <float *>y_data, &yw, mean_data,
+                            &scale[0], shift_data)
+        else:
+            normalize_items(&g, <const double *>x_data, &xw, <double *>y_data, &yw, mean_data,
+                            &scale[0], shift_data)
+
+
+# ---------------------------------------------------------------------------------------
+# Backward (training mode)
+# ---------------------------------------------------------------------------------------
+
+cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                const floating *x, const Walk *xw, Py_ssize_t item,
+                                const double *mean, double *scratch, double *chunk_dy,
+                                double *chunk_dy_xc) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef double *acc_dy = scratch
+    cdef double *acc_dy_xc = scratch + g.tile_width
+    cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
+    cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef Py_ssize_t r, j, ro = it.r_begin // g.n_ri, ri = it.r_begin - ro * g.n_ri
+    for j in range(it.width):
+        acc_dy[j] = 0.0
+        acc_dy_xc[j] = 0.0
+    for r in range(it.r_begin, it.r_end):
+        add_gradient_row(dy_tile + row_offset(dyw, ro, ri), dyw.feature_stride,
+                         x_tile + row_offset(xw, ro, ri), xw.feature_stride, it.width,
+                         mean + it.f0, acc_dy, acc_dy_xc)
+        ri += 1
+        if ri == g.n_ri:
+            ri, ro = 0, ro + 1
+    for j in range(it.width):
+        chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
+        chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
+
+
+cdef void ri_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
+                           const floating *x, const Walk *xw, RiItem it, double mean,
+                           double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri, run
+    sum_dy[0] = 0.0
+    sum_dy_xc[0] = 0.0
+    while r < it.r_end:
+        run = min(g.n_ri - ri, it.r_end - r)
+        gradient_run(dy_feature + row_offset(dyw, ro, ri), dyw.row_stride,
+                     x_feature + row_offset(xw, ro, ri), xw.row_stride, run, mean,
+                     sum_dy, sum_dy_xc)
+        r += run
+        ri, ro = 0, ro + 1
+
+
+cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                 const floating *x, const Walk *xw, floating *dx,
+                                 const Walk *dxw, Py_ssize_t item, const double *mean,
+                                 const double *coef_dy, const double *coef_xc,
+                                 const double *offset) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
+    cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
+    cdef Py_ssize_t r, ro = it.r_begin // g.n_ri, ri = it.r_begin - ro * g.n_ri
+    for r in range(it.r_begin, it.r_end):
+        input_gradient_row(dy_tile + row_offset(dyw, ro, ri), dyw.feature_stride,
+                           x_tile + row_offset(xw, ro, ri), xw.feature_stride,
+                           dx_tile + row_offset(dxw, ro, ri), dxw.feature_stride, it.width,
+                           mean + it.f0, coef_dy + it.f0, coef_xc + it.f0, offset + it.f0)
+        ri += 1
+        if ri == g.n_ri:
+            ri, ro = 0, ro + 1
+
+
+cdef void ri_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                 const floating *x, const Walk *xw, floating *dx,
+                                 const Walk *dxw, RiItem it, double mean, double coef_dy,
+                                 double coef_xc, double offset) noexcept nogil:
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef floating *dx_feature = dx + feature_offset(dxw, g, it.f)
+    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri, run
+    while r < it.r_end:
+        run = min(g.n_ri - ri, it.r_end - r)
+        input_gradient_run(dy_feature + row_offset(dyw, ro, ri), dyw.row_stride,
+                           x_feature + row_offset(xw, ro, ri), xw.row_stride,
+                           dx_feature + row_offset(dxw, ro, ri), dxw.row_stride, run,
+                           mean, coef_dy, coef_xc, offset)
+        r += run
+        ri, ro = 0, ro + 1
+
+
+cdef struct GradientFactors:
+    const double *mean
+    const double *var
+    const double *gamma
+    double epsilon
+    double *sum_dy          # becomes dbeta
+    double *sum_dy_xc       # becomes dgamma
+    double *coef_dy
+    double *coef_xc
+    double *offset
+
+
+cdef inline void gradient_factors(Py_ssize_t f, Py_ssize_t n, GradientFactors *k) noexcept nogil:
+    """dx = γ·inv_std·(dy − Σdy/n − x̂·Σdy·x̂/n), folded into per-feature coefficients."""
+    cdef double inv_std = 1.0 / sqrt(k.var[f] + k.epsilon)
+    cdef double scale = (1.0 if k.gamma == NULL else k.gamma[f]) * inv_std
+    k.coef_dy[f] = scale
+    k.coef_xc[f] = -scale * inv_std * inv_std * k.sum_dy_xc[f] / n
+    k.offset[f] = -scale * k.sum_dy[f] / n
+    k.sum_dy_xc[f] *= inv_std
+
+
+cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, const floating *x,
+                         const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
+                         GradientFactors *k) noexcept nogil:
+    cdef Py_ssize_t item, f, c
+    cdef RiItem it
+    cdef double *chunk_dy = ws.chunk_a
+    cdef double *chunk_dy_xc = ws.chunk_b
+    if not g.features_inner and g.n_chunks == 1:
+        # One chunk per feature: its input gradient follows its sums while x, dy are in cache.
+        for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
+            it = ri_item(g, f)
+            ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xc[f])
+            gradient_factors(f, g.n_rows, k)
+            ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[f], k.coef_dy[f],
+                                   k.coef_xc[f], k.offset[f])
+        return
+    for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+        if g.features_inner:
+            fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean,
+                                  ws.scratch + threadid() * ws.scratch_per_thread,
+                                  chunk_dy, chunk_dy_xc)
+        else:
+            it = ri_item(g, item)
+            ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[it.f],
+                             &chunk_dy[it.chunk * g.n_features + it.f],
+                             &chunk_dy_xc[it.chunk * g.n_features + it.f])
+    for f in range(g.n_features):
+        k.sum_dy[f] = 0.0
+        k.sum_dy_xc[f] = 0.0
+        for c in range(g.n_chunks):
+            k.sum_dy[f] += chunk_dy[c * g.n_features + f]
+            k.sum_dy_xc[f] += chunk_dy_xc[c * g.n_features + f]
+        gradient_factors(f, g.n_rows, k)
+    for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+        if g.features_inner:
+            fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy,
+                                   k.coef_xc, k.offset)
+        else:
+            it = ri_item(g, item)
+            ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f],
+                                   k.coef_dy[it.f], k.coef_xc[it.f], k.offset[it.f])
+
+
+def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, plan,
+                        cnp.ndarray mean, cnp.ndarray var, gamma, double epsilon,
+                        cnp.ndarray dgamma_out, cnp.ndarray dbeta_out):
+    """Operands of plan: dy, x, dx."""
+    cdef Grid g = make_grid(plan)
+    cdef Walk dyw = make_walk(plan.operands[0])
+    cdef Walk xw = make_walk(plan.operands[1])
+    cdef Walk dxw = make_walk(plan.operands[2])
+    cdef Workspace ws = make_workspace(&g, 2)
+    cdef double[:, ::1] coefficients = np.empty((3, max(1, g.n_features)))
+    cdef GradientFactors k
+    cdef void *dy_data = cnp.PyArray_DATA(dy)
+    cdef void *x_data = cnp.PyArray_DATA(x)
+    cdef void *dx_data = cnp.PyArray_DATA(dx)
+    cdef bint single = x.dtype == np.float32
+    k.mean = <double *>cnp.PyArray_DATA(mean)
+    k.var = <double *>cnp.PyArray_DATA(var)
+    k.gamma = data_or_null(gamma)
+    k.epsilon = epsilon
+    k.sum_dy = <double *>cnp.PyArray_DATA(dbeta_out)
+    k.sum_dy_xc = <double *>cnp.PyArray_DATA(dgamma_out)
+    k.coef_dy = &coefficients[0, 0]
+    k.coef_xc = &coefficients[1, 0]
+    k.offset = &coefficients[2, 0]
+    with nogil:
+        if single:
+            backward_nogil(&g, <const float *>dy_data, &dyw, <const float *>x_data, &xw,
+                           <float *>dx_data, &dxw, &ws.buffers, &k)
+        else:
+            backward_nogil(&g, <const double *>dy_data, &dyw, <const double *>x_data, &xw,
+                           <double *>dx_data, &dxw, &ws.buffers, &k)

@@ -1,0 +1,103 @@
+"""Turn any array layout and choice of feature axes into the one shape the kernels know.
+
+Every operand (x, y, dy, dx) is addressed by the same four indices::
+
+    element(fo, fi, ro, ri) = base[feature_offsets[fo] + fi * feature_stride
+                                   + row_offsets[ro] + ri * row_stride]
+
+``fi``/``ri`` run over the innermost kept / reduced dimension (after merging dimensions that
+are contiguous in every operand), ``fo``/``ro`` over all the others through small offset
+tables. Feature index ``f = fo * n_feature_inner + fi`` enumerates the kept axes in memory
+order, outermost first. ``features_inner`` says which inner loop has the smaller stride in
+x, i.e. which loop order streams through memory: features innermost ("rows x features",
+e.g. NHWC) or reduced elements innermost ("outer x features x inner", e.g. NCHW).
+
+Strides are sorted by magnitude, so transposed, Fortran-ordered, reversed and stepped views
+all land here without a copy.
+"""
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class OperandLayout:
+    feature_offsets: np.ndarray   # int64, one entry per outer feature index
+    feature_stride: int           # elements between consecutive inner features
+    row_offsets: np.ndarray       # int64, one entry per outer reduced index
+    row_stride: int               # elements between consecutive inner reduced elements
+
+
+@dataclass(frozen=True)
+class Plan:
+    n_feature_outer: int
+    n_feature_inner: int
+    n_row_outer: int
+    n_row_inner: int
+    features_inner: bool          # loop order: True streams features, False streams rows
+    feature_order: tuple          # kept axes (positions in the sorted kept-axis list) in memory order
+    operands: tuple               # one OperandLayout per operand, in the order given
+
+    @property
+    def n_features(self):
+        return self.n_feature_outer * self.n_feature_inner
+
+    @property
+    def n_rows(self):
+        return self.n_row_outer * self.n_row_inner
+
+
+def _offset_table(groups, operand):
+    """Offsets of every index combination of ``groups`` (outermost first), in elements."""
+    offsets = np.zeros(1, dtype=np.int64)
+    for extent, strides in groups:
+        step = np.arange(extent, dtype=np.int64) * strides[operand]
+        offsets = (offsets[:, None] + step[None, :]).ravel()
+    return offsets
+
+
+def _merge(dims):
+    """Merge neighbouring (extent, strides) dims that are contiguous in every operand."""
+    merged = []
+    for extent, strides in dims:
+        if merged:
+            outer_extent, outer_strides = merged[-1]
+            if all(o == extent * s for o, s in zip(outer_strides, strides)):
+                merged[-1] = (outer_extent * extent, strides)
+                continue
+        merged.append((extent, strides))
+    return merged
+
+
+def make_plan(shape, axes, element_strides):
+    """Plan the kernel view of operands of ``shape`` whose strides (in elements) are given.
+
+    ``axes`` is the sorted tuple of kept axes; the first operand's strides choose the order.
+    """
+    lead = element_strides[0]
+    # Outermost first; the sort is stable, so ties (broadcast zeros) keep axis order.
+    order = sorted(range(len(shape)), key=lambda a: -abs(lead[a]))
+    kept_order = [a for a in order if a in axes]
+    feature_order = tuple(axes.index(a) for a in kept_order)
+
+    def groups(kept):
+        dims = [(shape[a], tuple(s[a] for s in element_strides))
+                for a in order if (a in axes) == kept and shape[a] != 1]
+        return _merge(dims) or [(1, (0,) * len(element_strides))]
+
+    feature_groups, row_groups = groups(True), groups(False)
+    fi_extent, fi_strides = feature_groups[-1]
+    ri_extent, ri_strides = row_groups[-1]
+    features_inner = abs(fi_strides[0]) <= abs(ri_strides[0]) if fi_extent > 1 and ri_extent > 1 \
+        else ri_extent == 1
+    operands = tuple(
+        OperandLayout(
+            feature_offsets=_offset_table(feature_groups[:-1], k),
+            feature_stride=int(fi_strides[k]),
+            row_offsets=_offset_table(row_groups[:-1], k),
+            row_stride=int(ri_strides[k]))
+        for k in range(len(element_strides)))
+    n_feature_outer = len(operands[0].feature_offsets)
+    n_row_outer = len(operands[0].row_offsets)
+    return Plan(n_feature_outer, fi_extent, n_row_outer, ri_extent, features_inner,
+                feature_order, operands)

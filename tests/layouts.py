@@ -1,0 +1,67 @@
+"""Hypothesis strategies and helpers shared by the tests: arrays in every memory layout."""
+import numpy as np
+from hypothesis import strategies as st
+
+DTYPES = (np.float16, np.float32, np.float64)
+LAYOUTS = ("C", "F", "transposed", "stepped", "reversed", "broadcast", "readonly")
+
+
+def in_layout(values, layout, rng):
+    """``values`` (C-ordered) rearranged in memory as ``layout``, with the same contents."""
+    if layout == "F":
+        return np.asfortranarray(values)
+    if layout == "transposed":
+        perm = rng.permutation(values.ndim)
+        return np.ascontiguousarray(values.transpose(perm)).transpose(np.argsort(perm))
+    if layout == "stepped":
+        big = np.zeros(tuple(2 * n + 1 for n in values.shape), values.dtype)
+        view = big[tuple(slice(1, None, 2) for _ in values.shape)]
+        view[...] = values
+        return view
+    if layout == "reversed":
+        return np.ascontiguousarray(values[..., ::-1])[..., ::-1]
+    if layout == "broadcast":
+        # Make every size-k axis 0 a broadcast of its first entry (stride 0).
+        first = values[:1]
+        values[...] = first
+        return np.broadcast_to(first, values.shape)
+    if layout == "readonly":
+        values = values.copy()
+        values.flags.writeable = False
+        return values
+    return values
+
+
+@st.composite
+def batch_norm_case(draw, max_rank=5, max_side=6):
+    """(x, axis spelled as given, sorted kept axes) for random dtype, rank, axes and layout."""
+    rank = draw(st.integers(1, max_rank))
+    shape = tuple(draw(st.lists(st.integers(1, max_side), min_size=rank, max_size=rank)))
+    kept = draw(st.lists(st.integers(0, rank - 1), min_size=1, max_size=rank, unique=True))
+    spelled = [a - rank if draw(st.booleans()) else a for a in kept]
+    axis = spelled[0] if len(spelled) == 1 and draw(st.booleans()) else spelled
+    dtype = draw(st.sampled_from(DTYPES))
+    layout = draw(st.sampled_from(LAYOUTS))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    scale = draw(st.sampled_from([1e-3, 1.0, 100.0]))
+    offset = draw(st.sampled_from([0.0, 3.0, -50.0]))
+    values = (rng.standard_normal(shape) * scale + offset).astype(dtype)
+    return in_layout(values, layout, rng), axis, tuple(sorted(a % rank for a in kept)), rng
+
+
+def feature_shape(x, axes):
+    return tuple(x.shape[a] for a in axes)
+
+
+def tolerance(dtype):
+    """Kernels and reference both compute in double; they differ by output rounding only."""
+    return {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 2e-6,
+            np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
+
+
+def assert_close(actual, expected, dtype):
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    scale = max(1.0, float(np.nanmax(np.abs(expected), initial=0.0)))
+    np.testing.assert_allclose(actual, expected, rtol=tolerance(dtype),
+                               atol=tolerance(dtype) * scale)

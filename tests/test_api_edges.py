@@ -1,0 +1,129 @@
+"""Fixed edge cases, numerics against float64 truth, and NaN/inf isolation."""
+import numpy as np
+import pytest
+
+import cbn
+from cbn import reference
+
+
+def test_batch_of_one_gives_beta():
+    x = np.array([[1.5, -2.0, 7.0]], np.float32)
+    beta = np.array([0.25, -1.0, 3.0])
+    y, mean, var = cbn.batch_norm_forward(x, np.array([2.0, 3.0, 4.0]), beta)
+    np.testing.assert_array_equal(var, 0.0)
+    np.testing.assert_array_equal(mean, x[0].astype(np.float64))
+    np.testing.assert_array_equal(y, beta.astype(np.float32)[None, :])
+
+
+def test_rank_one_keeps_every_entry_as_a_feature():
+    x = np.arange(5.0)
+    y, mean, var = cbn.batch_norm_forward(x, None, np.full(5, 0.5))
+    np.testing.assert_array_equal(mean, x)
+    np.testing.assert_array_equal(y, 0.5)
+
+
+def test_rank_one_reduced_to_one_feature():
+    x = np.array([1.0, 2.0, 3.0, 6.0])
+    mean, var = cbn.batch_stats(x, axis=0)
+    assert mean.shape == (4,)  # axis 0 is the only axis: it is kept
+    x2 = x[:, None]
+    mean, var = cbn.batch_stats(x2, axis=1)
+    np.testing.assert_allclose(mean, [3.0])
+    np.testing.assert_allclose(var, [3.5])
+
+
+@pytest.mark.parametrize("shape,axis", [((7, 1), -1), ((1, 1, 4), [0, 2]), ((5, 1, 3), 1),
+                                        ((2, 3, 1, 4), [1, 3]), ((1,), 0)])
+def test_size_one_axes(shape, axis):
+    x = np.random.default_rng(1).standard_normal(shape)
+    for got, want in zip(cbn.batch_norm_forward(x, axis=axis),
+                         reference.batch_norm_forward(x, axis=axis)):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 1e-12, 1e-3, 1e6])
+def test_epsilon_extremes(epsilon):
+    x = np.random.default_rng(2).standard_normal((64, 3)) * 1e-4
+    y, _, _ = cbn.batch_norm_forward(x, epsilon=epsilon)
+    y_ref, _, _ = reference.batch_norm_forward(x, epsilon=epsilon)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_empty_feature_axis_gives_empty_results():
+    x = np.zeros((4, 0))
+    y, mean, var = cbn.batch_norm_forward(x)
+    assert y.shape == (4, 0) and mean.shape == var.shape == (0,)
+
+
+def test_large_offset_float32_matches_float64_truth():
+    # Issue 2, point 4: mean 1e4, std 1e-2 in float32. Keras 3 misses y by ~0.1 here.
+    rng = np.random.default_rng(3)
+    x = (1e4 + 1e-2 * rng.standard_normal((4096, 8))).astype(np.float32)
+    truth = x.astype(np.float64)
+    true_mean = truth.mean(axis=0)
+    true_var = ((truth - true_mean) ** 2).mean(axis=0)
+    y, mean, var = cbn.batch_norm_forward(x, epsilon=1e-3)
+    np.testing.assert_allclose(mean, true_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, true_var, rtol=1e-5)
+    y_true = (truth - true_mean) / np.sqrt(true_var + 1e-3)
+    assert np.abs(y - y_true).max() < 1e-3
+    y_inf = cbn.batch_norm_inference(x, mean, var, epsilon=1e-3)
+    assert np.abs(y_inf - y_true).max() < 1e-3
+
+
+def test_naive_moments_would_fail_this_data():
+    # Guards the test above: E[x^2] - E[x]^2 in float32 is far off on the same data.
+    x = (1e4 + 1e-2 * np.random.default_rng(3).standard_normal((4096, 8))).astype(np.float32)
+    naive = (x * x).mean(axis=0) - x.mean(axis=0) ** 2
+    true_var = x.astype(np.float64).var(axis=0)
+    assert np.abs(naive - true_var).max() > 1e-2 * true_var.max()
+
+
+@pytest.mark.parametrize("layout", ["features_inner", "rows_inner"])
+def test_nan_and_inf_stay_in_their_feature(layout):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((50, 6))
+    x[3, 1] = np.nan
+    x[7, 4] = np.inf
+    if layout == "rows_inner":
+        x = np.asfortranarray(x)
+    y, mean, var = cbn.batch_norm_forward(x)
+    dx, dgamma, dbeta = cbn.batch_norm_backward(np.ones_like(x), x, mean, var)
+    clean = [0, 2, 3, 5]
+    for result in (mean, var, dgamma):
+        assert not np.isfinite(result[[1, 4]]).any() and np.isfinite(result[clean]).all()
+    assert np.isnan(var[[1, 4]]).all()  # inf - inf: the poisoned features have no variance
+    assert np.isnan(y[:, [1, 4]]).all() and np.isfinite(y[:, clean]).all()
+    assert np.isfinite(dx[:, clean]).all()
+    y_ref, _, _ = reference.batch_norm_forward(x[:, clean])
+    np.testing.assert_allclose(y[:, clean], y_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_out_buffers_are_filled_and_returned():
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 8)).astype(np.float32)
+    out = np.empty_like(x)
+    y, mean, var = cbn.batch_norm_forward(x, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, reference.batch_norm_forward(x)[0], atol=1e-6)
+    dx_out = np.asfortranarray(np.empty_like(x))
+    dx, _, _ = cbn.batch_norm_backward(x, x, mean, var, out=dx_out)
+    assert dx is dx_out
+    np.testing.assert_allclose(dx, reference.batch_norm_backward(x, x, mean, var)[0], atol=1e-5)
+    y16 = np.empty(x.shape, np.float16)
+    assert cbn.batch_norm_inference(x.astype(np.float16), mean, var, out=y16) is y16
+
+
+def test_output_keeps_memory_order_of_input():
+    x = np.random.default_rng(6).standard_normal((8, 16, 4)).transpose(2, 0, 1)
+    y, _, _ = cbn.batch_norm_forward(x, axis=0)
+    assert y.strides == np.empty_like(x, order="K").strides
+    assert not y.flags.c_contiguous
+
+
+def test_in_place_output_is_allowed():
+    x = np.random.default_rng(7).standard_normal((32, 4))
+    expected = reference.batch_norm_forward(x)[0]
+    y, _, _ = cbn.batch_norm_forward(x, out=x)
+    assert y is x
+    np.testing.assert_allclose(x, expected, rtol=1e-12, atol=1e-12)

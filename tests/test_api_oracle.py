@@ -1,0 +1,75 @@
+"""The kernels agree with cbn.reference on every layout, dtype and choice of axes."""
+import numpy as np
+from hypothesis import given, settings
+
+import cbn
+from cbn import reference
+
+from layouts import assert_close, batch_norm_case, feature_shape
+
+STAT_TOLERANCE = 1e-11  # both accumulate the same values in double
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch_norm_case())
+def test_batch_stats_matches_reference(case):
+    x, axis, axes, _ = case
+    before = x.copy()
+    mean, var = cbn.batch_stats(x, axis=axis)
+    mean_ref, var_ref = reference.batch_stats(x, axis=axis)
+    assert mean.dtype == var.dtype == np.float64
+    assert mean.shape == var.shape == feature_shape(x, axes)
+    assert_close(mean, mean_ref, np.float64)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-10, atol=1e-14 * (1 + np.abs(mean_ref).max()))
+    np.testing.assert_array_equal(x, before)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch_norm_case())
+def test_forward_and_inference_match_reference(case):
+    x, axis, axes, rng = case
+    features = feature_shape(x, axes)
+    gamma = rng.standard_normal(features) if rng.random() < 0.8 else None
+    beta = rng.standard_normal(features).astype(np.float32) if rng.random() < 0.8 else None
+    epsilon = float(rng.choice([0.0, 1e-5, 1e-3, 1.0]))
+    before = x.copy()
+    y, mean, var = cbn.batch_norm_forward(x, gamma, beta, axis=axis, epsilon=epsilon)
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(x, gamma, beta, axis=axis,
+                                                            epsilon=epsilon)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    finite = np.isfinite(y_ref)  # epsilon 0 with constant features gives 0/0 in both
+    np.testing.assert_array_equal(np.isfinite(y), finite)
+    assert_close(y[finite], y_ref[finite], x.dtype)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-12, atol=1e-300)
+
+    moving_mean = mean_ref + rng.standard_normal(features)
+    moving_var = var_ref + rng.random(features)
+    y_inf = cbn.batch_norm_inference(x, moving_mean, moving_var, gamma, beta, axis=axis,
+                                     epsilon=epsilon)
+    y_inf_ref = reference.batch_norm_inference(x, moving_mean, moving_var, gamma, beta,
+                                               axis=axis, epsilon=epsilon)
+    assert y_inf.dtype == x.dtype
+    assert_close(y_inf, y_inf_ref, x.dtype)
+    np.testing.assert_array_equal(x, before)
+
+
+@settings(max_examples=150, deadline=None)
+@given(batch_norm_case())
+def test_backward_matches_reference(case):
+    x, axis, axes, rng = case
+    features = feature_shape(x, axes)
+    gamma = rng.standard_normal(features) if rng.random() < 0.8 else None
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    mean, var = reference.batch_stats(x, axis=axis)
+    before = x.copy(), dy.copy()
+    dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy, x, mean, var, gamma,
+                                                                  axis=axis)
+    assert dx.dtype == x.dtype and dgamma.dtype == dbeta.dtype == np.float64
+    assert dgamma.shape == dbeta.shape == features
+    assert_close(dx, dx_ref, x.dtype)
+    scale = 1.0 + np.abs(dy.astype(np.float64)).sum()
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_array_equal(x, before[0])
+    np.testing.assert_array_equal(dy, before[1])
