@@ -546,7 +546,9 @@ def test_bad_epsilon(eps):
 
 def test_dy_shape_mismatch():
     x = np.ones((4, 3))
-    for dy in (np.ones((3, 4)), np.ones((4, 3, 1)), np.ones((4,)), np.ones((1, 3))):
+    # includes shapes NumPy would silently broadcast, and ones with the same size
+    for dy in (np.ones((3, 4)), np.ones((4, 3, 1)), np.ones((1, 4, 3)), np.ones((12,)),
+               np.ones((4,)), np.ones((1, 3)), np.ones((4, 1))):
         with pytest.raises(ValueError):
             ref.batch_norm_backward(dy, x, np.zeros(3), np.ones(3))
 

@@ -1,0 +1,71 @@
+"""``python -m cbn``: what was built, a check against the reference, and a timing table.
+
+``python -m cbn bench [...]`` runs the full side-by-side benchmark (see cbn.benchmark).
+"""
+import platform
+import sys
+
+import numpy as np
+
+import cbn
+from cbn import _kernels, benchmark, reference
+
+CHECKS = (
+    ("NHWC (8,14,14,32) axis=-1", (8, 14, 14, 32), -1, "C"),
+    ("NCHW (8,32,14,14) axis=1", (8, 32, 14, 14), 1, "C"),
+    ("pixels (64,28,28) axis=[1,2]", (64, 28, 28), [1, 2], "C"),
+    ("transposed (512,300).T axis=-1", (300, 512), -1, "T"),
+    ("non-adjacent (4,6,5,7) axis=[1,3]", (4, 6, 5, 7), [1, 3], "C"),
+)
+
+
+def print_build():
+    print(f"cbn {cbn.__version__} on Python {platform.python_version()}, "
+          f"NumPy {np.__version__}, {platform.machine()}")
+    print(f"OpenMP: {'yes' if cbn.openmp_enabled() else 'NO (serial build)'}; "
+          f"threads available: {_kernels.max_threads()}; "
+          f"SIMD: {' '.join(_kernels.simd_flags()) or 'none detected'}")
+
+
+def check_against_reference():
+    """Max |cbn - reference| for every output, per layout and dtype; True if all pass."""
+    rng = np.random.default_rng(0)
+    passed = True
+    print("\nKernels against cbn.reference (max abs difference over all outputs):")
+    for label, shape, axis, layout in CHECKS:
+        for dtype, tolerance in ((np.float32, 1e-4), (np.float64, 1e-10)):
+            x = (rng.standard_normal(shape) * 3 + 10).astype(dtype)
+            x = np.ascontiguousarray(x.T).T if layout == "T" else x
+            if layout == "T":
+                x = x.T
+            dy = rng.standard_normal(x.shape).astype(dtype)
+            got = cbn.batch_norm_forward(x, axis=axis)
+            want = reference.batch_norm_forward(x, axis=axis)
+            got += cbn.batch_norm_backward(dy, x, want[1], want[2], axis=axis)
+            want += reference.batch_norm_backward(dy, x, want[1], want[2], axis=axis)
+            error = max(float(np.max(np.abs(np.asarray(g, np.float64) - w)))
+                        for g, w in zip(got, want))
+            ok = error <= tolerance
+            passed &= ok
+            print(f"  {'ok  ' if ok else 'FAIL'} {label:36s} {np.dtype(dtype).name:8s} "
+                  f"{error:.2e}")
+    return passed
+
+
+def main(argv):
+    if argv and argv[0] == "bench":
+        return benchmark.main(argv[1:])
+    if argv and argv[0] == "demo":
+        from cbn import demo
+        return demo.main(argv[1:])
+    print_build()
+    passed = check_against_reference()
+    print("\nMedian times, float32 (python -m cbn bench for the full table):")
+    rows = benchmark.run(benchmark.QUICK_CASES, threads=(_kernels.max_threads(),), repeats=5,
+                         operations=("forward", "backward"))
+    print(benchmark.format_table(rows))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
