@@ -1,0 +1,173 @@
+"""Run under ``mpiexec -n P python -m mpi4py tests/mpi_worker.py SCENARIO`` by test_mpi.py.
+
+Every rank builds the same full batch from a fixed seed, keeps its own (unequal, possibly
+empty) shard, runs cbn.mpi, and compares its result with cbn.reference on the full batch.
+Each rank prints ``rank R: SCENARIO ok`` at the end; any failure raises, and ``-m mpi4py``
+turns an uncaught exception on one rank into MPI_Abort of all of them (no hang).
+"""
+import sys
+
+import numpy as np
+from mpi4py import MPI
+
+import cbn
+import cbn.mpi
+from cbn import reference
+
+comm = MPI.COMM_WORLD
+rank, size = comm.Get_rank(), comm.Get_size()
+
+TOLERANCE = {np.dtype(np.float64): dict(rtol=1e-10, atol=1e-10),
+             np.dtype(np.float32): dict(rtol=2e-5, atol=2e-5),
+             np.dtype(np.float16): dict(rtol=1e-2, atol=1e-2)}
+
+
+def shard_sizes(total, with_empty):
+    """Unequal sizes (rank r gets about r+1 parts); rank 1 gets nothing if with_empty."""
+    weights = np.arange(1, size + 1)
+    sizes = (total * weights) // weights.sum()
+    sizes[0] += total - sizes.sum()
+    if with_empty and size > 1:
+        sizes[0] += sizes[1]
+        sizes[1] = 0
+    return [int(s) for s in sizes]
+
+
+def my_slice(total, with_empty):
+    sizes = shard_sizes(total, with_empty)
+    start = sum(sizes[:rank])
+    return slice(start, start + sizes[rank])
+
+
+def same_on_every_rank(array, what):
+    gathered = comm.allgather(np.ascontiguousarray(array).tobytes())
+    assert all(g == gathered[0] for g in gathered), f"{what} differs between ranks"
+
+
+# (shape, feature axes, split axis, dtype, offset, shard with no rows, local layout)
+CASES = [
+    ((13, 4), -1, 0, np.float64, 0.0, False, "C"),
+    ((13, 4), -1, 0, np.float64, 1e4, True, "C"),
+    ((11, 3, 5), (1, 2), 0, np.float32, 0.0, True, "C"),
+    ((2, 12, 3), [0, -1], 1, np.float64, 3.0, False, "F"),
+    ((9, 3, 4, 2), 1, 0, np.float64, -50.0, True, "C"),
+    ((3, 10, 4), 0, 1, np.float32, 0.0, False, "T"),
+    ((14, 6), -1, 0, np.float16, 0.0, True, "C"),
+    ((7,), 0, None, np.float64, 0.0, False, "C"),   # every axis kept: each rank has all rows
+]
+
+
+def layout(array, kind):
+    if kind == "F":
+        return np.asfortranarray(array)
+    if kind == "T":   # a transposed (non-contiguous) view with the same logical content
+        return np.ascontiguousarray(array.T).T
+    return array
+
+
+def check_case(case_number, shape, axis, split_axis, dtype, offset, with_empty, kind):
+    rng = np.random.default_rng(case_number)
+    x = (offset + rng.standard_normal(shape)).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(x, axis=axis)
+    gamma = 1.0 + 0.1 * rng.standard_normal(mean_ref.shape)
+    beta = rng.standard_normal(mean_ref.shape)
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(x, gamma, beta, axis=axis)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(
+        dy, x, mean_ref, var_ref, gamma, axis=axis)
+
+    if split_axis is None:
+        # No reduced axis to split: the whole "batch" is on every rank, and the synchronized
+        # statistics are those of size copies of it — the same mean and var.
+        index = (slice(None),) * len(shape)
+        dx_ref = dx_ref / size
+        dgamma_ref, dbeta_ref = dgamma_ref * size, dbeta_ref * size
+    else:
+        index = [slice(None)] * len(shape)
+        index[split_axis] = my_slice(shape[split_axis], with_empty)
+        index = tuple(index)
+    x_local = layout(x[index], kind)
+    dy_local = layout(dy[index], kind)
+    tolerance = TOLERANCE[np.dtype(dtype)]
+    where = f"case {case_number} rank {rank}"
+
+    mean, var = cbn.mpi.batch_stats(x_local, axis=axis)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-12, atol=1e-12, err_msg=where)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-10, atol=1e-12, err_msg=where)
+
+    y, mean, var = cbn.mpi.batch_norm_forward(x_local, gamma, beta, axis=axis)
+    assert y.dtype == x.dtype and y.shape == x_local.shape, where
+    assert mean.dtype == var.dtype == np.float64 and mean.shape == mean_ref.shape, where
+    np.testing.assert_allclose(y, y_ref[index], err_msg=where, **tolerance)
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-12, atol=1e-12, err_msg=where)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-10, atol=1e-12, err_msg=where)
+    same_on_every_rank(mean, "mean")
+    same_on_every_rank(var, "var")
+
+    dx, dgamma, dbeta = cbn.mpi.batch_norm_backward(dy_local, x_local, mean, var, gamma,
+                                                    axis=axis)
+    assert dx.dtype == x.dtype and dx.shape == x_local.shape, where
+    np.testing.assert_allclose(dx, dx_ref[index], err_msg=where, **tolerance)
+    grad_tolerance = dict(rtol=1e-8, atol=1e-8) if dtype == np.float64 else tolerance
+    np.testing.assert_allclose(dgamma, dgamma_ref, err_msg=where, **grad_tolerance)
+    np.testing.assert_allclose(dbeta, dbeta_ref, err_msg=where, **grad_tolerance)
+    same_on_every_rank(dgamma, "dgamma")
+    same_on_every_rank(dbeta, "dbeta")
+
+
+def scenario_check():
+    for number, case in enumerate(CASES):
+        check_case(number, *case)
+
+
+def expect_error(kind, pattern, function, *args, **kwargs):
+    """Every rank must raise ``kind`` matching ``pattern``; then all meet again."""
+    import re
+    try:
+        function(*args, **kwargs)
+    except kind as error:
+        assert re.search(pattern, str(error)), f"rank {rank}: unexpected message: {error}"
+    else:
+        raise AssertionError(f"rank {rank}: {function.__name__} did not raise {kind.__name__}")
+    # Everybody got here: nobody is stuck inside a collective.
+    assert comm.allreduce(1) == size
+
+
+def scenario_errors():
+    assert size > 1, "the error scenario needs ranks that can disagree: run it with -n >= 2"
+    rng = np.random.default_rng(0)
+    good = rng.standard_normal((5, 4))
+    # Ranks disagree on the feature shape.
+    x = good if rank == 0 else rng.standard_normal((5, 3))
+    expect_error(ValueError, "feature shape", cbn.mpi.batch_norm_forward, x)
+    expect_error(ValueError, "feature shape", cbn.mpi.batch_stats, x)
+    dy = np.ones_like(x)
+    expect_error(ValueError, "feature shape", cbn.mpi.batch_norm_backward, dy, x,
+                 np.zeros(x.shape[-1]), np.ones(x.shape[-1]))
+    # Ranks disagree on the dtype.
+    x = good.astype(np.float32) if rank == size - 1 else good
+    expect_error(ValueError, "dtype", cbn.mpi.batch_norm_forward, x)
+    # A bad argument on one rank only: every rank raises, naming that rank.
+    gamma = np.ones(3) if rank == size - 1 else np.ones(4)
+    expect_error(ValueError, f"rank {size - 1}.*gamma", cbn.mpi.batch_norm_forward, good,
+                 gamma)
+    x = np.arange(20).reshape(5, 4) if rank == 0 else good        # integer data on rank 0
+    expect_error(TypeError, "rank 0", cbn.mpi.batch_norm_forward, x)
+    dy = np.ones((4, 4)) if rank == 0 else np.ones((5, 4))
+    expect_error(ValueError, "rank 0.*dy", cbn.mpi.batch_norm_backward, dy, good,
+                 np.zeros(4), np.ones(4))
+    # Every shard empty: there are no statistics to take.
+    expect_error(ValueError, "zero elements", cbn.mpi.batch_norm_forward, good[:0])
+    # Different collectives on different ranks are reported, not hung on.
+    call = cbn.mpi.batch_stats if rank == 0 else cbn.mpi.batch_norm_forward
+    expect_error(RuntimeError, "different cbn.mpi collectives", call, good)
+    # After all that, the communicator still works.
+    y, mean, var = cbn.mpi.batch_norm_forward(good)
+    np.testing.assert_allclose(mean, good.mean(axis=0))
+
+
+if __name__ == "__main__":
+    scenario = sys.argv[1]
+    {"check": scenario_check, "errors": scenario_errors}[scenario]()
+    comm.Barrier()
+    print(f"rank {rank}: {scenario} ok", flush=True)
