@@ -5,9 +5,8 @@ in plain NumPy and is the oracle they are tested against. Moments of shards merg
 (:func:`merge_moments`), which :mod:`cbn.mpi` and :mod:`cbn.dask` build on.
 """
 from . import reference
-from ._sync_math import batch_norm_backward_from_sums
-from .api import (batch_norm_backward, batch_norm_forward, batch_norm_inference, batch_stats,
-                  openmp_enabled)
+from .api import (batch_norm_backward, batch_norm_backward_from_sums, batch_norm_forward,
+                  batch_norm_inference, batch_stats, openmp_enabled)
 from .moments import Moments, batch_moments, merge_moments
 
 __version__ = "0.1.0"

@@ -772,56 +772,61 @@ cdef struct GradientFactors:
     const double *var
     const double *gamma
     double epsilon
-    double *sum_dy          # becomes dbeta
-    double *sum_dy_xc       # becomes dgamma
+    Py_ssize_t count        # elements per feature in the whole batch (may span shards)
+    double *sum_dy          # Σ dy: dbeta
+    double *sum_dy_xhat     # Σ dy·(x − mean) until scaled by inv_std: dgamma
     double *coef_dy
     double *coef_xc
     double *offset
 
 
-cdef inline void gradient_factors(Py_ssize_t f, Py_ssize_t n, GradientFactors *k) noexcept nogil:
+cdef inline void scale_to_xhat(Py_ssize_t f, GradientFactors *k) noexcept nogil:
+    """Σ dy·(x − mean) becomes Σ dy·x̂ = dgamma."""
+    k.sum_dy_xhat[f] /= sqrt(k.var[f] + k.epsilon)
+
+
+cdef inline void gradient_factors(Py_ssize_t f, GradientFactors *k) noexcept nogil:
     """dx = γ·inv_std·(dy − Σdy/n − x̂·Σdy·x̂/n), folded into per-feature coefficients."""
     cdef double inv_std = 1.0 / sqrt(k.var[f] + k.epsilon)
     cdef double scale = (1.0 if k.gamma == NULL else k.gamma[f]) * inv_std
     k.coef_dy[f] = scale
-    k.coef_xc[f] = -scale * inv_std * inv_std * k.sum_dy_xc[f] / n
-    k.offset[f] = -scale * k.sum_dy[f] / n
-    k.sum_dy_xc[f] *= inv_std
+    k.coef_xc[f] = -scale * inv_std * k.sum_dy_xhat[f] / k.count
+    k.offset[f] = -scale * k.sum_dy[f] / k.count
 
 
-cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, const floating *x,
-                         const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
-                         GradientFactors *k) noexcept nogil:
+cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw,
+                              const floating *x, const Walk *xw, const Buffers *ws,
+                              GradientFactors *k) noexcept nogil:
+    """Σ dy and Σ dy·x̂ of every feature, summed over chunks in chunk order."""
     cdef Py_ssize_t item, f, c
     cdef RiItem it
-    cdef double *chunk_dy = ws.chunk_a
-    cdef double *chunk_dy_xc = ws.chunk_b
-    if not g.features_inner and g.n_chunks == 1:
-        # One chunk per feature: its input gradient follows its sums while x, dy are in cache.
-        for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-            it = ri_item(g, f)
-            ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xc[f])
-            gradient_factors(f, g.n_rows, k)
-            ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[f], k.coef_dy[f],
-                                   k.coef_xc[f], k.offset[f])
-        return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
         if g.features_inner:
             fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean,
                                   ws.scratch + threadid() * ws.scratch_per_thread,
-                                  chunk_dy, chunk_dy_xc)
+                                  ws.chunk_a, ws.chunk_b)
         else:
             it = ri_item(g, item)
             ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[it.f],
-                             &chunk_dy[it.chunk * g.n_features + it.f],
-                             &chunk_dy_xc[it.chunk * g.n_features + it.f])
+                             &ws.chunk_a[it.chunk * g.n_features + it.f],
+                             &ws.chunk_b[it.chunk * g.n_features + it.f])
     for f in range(g.n_features):
         k.sum_dy[f] = 0.0
-        k.sum_dy_xc[f] = 0.0
+        k.sum_dy_xhat[f] = 0.0
         for c in range(g.n_chunks):
-            k.sum_dy[f] += chunk_dy[c * g.n_features + f]
-            k.sum_dy_xc[f] += chunk_dy_xc[c * g.n_features + f]
-        gradient_factors(f, g.n_rows, k)
+            k.sum_dy[f] += ws.chunk_a[c * g.n_features + f]
+            k.sum_dy_xhat[f] += ws.chunk_b[c * g.n_features + f]
+        scale_to_xhat(f, k)
+
+
+cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dyw,
+                               const floating *x, const Walk *xw, floating *dx, const Walk *dxw,
+                               GradientFactors *k) noexcept nogil:
+    """dx from the sums already in k."""
+    cdef Py_ssize_t item, f
+    cdef RiItem it
+    for f in range(g.n_features):
+        gradient_factors(f, k)
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
         if g.features_inner:
             fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy,
@@ -832,34 +837,100 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
                                    k.coef_dy[it.f], k.coef_xc[it.f], k.offset[it.f])
 
 
-def batch_norm_backward(cnp.ndarray dy, cnp.ndarray x, cnp.ndarray dx, plan,
-                        cnp.ndarray mean, cnp.ndarray var, gamma, double epsilon,
-                        cnp.ndarray dgamma_out, cnp.ndarray dbeta_out):
-    """Operands of plan: dy, x, dx."""
-    cdef Grid g = make_grid(plan)
-    cdef Walk dyw = make_walk(plan.operands[0])
-    cdef Walk xw = make_walk(plan.operands[1])
-    cdef Walk dxw = make_walk(plan.operands[2])
-    cdef Workspace ws = make_workspace(&g, 2)
-    cdef double[:, ::1] coefficients = np.empty((3, max(1, g.n_features)))
-    cdef GradientFactors k
-    cdef void *dy_data = cnp.PyArray_DATA(dy)
-    cdef void *x_data = cnp.PyArray_DATA(x)
-    cdef void *dx_data = cnp.PyArray_DATA(dx)
-    cdef bint single = x.dtype == np.float32
-    k.mean = <double *>cnp.PyArray_DATA(mean)
-    k.var = <double *>cnp.PyArray_DATA(var)
-    k.gamma = data_or_null(gamma)
-    k.epsilon = epsilon
-    k.sum_dy = <double *>cnp.PyArray_DATA(dbeta_out)
-    k.sum_dy_xc = <double *>cnp.PyArray_DATA(dgamma_out)
-    k.coef_dy = &coefficients[0, 0]
-    k.coef_xc = &coefficients[1, 0]
-    k.offset = &coefficients[2, 0]
-    with nogil:
-        if single:
-            backward_nogil(&g, <const float *>dy_data, &dyw, <const float *>x_data, &xw,
-                           <float *>dx_data, &dxw, &ws.buffers, &k)
-        else:
-            backward_nogil(&g, <const double *>dy_data, &dyw, <const double *>x_data, &xw,
-                           <double *>dx_data, &dxw, &ws.buffers, &k)
+cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, const floating *x,
+                         const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
+                         GradientFactors *k) noexcept nogil:
+    cdef Py_ssize_t f
+    cdef RiItem it
+    if g.features_inner or g.n_chunks > 1:
+        gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
+        input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, k)
+        return
+    # One chunk per feature: its input gradient follows its sums while x, dy are in cache.
+    for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
+        it = ri_item(g, f)
+        ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f])
+        scale_to_xhat(f, k)
+        gradient_factors(f, k)
+        ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[f], k.coef_dy[f],
+                               k.coef_xc[f], k.offset[f])
+
+
+cdef class Gradient:
+    """The arguments of a backward call, unpacked for the nogil code."""
+    cdef Grid grid
+    cdef Walk dy_walk, x_walk, dx_walk
+    cdef Workspace workspace
+    cdef GradientFactors factors
+    cdef object keep_alive
+    cdef void *dy_data
+    cdef void *x_data
+    cdef void *dx_data
+    cdef bint single
+
+    def __cinit__(self, cnp.ndarray dy, cnp.ndarray x, dx, plan, cnp.ndarray mean,
+                  cnp.ndarray var, gamma, double epsilon, cnp.ndarray sum_dy_xhat,
+                  cnp.ndarray sum_dy, Py_ssize_t count):
+        """Operands of plan: dy, x, and dx (None when only the sums are wanted)."""
+        cdef cnp.ndarray coefficients
+        self.grid = make_grid(plan)
+        self.dy_walk = make_walk(plan.operands[0])
+        self.x_walk = make_walk(plan.operands[1])
+        self.dx_data = NULL
+        if dx is not None:
+            self.dx_walk = make_walk(plan.operands[2])
+            self.dx_data = cnp.PyArray_DATA(dx)
+        self.workspace = make_workspace(&self.grid, 2)
+        coefficients = np.empty((3, max(1, self.grid.n_features)))
+        # The nogil code holds raw pointers: keep every array they point into alive.
+        self.keep_alive = (coefficients, dy, x, dx, mean, var, gamma, sum_dy_xhat, sum_dy)
+        self.dy_data = cnp.PyArray_DATA(dy)
+        self.x_data = cnp.PyArray_DATA(x)
+        self.single = x.dtype == np.float32
+        self.factors.mean = <double *>cnp.PyArray_DATA(mean)
+        self.factors.var = <double *>cnp.PyArray_DATA(var)
+        self.factors.gamma = data_or_null(gamma)
+        self.factors.epsilon = epsilon
+        self.factors.count = count
+        self.factors.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
+        self.factors.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
+        self.factors.coef_dy = <double *>cnp.PyArray_DATA(coefficients)
+        self.factors.coef_xc = self.factors.coef_dy + max(1, self.grid.n_features)
+        self.factors.offset = self.factors.coef_xc + max(1, self.grid.n_features)
+
+    def set_count(self, Py_ssize_t count):
+        self.factors.count = count
+
+    def backward(self):
+        with nogil:
+            if self.single:
+                backward_nogil(&self.grid, <const float *>self.dy_data, &self.dy_walk,
+                               <const float *>self.x_data, &self.x_walk, <float *>self.dx_data,
+                               &self.dx_walk, &self.workspace.buffers, &self.factors)
+            else:
+                backward_nogil(&self.grid, <const double *>self.dy_data, &self.dy_walk,
+                               <const double *>self.x_data, &self.x_walk,
+                               <double *>self.dx_data, &self.dx_walk,
+                               &self.workspace.buffers, &self.factors)
+
+    def sums(self):
+        with nogil:
+            if self.single:
+                gradient_sums_nogil(&self.grid, <const float *>self.dy_data, &self.dy_walk,
+                                    <const float *>self.x_data, &self.x_walk,
+                                    &self.workspace.buffers, &self.factors)
+            else:
+                gradient_sums_nogil(&self.grid, <const double *>self.dy_data, &self.dy_walk,
+                                    <const double *>self.x_data, &self.x_walk,
+                                    &self.workspace.buffers, &self.factors)
+
+    def input_gradient(self):
+        with nogil:
+            if self.single:
+                input_gradient_nogil(&self.grid, <const float *>self.dy_data, &self.dy_walk,
+                                     <const float *>self.x_data, &self.x_walk,
+                                     <float *>self.dx_data, &self.dx_walk, &self.factors)
+            else:
+                input_gradient_nogil(&self.grid, <const double *>self.dy_data, &self.dy_walk,
+                                     <const double *>self.x_data, &self.x_walk,
+                                     <double *>self.dx_data, &self.dx_walk, &self.factors)

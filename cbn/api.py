@@ -5,6 +5,7 @@ per-feature result (mean, var, dgamma, dbeta) is float64, because the kernels ac
 in double and rounding those small arrays would throw that precision away. Parameters
 (gamma, beta, mean, var) of any real dtype are used in float64.
 """
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -13,7 +14,7 @@ from . import _checks, _kernels
 from ._layout import make_plan
 
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
-           "openmp_enabled"]
+           "batch_norm_backward_from_sums", "gradient_sums", "openmp_enabled"]
 
 
 def openmp_enabled():
@@ -153,6 +154,24 @@ def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1
     return call.finish(y, out)
 
 
+def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None):
+    """Validated backward arguments bound to the kernels: (call, kernel, dx, plan, sums)."""
+    call = _Call(x, axis)
+    dy = _checks.as_data(dy, "dy")
+    _checks.same_shape(dy, call.x_in)
+    dy = _kernel_input(dy.astype(call.x.dtype, copy=False))
+    epsilon = _checks.as_epsilon(epsilon)
+    dx = call.output(out) if with_dx else None
+    plan = call.plan(dy, call.x, dx) if with_dx else call.plan(dy, call.x)
+    mean = call.parameter(plan, mean, "mean", required=True)
+    var = call.parameter(plan, var, "var", required=True)
+    gamma = call.parameter(plan, gamma, "gamma")
+    sum_dy_xhat, sum_dy = np.zeros(plan.n_features), np.zeros(plan.n_features)
+    kernel = _kernels.Gradient(dy, call.x, dx, plan, mean, var, gamma, epsilon, sum_dy_xhat,
+                               sum_dy, call.n)
+    return call, kernel, dx, plan, (sum_dy_xhat, sum_dy)
+
+
 def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, out=None):
     """Gradients of training-mode batch normalization.
 
@@ -165,19 +184,47 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
     x's dtype. ``out``, if given, receives dx. Returns ``(dx, dgamma, dbeta)``; dgamma and
     dbeta are float64.
     """
-    call = _Call(x, axis)
-    dy = _checks.as_data(dy, "dy")
-    _checks.same_shape(dy, call.x_in)
-    dy = _kernel_input(dy.astype(call.x.dtype, copy=False))
-    epsilon = _checks.as_epsilon(epsilon)
-    dx = call.output(out)
-    plan = call.plan(dy, call.x, dx)
-    mean = call.parameter(plan, mean, "mean", required=True)
-    var = call.parameter(plan, var, "var", required=True)
-    gamma = call.parameter(plan, gamma, "gamma")
-    dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
+    call, kernel, dx, plan, (dgamma, dbeta) = _gradient(dy, x, mean, var, gamma, axis, epsilon,
+                                                        True, out)
     if not call.empty:
-        _kernels.batch_norm_backward(dy, call.x, dx, plan, mean, var, gamma, epsilon,
-                                     dgamma, dbeta)
-    return (call.finish(dx, out), call.per_feature(plan, dgamma),
-            call.per_feature(plan, dbeta))
+        kernel.backward()
+    return call.finish(dx, out), call.per_feature(plan, dgamma), call.per_feature(plan, dbeta)
+
+
+def gradient_sums(dy, x, mean, var, axis=-1, epsilon=1e-3):
+    """``(Σ dy·x̂, Σ dy)`` per feature: dgamma and dbeta without computing dx.
+
+    One read of dy and x. With ``mean``/``var`` of a larger batch these are one shard's
+    share of that batch's sums (what synchronized batch norm all-reduces).
+    """
+    call, kernel, _, plan, (dgamma, dbeta) = _gradient(dy, x, mean, var, None, axis, epsilon,
+                                                       False)
+    if not call.empty:
+        kernel.sums()
+    return call.per_feature(plan, dgamma), call.per_feature(plan, dbeta)
+
+
+def batch_norm_backward_from_sums(dy, x, mean, var, gamma, sum_dy, sum_dy_xhat, count,
+                                  axis=-1, epsilon=1e-3, *, out=None):
+    """``dx`` of one shard of a batch whose sums ``Σ dy``, ``Σ dy·x̂`` are already known.
+
+    ``dx = γ/sqrt(var + ε) · (dy − sum_dy/count − x̂·sum_dy_xhat/count)`` where ``mean``,
+    ``var``, the sums and ``count`` (elements per feature) are those of the whole batch and
+    ``dy``, ``x`` are this shard (which may have no elements). With the whole batch as the
+    shard this is :func:`batch_norm_backward`'s dx.
+    """
+    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
+        raise TypeError(f"count must be an integer, got {count!r}")
+    if count < 1:
+        raise ValueError(f"count must be >= 1, got {count}")
+    x = _checks.as_data(x)
+    if x.size == 0:
+        _checks.same_shape(_checks.as_data(dy, "dy"), x)
+        return np.empty(x.shape, x.dtype)
+    call, kernel, dx, plan, (dgamma, dbeta) = _gradient(dy, x, mean, var, gamma, axis, epsilon,
+                                                        True, out)
+    dgamma[...] = call.parameter(plan, sum_dy_xhat, "sum_dy_xhat", required=True)
+    dbeta[...] = call.parameter(plan, sum_dy, "sum_dy", required=True)
+    kernel.set_count(count)
+    kernel.input_gradient()
+    return call.finish(dx, out)

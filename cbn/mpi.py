@@ -33,6 +33,7 @@ except ImportError as error:   # pragma: no cover - exercised with mpi4py hidden
 
 import cbn
 from . import _checks
+from .api import gradient_sums
 
 __all__ = ["batch_stats", "batch_moments", "batch_norm_forward", "batch_norm_backward"]
 
@@ -213,10 +214,9 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, com
     n_features = mean64.size
     sums = np.zeros(2 * n_features, dtype=np.float64)
     if count and x.size:
-        # The core backward with the GLOBAL mean/var gives the local Σdy·x̂ and Σdy (its dx,
-        # computed with the local count, is discarded).
-        _, local_dgamma, local_dbeta = cbn.batch_norm_backward(
-            dy, x, mean64, var64, None, axis=axes, epsilon=epsilon)
+        # With the GLOBAL mean/var these are this shard's share of Σdy·x̂ and Σdy.
+        local_dgamma, local_dbeta = gradient_sums(dy, x, mean64, var64, axis=axes,
+                                                  epsilon=epsilon)
         sums[:n_features] = np.asarray(local_dgamma, dtype=np.float64).reshape(-1)
         sums[n_features:] = np.asarray(local_dbeta, dtype=np.float64).reshape(-1)
     comm.Allreduce(MPI.IN_PLACE, [sums, MPI.DOUBLE], op=MPI.SUM)

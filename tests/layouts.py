@@ -60,8 +60,17 @@ def tolerance(dtype):
             np.dtype(np.float64): 1e-12}[np.dtype(dtype)]
 
 
-def assert_close(actual, expected, dtype):
+def assert_close(actual, expected, dtype, condition=1.0):
+    """Equal up to output rounding, plus double rounding amplified by ``condition``."""
     actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
     scale = max(1.0, float(np.nanmax(np.abs(expected), initial=0.0)))
     np.testing.assert_allclose(actual, expected, rtol=tolerance(dtype),
-                               atol=tolerance(dtype) * scale)
+                               atol=tolerance(dtype) * scale + 1e-14 * condition)
+
+
+def condition(x, var, gamma=None, epsilon=0.0):
+    """How much an absolute error in x − mean is amplified in x̂·γ: max|x|·|γ|/std."""
+    gamma_max = 1.0 if gamma is None else max(1.0, float(np.max(np.abs(gamma), initial=1.0)))
+    std = np.sqrt(np.min(np.asarray(var) + epsilon, initial=np.inf))
+    x_max = float(np.max(np.abs(x.astype(np.float64)), initial=0.0))
+    return 16 * x_max * gamma_max / std if std > 0 else np.inf

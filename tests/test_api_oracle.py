@@ -5,9 +5,8 @@ from hypothesis import given, settings
 import cbn
 from cbn import reference
 
-from layouts import assert_close, batch_norm_case, feature_shape
+from layouts import assert_close, batch_norm_case, condition, feature_shape
 
-STAT_TOLERANCE = 1e-11  # both accumulate the same values in double
 
 
 @settings(max_examples=150, deadline=None)
@@ -39,7 +38,7 @@ def test_forward_and_inference_match_reference(case):
     assert y.dtype == x.dtype and y.shape == x.shape
     finite = np.isfinite(y_ref)  # epsilon 0 with constant features gives 0/0 in both
     np.testing.assert_array_equal(np.isfinite(y), finite)
-    assert_close(y[finite], y_ref[finite], x.dtype)
+    assert_close(y[finite], y_ref[finite], x.dtype, condition(x, var_ref, gamma, epsilon))
     np.testing.assert_allclose(mean, mean_ref, rtol=1e-12, atol=1e-300)
 
     moving_mean = mean_ref + rng.standard_normal(features)
@@ -49,7 +48,7 @@ def test_forward_and_inference_match_reference(case):
     y_inf_ref = reference.batch_norm_inference(x, moving_mean, moving_var, gamma, beta,
                                                axis=axis, epsilon=epsilon)
     assert y_inf.dtype == x.dtype
-    assert_close(y_inf, y_inf_ref, x.dtype)
+    assert_close(y_inf, y_inf_ref, x.dtype, condition(x, moving_var, gamma, epsilon))
     np.testing.assert_array_equal(x, before)
 
 
@@ -67,7 +66,8 @@ def test_backward_matches_reference(case):
                                                                   axis=axis)
     assert dx.dtype == x.dtype and dgamma.dtype == dbeta.dtype == np.float64
     assert dgamma.shape == dbeta.shape == features
-    assert_close(dx, dx_ref, x.dtype)
+    assert_close(dx, dx_ref, x.dtype,
+                 condition(x, var, gamma, 1e-3) * np.abs(dy.astype(np.float64)).max(initial=1.0))
     scale = 1.0 + np.abs(dy.astype(np.float64)).sum()
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-9, atol=1e-12 * scale)
     np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-9, atol=1e-12 * scale)
