@@ -29,6 +29,7 @@ from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
 from libc.stdint cimport int64_t
+from libc.stdlib cimport free, malloc
 
 import numpy as np
 cimport numpy as cnp
@@ -98,6 +99,11 @@ cdef Grid make_grid(plan):
     g.n_rows = g.n_ro * g.n_ri
     g.n_features = g.n_fo * g.n_fi
     g.features_inner = plan.features_inner
+    g.n_threads = 1
+    if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
+        g.tile_width = g.n_tiles = g.rows_per_block = g.n_chunks = g.chunk_length = 1
+        g.n_items = 0
+        return g
     if g.features_inner:
         g.tile_width = min(g.n_fi, <Py_ssize_t>TILE_FEATURES)
         g.n_tiles = ceil_div(g.n_fi, g.tile_width)
@@ -117,11 +123,14 @@ cdef Grid make_grid(plan):
         g.n_items = g.n_features
     g.n_chunks = ceil_div(g.n_rows, g.chunk_length)
     g.n_items *= g.n_chunks
-    if g.n_rows * g.n_features < PARALLEL_MIN_ELEMENTS:
-        g.n_threads = 1
-    else:
-        g.n_threads = <int>max(1, min(<Py_ssize_t>cbn_max_threads(), g.n_items))
     return g
+
+
+cdef inline int thread_count(const Grid *g) noexcept nogil:
+    """Read at every call, so OMP_NUM_THREADS and threadpoolctl limits apply."""
+    if g.n_rows * g.n_features < PARALLEL_MIN_ELEMENTS:
+        return 1
+    return <int>max(1, min(<Py_ssize_t>cbn_max_threads(), g.n_items))
 
 
 cdef Walk make_walk(layout):
@@ -137,6 +146,10 @@ cdef Walk make_walk(layout):
 
 cdef inline double *data_or_null(object array):
     return NULL if array is None else <double *>cnp.PyArray_DATA(array)
+
+
+cdef inline bint is_single(cnp.ndarray x):
+    return cnp.PyArray_TYPE(x) == cnp.NPY_FLOAT
 
 
 cdef inline Py_ssize_t chunk_count(const Grid *g, Py_ssize_t c) noexcept nogil:
@@ -503,57 +516,33 @@ cdef void merge_chunk_moments(const Grid *g, const double *chunk_mean, const dou
 
 
 cdef struct Buffers:
-    double *scratch             # per thread: scratch_per_thread doubles
+    double *scratch             # per thread: scratch_per_thread doubles (FI items)
     Py_ssize_t scratch_per_thread
     double *chunk_a             # n_chunks x n_features partial results
     double *chunk_b
+    double *per_feature         # a few n_features arrays of per-feature factors
 
 
-cdef class Workspace:
-    """Owns the per-call buffers that the nogil code sees as a Buffers struct."""
-    cdef object arrays
-    cdef Buffers buffers
-
-    def __cinit__(self, Py_ssize_t n_threads, Py_ssize_t scratch_per_thread,
-                  Py_ssize_t n_partials):
-        cdef cnp.ndarray scratch = np.empty(max(1, n_threads * scratch_per_thread))
-        cdef cnp.ndarray chunk_a = np.empty(max(1, n_partials))
-        cdef cnp.ndarray chunk_b = np.empty(max(1, n_partials))
-        self.arrays = (scratch, chunk_a, chunk_b)
-        self.buffers.scratch = <double *>cnp.PyArray_DATA(scratch)
-        self.buffers.scratch_per_thread = scratch_per_thread
-        self.buffers.chunk_a = <double *>cnp.PyArray_DATA(chunk_a)
-        self.buffers.chunk_b = <double *>cnp.PyArray_DATA(chunk_b)
-
-
-cdef Workspace make_workspace(const Grid *g, Py_ssize_t tile_arrays):
-    """Scratch of tile_arrays tile-wide arrays per thread (FI only), and chunk partials."""
-    return Workspace(g.n_threads, tile_arrays * g.tile_width if g.features_inner else 0,
-                     g.n_chunks * g.n_features)
+cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
+                  Py_ssize_t feature_arrays) noexcept nogil:
+    """One malloc for a call's buffers (freed with free(b.scratch)); -1 if out of memory."""
+    cdef Py_ssize_t per_thread = tile_arrays * g.tile_width if g.features_inner else 0
+    cdef Py_ssize_t partials = g.n_chunks * g.n_features
+    b.scratch = <double *>malloc(sizeof(double) * (g.n_threads * per_thread + 2 * partials
+                                                   + feature_arrays * g.n_features + 1))
+    if b.scratch == NULL:
+        return -1
+    b.scratch_per_thread = per_thread
+    b.chunk_a = b.scratch + g.n_threads * per_thread
+    b.chunk_b = b.chunk_a + partials
+    b.per_feature = b.chunk_b + partials
+    return 0
 
 
 cdef void compute_moments(const Grid *g, const floating *x, const Walk *xw, const Buffers *ws,
                           double *mean_out, double *var_out) noexcept nogil:
     moments_items(g, x, xw, ws.scratch, ws.scratch_per_thread, ws.chunk_a, ws.chunk_b)
     merge_chunk_moments(g, ws.chunk_a, ws.chunk_b, mean_out, var_out)
-
-
-def batch_stats(cnp.ndarray x, plan, cnp.ndarray mean_out, cnp.ndarray var_out):
-    cdef Grid g = make_grid(plan)
-    cdef Walk xw = make_walk(plan.operands[0])
-    cdef Workspace ws = make_workspace(&g, 4)
-    cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
-    cdef double *var = <double *>cnp.PyArray_DATA(var_out)
-    cdef const float *x32
-    cdef const double *x64
-    if x.dtype == np.float32:
-        x32 = <const float *>cnp.PyArray_DATA(x)
-        with nogil:
-            compute_moments(&g, x32, &xw, &ws.buffers, mean, var)
-    else:
-        x64 = <const double *>cnp.PyArray_DATA(x)
-        with nogil:
-            compute_moments(&g, x64, &xw, &ws.buffers, mean, var)
 
 
 # ---------------------------------------------------------------------------------------
@@ -634,53 +623,6 @@ cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floati
     for f in range(g.n_features):
         normalization_factors(f, var, gamma, epsilon, scale)
     normalize_items(g, x, xw, y, yw, mean, scale, shift)
-
-
-def batch_norm_forward(cnp.ndarray x, cnp.ndarray y, plan, gamma, cnp.ndarray shift,
-                       double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out):
-    """shift is beta (zeros when there is none); gamma may be None."""
-    cdef Grid g = make_grid(plan)
-    cdef Walk xw = make_walk(plan.operands[0]), yw = make_walk(plan.operands[1])
-    cdef Workspace ws = make_workspace(&g, 4)
-    cdef double[::1] scale = np.empty(max(1, g.n_features))
-    cdef double *gamma_data = data_or_null(gamma)
-    cdef double *shift_data = <double *>cnp.PyArray_DATA(shift)
-    cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
-    cdef double *var = <double *>cnp.PyArray_DATA(var_out)
-    cdef void *x_data = cnp.PyArray_DATA(x)
-    cdef void *y_data = cnp.PyArray_DATA(y)
-    if x.dtype == np.float32:
-        with nogil:
-            forward_nogil(&g, <const float *>x_data, &xw, <float *>y_data, &yw, &ws.buffers, gamma_data,
-                          shift_data, epsilon, mean, var, &scale[0])
-    else:
-        with nogil:
-            forward_nogil(&g, <const double *>x_data, &xw, <double *>y_data, &yw, &ws.buffers,
-                          gamma_data, shift_data, epsilon, mean, var, &scale[0])
-
-
-def batch_norm_inference(cnp.ndarray x, cnp.ndarray y, plan, cnp.ndarray mean,
-                         cnp.ndarray var, gamma, cnp.ndarray shift, double epsilon):
-    cdef Grid g = make_grid(plan)
-    cdef Walk xw = make_walk(plan.operands[0]), yw = make_walk(plan.operands[1])
-    cdef double[::1] scale = np.empty(max(1, g.n_features))
-    cdef double *gamma_data = data_or_null(gamma)
-    cdef double *mean_data = <double *>cnp.PyArray_DATA(mean)
-    cdef double *var_data = <double *>cnp.PyArray_DATA(var)
-    cdef double *shift_data = <double *>cnp.PyArray_DATA(shift)
-    cdef void *x_data = cnp.PyArray_DATA(x)
-    cdef void *y_data = cnp.PyArray_DATA(y)
-    cdef Py_ssize_t f
-    cdef bint single = x.dtype == np.float32
-    with nogil:
-        for f in range(g.n_features):
-            normalization_factors(f, var_data, gamma_data, epsilon, &scale[0])
-        if single:
-            normalize_items(&g, <const float *>x_data, &xw, <float *>y_data, &yw, mean_data,
-                            &scale[0], shift_data)
-        else:
-            normalize_items(&g, <const double *>x_data, &xw, <double *>y_data, &yw, mean_data,
-                            &scale[0], shift_data)
 
 
 # ---------------------------------------------------------------------------------------
@@ -856,11 +798,117 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
                                k.coef_xc[f], k.offset[f])
 
 
-cdef class Gradient:
-    """The arguments of a backward call, unpacked for the nogil code."""
+# ---------------------------------------------------------------------------------------
+# Entry points: unpack arrays once, then run without the GIL
+# ---------------------------------------------------------------------------------------
+
+cdef class KernelPlan:
+    """A cbn._layout.Plan unpacked into C structs; built once per layout and cached."""
     cdef Grid grid
-    cdef Walk dy_walk, x_walk, dx_walk
-    cdef Workspace workspace
+    cdef Walk walks[3]
+    cdef readonly object layout     # the Plan; also keeps the offset tables alive
+
+    def __cinit__(self, layout):
+        self.layout = layout
+        self.grid = make_grid(layout)
+        for k, operand in enumerate(layout.operands):
+            self.walks[k] = make_walk(operand)
+
+    cdef Grid call_grid(self):
+        cdef Grid g = self.grid
+        g.n_threads = thread_count(&g)
+        return g
+
+
+def batch_stats(KernelPlan plan, cnp.ndarray x, cnp.ndarray mean_out, cnp.ndarray var_out):
+    cdef Grid g = plan.call_grid()
+    cdef Buffers b
+    cdef void *x_data = cnp.PyArray_DATA(x)
+    cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
+    cdef double *var = <double *>cnp.PyArray_DATA(var_out)
+    cdef bint single = is_single(x)
+    if allocate(&b, &g, 4, 0):
+        raise MemoryError("cbn: no memory for the statistics' work buffers")
+    with nogil:
+        if single:
+            compute_moments(&g, <const float *>x_data, &plan.walks[0], &b, mean, var)
+        else:
+            compute_moments(&g, <const double *>x_data, &plan.walks[0], &b, mean, var)
+        free(b.scratch)
+
+
+cdef inline void copy_or_zero(double *target, const double *source, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t f
+    for f in range(n):
+        target[f] = 0.0 if source == NULL else source[f]
+
+
+def batch_norm_forward(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, gamma, beta,
+                       double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out):
+    """Operands of plan: x, y. gamma and beta may be None."""
+    cdef Grid g = plan.call_grid()
+    cdef Buffers b
+    cdef void *x_data = cnp.PyArray_DATA(x)
+    cdef void *y_data = cnp.PyArray_DATA(y)
+    cdef double *gamma_data = data_or_null(gamma)
+    cdef double *beta_data = data_or_null(beta)
+    cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
+    cdef double *var = <double *>cnp.PyArray_DATA(var_out)
+    cdef bint single = is_single(x)
+    if allocate(&b, &g, 4, 2):
+        raise MemoryError("cbn: no memory for the forward pass' work buffers")
+    with nogil:
+        copy_or_zero(b.per_feature + g.n_features, beta_data, g.n_features)
+        if single:
+            forward_nogil(&g, <const float *>x_data, &plan.walks[0], <float *>y_data,
+                          &plan.walks[1], &b, gamma_data, b.per_feature + g.n_features,
+                          epsilon, mean, var, b.per_feature)
+        else:
+            forward_nogil(&g, <const double *>x_data, &plan.walks[0], <double *>y_data,
+                          &plan.walks[1], &b, gamma_data, b.per_feature + g.n_features,
+                          epsilon, mean, var, b.per_feature)
+        free(b.scratch)
+
+
+def batch_norm_inference(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean,
+                         cnp.ndarray var, gamma, beta, double epsilon):
+    """Operands of plan: x, y. gamma and beta may be None."""
+    cdef Grid g = plan.call_grid()
+    cdef Buffers b
+    cdef void *x_data = cnp.PyArray_DATA(x)
+    cdef void *y_data = cnp.PyArray_DATA(y)
+    cdef double *gamma_data = data_or_null(gamma)
+    cdef double *beta_data = data_or_null(beta)
+    cdef double *mean_data = <double *>cnp.PyArray_DATA(mean)
+    cdef double *var_data = <double *>cnp.PyArray_DATA(var)
+    cdef bint single = is_single(x)
+    cdef Py_ssize_t f
+    cdef double *scale
+    cdef double *shift
+    if allocate(&b, &g, 0, 2):
+        raise MemoryError("cbn: no memory for the inference pass' work buffers")
+    scale, shift = b.per_feature, b.per_feature + g.n_features
+    with nogil:
+        copy_or_zero(shift, beta_data, g.n_features)
+        for f in range(g.n_features):
+            normalization_factors(f, var_data, gamma_data, epsilon, scale)
+        if single:
+            normalize_items(&g, <const float *>x_data, &plan.walks[0], <float *>y_data,
+                            &plan.walks[1], mean_data, scale, shift)
+        else:
+            normalize_items(&g, <const double *>x_data, &plan.walks[0], <double *>y_data,
+                            &plan.walks[1], mean_data, scale, shift)
+        free(b.scratch)
+
+
+cdef class Gradient:
+    """The arguments of a backward call, unpacked for the nogil code.
+
+    Operands of the plan: dy, x, and dx (absent when only the sums are wanted).
+    """
+    cdef Grid grid
+    cdef KernelPlan plan
+    cdef Buffers buffers
     cdef GradientFactors factors
     cdef object keep_alive
     cdef void *dy_data
@@ -868,25 +916,20 @@ cdef class Gradient:
     cdef void *dx_data
     cdef bint single
 
-    def __cinit__(self, cnp.ndarray dy, cnp.ndarray x, dx, plan, cnp.ndarray mean,
+    def __cinit__(self, KernelPlan plan, cnp.ndarray dy, cnp.ndarray x, dx, cnp.ndarray mean,
                   cnp.ndarray var, gamma, double epsilon, cnp.ndarray sum_dy_xhat,
                   cnp.ndarray sum_dy, Py_ssize_t count):
-        """Operands of plan: dy, x, and dx (None when only the sums are wanted)."""
-        cdef cnp.ndarray coefficients
-        self.grid = make_grid(plan)
-        self.dy_walk = make_walk(plan.operands[0])
-        self.x_walk = make_walk(plan.operands[1])
-        self.dx_data = NULL
-        if dx is not None:
-            self.dx_walk = make_walk(plan.operands[2])
-            self.dx_data = cnp.PyArray_DATA(dx)
-        self.workspace = make_workspace(&self.grid, 2)
-        coefficients = np.empty((3, max(1, self.grid.n_features)))
+        self.buffers.scratch = NULL
+        self.plan = plan
+        self.grid = plan.call_grid()
+        if allocate(&self.buffers, &self.grid, 2, 3):
+            raise MemoryError("cbn: no memory for the backward pass' work buffers")
         # The nogil code holds raw pointers: keep every array they point into alive.
-        self.keep_alive = (coefficients, dy, x, dx, mean, var, gamma, sum_dy_xhat, sum_dy)
+        self.keep_alive = (dy, x, dx, mean, var, gamma, sum_dy_xhat, sum_dy)
         self.dy_data = cnp.PyArray_DATA(dy)
         self.x_data = cnp.PyArray_DATA(x)
-        self.single = x.dtype == np.float32
+        self.dx_data = NULL if dx is None else cnp.PyArray_DATA(dx)
+        self.single = is_single(x)
         self.factors.mean = <double *>cnp.PyArray_DATA(mean)
         self.factors.var = <double *>cnp.PyArray_DATA(var)
         self.factors.gamma = data_or_null(gamma)
@@ -894,43 +937,48 @@ cdef class Gradient:
         self.factors.count = count
         self.factors.sum_dy = <double *>cnp.PyArray_DATA(sum_dy)
         self.factors.sum_dy_xhat = <double *>cnp.PyArray_DATA(sum_dy_xhat)
-        self.factors.coef_dy = <double *>cnp.PyArray_DATA(coefficients)
-        self.factors.coef_xc = self.factors.coef_dy + max(1, self.grid.n_features)
-        self.factors.offset = self.factors.coef_xc + max(1, self.grid.n_features)
+        self.factors.coef_dy = self.buffers.per_feature
+        self.factors.coef_xc = self.factors.coef_dy + self.grid.n_features
+        self.factors.offset = self.factors.coef_xc + self.grid.n_features
+
+    def __dealloc__(self):
+        free(self.buffers.scratch)
 
     def set_count(self, Py_ssize_t count):
         self.factors.count = count
 
     def backward(self):
+        cdef const Walk *walks = self.plan.walks
         with nogil:
             if self.single:
-                backward_nogil(&self.grid, <const float *>self.dy_data, &self.dy_walk,
-                               <const float *>self.x_data, &self.x_walk, <float *>self.dx_data,
-                               &self.dx_walk, &self.workspace.buffers, &self.factors)
+                backward_nogil(&self.grid, <const float *>self.dy_data, &walks[0],
+                               <const float *>self.x_data, &walks[1], <float *>self.dx_data,
+                               &walks[2], &self.buffers, &self.factors)
             else:
-                backward_nogil(&self.grid, <const double *>self.dy_data, &self.dy_walk,
-                               <const double *>self.x_data, &self.x_walk,
-                               <double *>self.dx_data, &self.dx_walk,
-                               &self.workspace.buffers, &self.factors)
+                backward_nogil(&self.grid, <const double *>self.dy_data, &walks[0],
+                               <const double *>self.x_data, &walks[1], <double *>self.dx_data,
+                               &walks[2], &self.buffers, &self.factors)
 
     def sums(self):
+        cdef const Walk *walks = self.plan.walks
         with nogil:
             if self.single:
-                gradient_sums_nogil(&self.grid, <const float *>self.dy_data, &self.dy_walk,
-                                    <const float *>self.x_data, &self.x_walk,
-                                    &self.workspace.buffers, &self.factors)
+                gradient_sums_nogil(&self.grid, <const float *>self.dy_data, &walks[0],
+                                    <const float *>self.x_data, &walks[1], &self.buffers,
+                                    &self.factors)
             else:
-                gradient_sums_nogil(&self.grid, <const double *>self.dy_data, &self.dy_walk,
-                                    <const double *>self.x_data, &self.x_walk,
-                                    &self.workspace.buffers, &self.factors)
+                gradient_sums_nogil(&self.grid, <const double *>self.dy_data, &walks[0],
+                                    <const double *>self.x_data, &walks[1], &self.buffers,
+                                    &self.factors)
 
     def input_gradient(self):
+        cdef const Walk *walks = self.plan.walks
         with nogil:
             if self.single:
-                input_gradient_nogil(&self.grid, <const float *>self.dy_data, &self.dy_walk,
-                                     <const float *>self.x_data, &self.x_walk,
-                                     <float *>self.dx_data, &self.dx_walk, &self.factors)
+                input_gradient_nogil(&self.grid, <const float *>self.dy_data, &walks[0],
+                                     <const float *>self.x_data, &walks[1],
+                                     <float *>self.dx_data, &walks[2], &self.factors)
             else:
-                input_gradient_nogil(&self.grid, <const double *>self.dy_data, &self.dy_walk,
-                                     <const double *>self.x_data, &self.x_walk,
-                                     <double *>self.dx_data, &self.dx_walk, &self.factors)
+                input_gradient_nogil(&self.grid, <const double *>self.dy_data, &walks[0],
+                                     <const double *>self.x_data, &walks[1],
+                                     <double *>self.dx_data, &walks[2], &self.factors)

@@ -4,6 +4,9 @@ Dtype rule: y and dx have the dtype of x (float16 is computed in float32); every
 per-feature result (mean, var, dgamma, dbeta) is float64, because the kernels accumulate
 in double and rounding those small arrays would throw that precision away. Parameters
 (gamma, beta, mean, var) of any real dtype are used in float64.
+
+Everything that depends only on the shape, strides and axes of a call is computed once and
+cached, so a small call costs little more than its arithmetic.
 """
 import numbers
 from functools import lru_cache
@@ -22,71 +25,92 @@ def openmp_enabled():
     return _kernels.openmp_enabled()
 
 
-plan_for = lru_cache(maxsize=512)(make_plan)
+@lru_cache(maxsize=1024)
+def _axes(shape, axis):
+    """(kept axes, elements per feature, feature shape) of a shape and a hashable axis."""
+    axes = _checks.kept_axes(len(shape), axis)
+    return axes, _checks.reduction_size(shape, axes), _checks.feature_shape(shape, axes)
 
 
-def _kernel_input(array):
-    """The array the kernels read: float32/float64 with whole-element strides.
+def _axis_key(axis):
+    return axis if isinstance(axis, numbers.Integral) else tuple(axis)
 
-    The only copies cbn ever makes of data are here: float16 (computed in float32) and
-    misaligned views whose strides are not a multiple of the item size.
+
+class _Plan:
+    """A cached kernel plan and how to map per-feature arrays to and from its order."""
+
+    def __init__(self, shape, axes, itemsize, byte_strides):
+        layout = make_plan(shape, axes, tuple(tuple(s // itemsize for s in strides)
+                                              for strides in byte_strides))
+        self.kernel = _kernels.KernelPlan(layout)
+        self.n_features = layout.n_features
+        self.order = layout.feature_order
+        self.identity = self.order == tuple(sorted(self.order))
+        features = _checks.feature_shape(shape, axes)
+        self.permuted_shape = tuple(features[i] for i in self.order)
+        self.inverse = tuple(np.argsort(self.order))
+
+    def to_kernel(self, value):
+        """A feature-shaped float64 array as the contiguous vector the kernels index."""
+        if self.identity:
+            return np.ascontiguousarray(value).reshape(-1)
+        return np.ascontiguousarray(value.transpose(self.order)).reshape(-1)
+
+    def from_kernel(self, vector):
+        if self.identity:
+            return vector.reshape(self.permuted_shape)
+        return np.ascontiguousarray(vector.reshape(self.permuted_shape).transpose(self.inverse))
+
+
+@lru_cache(maxsize=512)
+def _plan(shape, axes, itemsize, *byte_strides):
+    return _Plan(shape, axes, itemsize, byte_strides)
+
+
+def _data(x, name="x"):
+    """(x as given, x as the kernels read it).
+
+    The only copies cbn makes of data are here: float16 (computed in float32), byte-swapped
+    and misaligned arrays.
     """
-    if array.dtype == np.float16:
-        return array.astype(np.float32)
-    if not array.flags.aligned or any(s % array.itemsize for s in array.strides):
-        return array.copy()
-    return array
+    if type(x) is not np.ndarray:
+        x = np.asarray(x)
+    dtype = x.dtype
+    if dtype.char not in "efd":
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
+    if x.ndim == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if dtype.char == "e":
+        return x, x.astype(np.float32)
+    if not (dtype.isnative and x.flags.aligned):
+        return x, x.astype(dtype.newbyteorder("="), order="K")
+    return x, x
 
 
-def _element_strides(*arrays):
-    return tuple(tuple(s // a.itemsize for s in a.strides) for a in arrays)
+def _output(x_in, x, out, name="out"):
+    """The buffer the kernel writes: the caller's ``out`` when usable as is, else new."""
+    if out is not None:
+        _checks.output_buffer(out, x_in, name)
+        if out.dtype == x.dtype and out.flags.aligned and out.dtype.isnative:
+            return out
+    return np.empty_like(x, order="K")
 
 
-class _Call:
-    """What one public call needs: the kernel's view of x and the feature bookkeeping."""
+def _finish(x_in, computed, out):
+    """Deliver a per-element result in x's dtype, into ``out`` if the caller gave one."""
+    if out is None:
+        return computed if computed.dtype == x_in.dtype else computed.astype(x_in.dtype)
+    if computed is not out:
+        np.copyto(out, computed, casting="unsafe")
+    return out
 
-    def __init__(self, x, axis):
-        self.x_in = _checks.as_data(x)
-        self.axes = _checks.kept_axes(self.x_in.ndim, axis)
-        self.n = _checks.reduction_size(self.x_in.shape, self.axes)
-        self.features = _checks.feature_shape(self.x_in.shape, self.axes)
-        self.x = _kernel_input(self.x_in)
-        self.empty = self.x.size == 0
 
-    def output(self, out, name="out"):
-        """The buffer the kernel writes: the caller's ``out`` when it is usable as is,
-        else a new array laid out like x (``finish`` then delivers it)."""
-        if out is not None:
-            _checks.output_buffer(out, self.x_in, name)
-            if out.dtype == self.x.dtype and not any(s % out.itemsize for s in out.strides):
-                return out
-        return np.empty_like(self.x, order="K")
-
-    def plan(self, *operands):
-        return plan_for(self.x.shape, self.axes, _element_strides(*operands))
-
-    def parameter(self, plan, value, name, required=False):
-        """A per-feature parameter as contiguous float64 in the kernels' feature order."""
-        if value is None:
-            if required:
-                raise TypeError(f"{name} is required")
-            return None
-        value = _checks.as_parameter(value, name, self.features)
-        return np.ascontiguousarray(value.transpose(plan.feature_order)).reshape(-1)
-
-    def per_feature(self, plan, canonical):
-        """Undo the kernels' feature order: a (n_features,) array back to feature shape."""
-        permuted_shape = tuple(self.features[i] for i in plan.feature_order)
-        inverse = np.argsort(plan.feature_order)
-        return np.ascontiguousarray(canonical.reshape(permuted_shape).transpose(inverse))
-
-    def finish(self, computed, out):
-        """Deliver a per-element result in x's dtype, into ``out`` if the caller gave one."""
-        if out is None:
-            return computed.astype(self.x_in.dtype, copy=False)
-        if computed is not out:
-            np.copyto(out, computed, casting="unsafe")
-        return out
+def _parameter(plan, value, name, features, required=False):
+    if value is None:
+        if required:
+            raise TypeError(f"{name} is required")
+        return None
+    return plan.to_kernel(_checks.as_parameter(value, name, features))
 
 
 def batch_stats(x, axis=-1):
@@ -103,12 +127,13 @@ def batch_stats(x, axis=-1):
     mean, var : float64 ndarrays of shape ``tuple(x.shape[a] for a in sorted(axis))``
         ``var`` is the population variance Σ(x − mean)²/n.
     """
-    call = _Call(x, axis)
-    plan = call.plan(call.x)
+    x_in, x = _data(x)
+    axes, _, _ = _axes(x.shape, _axis_key(axis))
+    plan = _plan(x.shape, axes, x.itemsize, x.strides)
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
-    if not call.empty:
-        _kernels.batch_stats(call.x, plan, mean, var)
-    return call.per_feature(plan, mean), call.per_feature(plan, var)
+    if x.size:
+        _kernels.batch_stats(plan.kernel, x, mean, var)
+    return plan.from_kernel(mean), plan.from_kernel(var)
 
 
 def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=None):
@@ -120,17 +145,17 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
 
     Returns ``(y, mean, var)``; mean and var are float64.
     """
-    call = _Call(x, axis)
+    x_in, x = _data(x)
+    axes, _, features = _axes(x.shape, _axis_key(axis))
     epsilon = _checks.as_epsilon(epsilon)
-    y = call.output(out)
-    plan = call.plan(call.x, y)
-    gamma = call.parameter(plan, gamma, "gamma")
-    shift = call.parameter(plan, beta, "beta")
-    shift = np.zeros(plan.n_features) if shift is None else shift
+    y = _output(x_in, x, out)
+    plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
+    gamma = _parameter(plan, gamma, "gamma", features)
+    beta = _parameter(plan, beta, "beta", features)
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
-    if not call.empty:
-        _kernels.batch_norm_forward(call.x, y, plan, gamma, shift, epsilon, mean, var)
-    return call.finish(y, out), call.per_feature(plan, mean), call.per_feature(plan, var)
+    if x.size:
+        _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var)
+    return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
 
 
 def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3, *,
@@ -140,36 +165,46 @@ def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1
     ``y = γ·(x − mean)/sqrt(var + ε) + β``, computed per element as ``(x − mean)·s + β``
     in double so a large mean does not cost accuracy.
     """
-    call = _Call(x, axis)
+    x_in, x = _data(x)
+    axes, _, features = _axes(x.shape, _axis_key(axis))
     epsilon = _checks.as_epsilon(epsilon)
-    y = call.output(out)
-    plan = call.plan(call.x, y)
-    mean = call.parameter(plan, mean, "mean", required=True)
-    var = call.parameter(plan, var, "var", required=True)
-    gamma = call.parameter(plan, gamma, "gamma")
-    shift = call.parameter(plan, beta, "beta")
-    shift = np.zeros(plan.n_features) if shift is None else shift
-    if not call.empty:
-        _kernels.batch_norm_inference(call.x, y, plan, mean, var, gamma, shift, epsilon)
-    return call.finish(y, out)
+    y = _output(x_in, x, out)
+    plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
+    mean = _parameter(plan, mean, "mean", features, required=True)
+    var = _parameter(plan, var, "var", features, required=True)
+    gamma = _parameter(plan, gamma, "gamma", features)
+    beta = _parameter(plan, beta, "beta", features)
+    if x.size:
+        _kernels.batch_norm_inference(plan.kernel, x, y, mean, var, gamma, beta, epsilon)
+    return _finish(x_in, y, out)
 
 
 def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None):
-    """Validated backward arguments bound to the kernels: (call, kernel, dx, plan, sums)."""
-    call = _Call(x, axis)
-    dy = _checks.as_data(dy, "dy")
-    _checks.same_shape(dy, call.x_in)
-    dy = _kernel_input(dy.astype(call.x.dtype, copy=False))
+    """Validated backward arguments bound to the kernels.
+
+    Returns (x as given, plan, kernel, dx buffer, dgamma, dbeta) where dgamma and dbeta
+    are the kernel-order vectors that receive Σ dy·x̂ and Σ dy.
+    """
+    x_in, x = _data(x)
+    axes, n, features = _axes(x.shape, _axis_key(axis))
+    dy_in, dy = _data(dy, "dy")
+    _checks.same_shape(dy_in, x_in)
+    if dy.dtype != x.dtype:
+        dy = dy.astype(x.dtype)
     epsilon = _checks.as_epsilon(epsilon)
-    dx = call.output(out) if with_dx else None
-    plan = call.plan(dy, call.x, dx) if with_dx else call.plan(dy, call.x)
-    mean = call.parameter(plan, mean, "mean", required=True)
-    var = call.parameter(plan, var, "var", required=True)
-    gamma = call.parameter(plan, gamma, "gamma")
-    sum_dy_xhat, sum_dy = np.zeros(plan.n_features), np.zeros(plan.n_features)
-    kernel = _kernels.Gradient(dy, call.x, dx, plan, mean, var, gamma, epsilon, sum_dy_xhat,
-                               sum_dy, call.n)
-    return call, kernel, dx, plan, (sum_dy_xhat, sum_dy)
+    if with_dx:
+        dx = _output(x_in, x, out)
+        plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides)
+    else:
+        dx = None
+        plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides)
+    mean = _parameter(plan, mean, "mean", features, required=True)
+    var = _parameter(plan, var, "var", features, required=True)
+    gamma = _parameter(plan, gamma, "gamma", features)
+    dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
+    kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
+                               dbeta, n) if x.size else None
+    return x_in, plan, kernel, dx, dgamma, dbeta
 
 
 def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, out=None):
@@ -184,11 +219,11 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
     x's dtype. ``out``, if given, receives dx. Returns ``(dx, dgamma, dbeta)``; dgamma and
     dbeta are float64.
     """
-    call, kernel, dx, plan, (dgamma, dbeta) = _gradient(dy, x, mean, var, gamma, axis, epsilon,
-                                                        True, out)
-    if not call.empty:
+    x_in, plan, kernel, dx, dgamma, dbeta = _gradient(dy, x, mean, var, gamma, axis, epsilon,
+                                                      True, out)
+    if kernel is not None:
         kernel.backward()
-    return call.finish(dx, out), call.per_feature(plan, dgamma), call.per_feature(plan, dbeta)
+    return _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)
 
 
 def gradient_sums(dy, x, mean, var, axis=-1, epsilon=1e-3):
@@ -197,11 +232,10 @@ def gradient_sums(dy, x, mean, var, axis=-1, epsilon=1e-3):
     One read of dy and x. With ``mean``/``var`` of a larger batch these are one shard's
     share of that batch's sums (what synchronized batch norm all-reduces).
     """
-    call, kernel, _, plan, (dgamma, dbeta) = _gradient(dy, x, mean, var, None, axis, epsilon,
-                                                       False)
-    if not call.empty:
+    _, plan, kernel, _, dgamma, dbeta = _gradient(dy, x, mean, var, None, axis, epsilon, False)
+    if kernel is not None:
         kernel.sums()
-    return call.per_feature(plan, dgamma), call.per_feature(plan, dbeta)
+    return plan.from_kernel(dgamma), plan.from_kernel(dbeta)
 
 
 def batch_norm_backward_from_sums(dy, x, mean, var, gamma, sum_dy, sum_dy_xhat, count,
@@ -217,14 +251,15 @@ def batch_norm_backward_from_sums(dy, x, mean, var, gamma, sum_dy, sum_dy_xhat, 
         raise TypeError(f"count must be an integer, got {count!r}")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
-    x = _checks.as_data(x)
+    x_in, x = _data(x)
     if x.size == 0:
-        _checks.same_shape(_checks.as_data(dy, "dy"), x)
-        return np.empty(x.shape, x.dtype)
-    call, kernel, dx, plan, (dgamma, dbeta) = _gradient(dy, x, mean, var, gamma, axis, epsilon,
-                                                        True, out)
-    dgamma[...] = call.parameter(plan, sum_dy_xhat, "sum_dy_xhat", required=True)
-    dbeta[...] = call.parameter(plan, sum_dy, "sum_dy", required=True)
+        _checks.same_shape(_data(dy, "dy")[0], x_in)
+        return np.empty(x_in.shape, x_in.dtype)
+    x_in, plan, kernel, dx, dgamma, dbeta = _gradient(dy, x_in, mean, var, gamma, axis, epsilon,
+                                                      True, out)
+    features = _axes(x_in.shape, _axis_key(axis))[2]
+    dgamma[...] = plan.to_kernel(_checks.as_parameter(sum_dy_xhat, "sum_dy_xhat", features))
+    dbeta[...] = plan.to_kernel(_checks.as_parameter(sum_dy, "sum_dy", features))
     kernel.set_count(count)
     kernel.input_gradient()
-    return call.finish(dx, out)
+    return _finish(x_in, dx, out)
