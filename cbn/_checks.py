@@ -3,6 +3,7 @@
 Every public function funnels its arguments through here, so a bad input gets the same
 clear exception whichever implementation is called, and nothing is ever modified.
 """
+import math
 import numbers
 import operator
 
@@ -68,6 +69,8 @@ def as_parameter(value, name, expected_shape):
     """
     if value is None:
         return None
+    if type(value) is np.ndarray and value.dtype.char == "d" and value.shape == expected_shape:
+        return value
     array = np.asarray(value)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real numeric array, got dtype {array.dtype}")
@@ -79,7 +82,7 @@ def as_parameter(value, name, expected_shape):
 
 def as_epsilon(epsilon):
     value = float(epsilon)
-    if not (value >= 0.0 and np.isfinite(value)):
+    if not (value >= 0.0 and math.isfinite(value)):
         raise ValueError(f"epsilon must be a finite number >= 0, got {epsilon!r}")
     return value
 

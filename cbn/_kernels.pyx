@@ -480,15 +480,25 @@ cdef void moments_items(const Grid *g, const floating *x, const Walk *xw, double
                         Py_ssize_t scratch_per_thread, double *chunk_mean,
                         double *chunk_m2) noexcept nogil:
     cdef Py_ssize_t item
-    cdef RiItem it
+    if g.n_threads == 1:   # no OpenMP region: its start-up dominates small calls
+        for item in range(g.n_items):
+            moments_item(g, x, xw, item, scratch, chunk_mean, chunk_m2)
+        return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        if g.features_inner:
-            fi_moments_item(g, x, xw, item, scratch + threadid() * scratch_per_thread,
-                            chunk_mean, chunk_m2)
-        else:
-            it = ri_item(g, item)
-            ri_moments(g, x, xw, it, &chunk_mean[it.chunk * g.n_features + it.f],
-                       &chunk_m2[it.chunk * g.n_features + it.f])
+        moments_item(g, x, xw, item, scratch + threadid() * scratch_per_thread, chunk_mean,
+                     chunk_m2)
+
+
+cdef inline void moments_item(const Grid *g, const floating *x, const Walk *xw,
+                              Py_ssize_t item, double *scratch, double *chunk_mean,
+                              double *chunk_m2) noexcept nogil:
+    cdef RiItem it
+    if g.features_inner:
+        fi_moments_item(g, x, xw, item, scratch, chunk_mean, chunk_m2)
+    else:
+        it = ri_item(g, item)
+        ri_moments(g, x, xw, it, &chunk_mean[it.chunk * g.n_features + it.f],
+                   &chunk_m2[it.chunk * g.n_features + it.f])
 
 
 cdef void merge_feature_chunks(const Grid *g, Py_ssize_t f, const double *chunk_mean,
@@ -511,6 +521,10 @@ cdef void merge_feature_chunks(const Grid *g, Py_ssize_t f, const double *chunk_
 cdef void merge_chunk_moments(const Grid *g, const double *chunk_mean, const double *chunk_m2,
                               double *mean_out, double *var_out) noexcept nogil:
     cdef Py_ssize_t f
+    if g.n_threads == 1:
+        for f in range(g.n_features):
+            merge_feature_chunks(g, f, chunk_mean, chunk_m2, mean_out, var_out)
+        return
     for f in prange(g.n_features, num_threads=g.n_threads, schedule="static"):
         merge_feature_chunks(g, f, chunk_mean, chunk_m2, mean_out, var_out)
 
@@ -589,13 +603,23 @@ cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floa
                           const Walk *yw, const double *mean, const double *scale,
                           const double *shift) noexcept nogil:
     cdef Py_ssize_t item
-    cdef RiItem it
+    if g.n_threads == 1:
+        for item in range(g.n_items):
+            normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+        return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        if g.features_inner:
-            fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
-        else:
-            it = ri_item(g, item)
-            ri_normalize_item(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f])
+        normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+
+
+cdef inline void normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                                const Walk *yw, Py_ssize_t item, const double *mean,
+                                const double *scale, const double *shift) noexcept nogil:
+    cdef RiItem it
+    if g.features_inner:
+        fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+    else:
+        it = ri_item(g, item)
+        ri_normalize_item(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f])
 
 
 cdef void fused_forward(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -603,13 +627,23 @@ cdef void fused_forward(const Grid *g, const floating *x, const Walk *xw, floati
                         double epsilon, double *mean, double *var, double *scale) noexcept nogil:
     """RI with one chunk per feature: normalize each feature right after its statistics."""
     cdef Py_ssize_t f
-    cdef RiItem it
+    if g.n_threads == 1:
+        for f in range(g.n_features):
+            fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f)
+        return
     for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-        it = ri_item(g, f)
-        ri_moments(g, x, xw, it, &mean[f], &var[f])
-        var[f] /= g.n_rows
-        normalization_factors(f, var, gamma, epsilon, scale)
-        ri_normalize_item(g, x, xw, y, yw, it, mean[f], scale[f], shift[f])
+        fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f)
+
+
+cdef inline void fused_forward_feature(const Grid *g, const floating *x, const Walk *xw,
+                                       floating *y, const Walk *yw, const double *gamma,
+                                       const double *shift, double epsilon, double *mean,
+                                       double *var, double *scale, Py_ssize_t f) noexcept nogil:
+    cdef RiItem it = ri_item(g, f)
+    ri_moments(g, x, xw, it, &mean[f], &var[f])
+    var[f] /= g.n_rows
+    normalization_factors(f, var, gamma, epsilon, scale)
+    ri_normalize_item(g, x, xw, y, yw, it, mean[f], scale[f], shift[f])
 
 
 cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -736,22 +770,32 @@ cdef inline void gradient_factors(Py_ssize_t f, GradientFactors *k) noexcept nog
     k.offset[f] = -scale * k.sum_dy[f] / k.count
 
 
+cdef inline void gradient_sums_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                    const floating *x, const Walk *xw, const Buffers *ws,
+                                    double *scratch, GradientFactors *k,
+                                    Py_ssize_t item) noexcept nogil:
+    cdef RiItem it
+    if g.features_inner:
+        fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean, scratch, ws.chunk_a, ws.chunk_b)
+    else:
+        it = ri_item(g, item)
+        ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[it.f],
+                         &ws.chunk_a[it.chunk * g.n_features + it.f],
+                         &ws.chunk_b[it.chunk * g.n_features + it.f])
+
+
 cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw,
                               const floating *x, const Walk *xw, const Buffers *ws,
                               GradientFactors *k) noexcept nogil:
     """Σ dy and Σ dy·x̂ of every feature, summed over chunks in chunk order."""
     cdef Py_ssize_t item, f, c
-    cdef RiItem it
-    for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        if g.features_inner:
-            fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean,
-                                  ws.scratch + threadid() * ws.scratch_per_thread,
-                                  ws.chunk_a, ws.chunk_b)
-        else:
-            it = ri_item(g, item)
-            ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[it.f],
-                             &ws.chunk_a[it.chunk * g.n_features + it.f],
-                             &ws.chunk_b[it.chunk * g.n_features + it.f])
+    if g.n_threads == 1:
+        for item in range(g.n_items):
+            gradient_sums_item(g, dy, dyw, x, xw, ws, ws.scratch, k, item)
+    else:
+        for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+            gradient_sums_item(g, dy, dyw, x, xw, ws,
+                               ws.scratch + threadid() * ws.scratch_per_thread, k, item)
     for f in range(g.n_features):
         k.sum_dy[f] = 0.0
         k.sum_dy_xhat[f] = 0.0
@@ -766,36 +810,56 @@ cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dy
                                GradientFactors *k) noexcept nogil:
     """dx from the sums already in k."""
     cdef Py_ssize_t item, f
-    cdef RiItem it
     for f in range(g.n_features):
         gradient_factors(f, k)
+    if g.n_threads == 1:
+        for item in range(g.n_items):
+            input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item)
+        return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        if g.features_inner:
-            fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy,
-                                   k.coef_xc, k.offset)
-        else:
-            it = ri_item(g, item)
-            ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f],
-                                   k.coef_dy[it.f], k.coef_xc[it.f], k.offset[it.f])
+        input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item)
+
+
+cdef inline void input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                     const floating *x, const Walk *xw, floating *dx,
+                                     const Walk *dxw, const GradientFactors *k,
+                                     Py_ssize_t item) noexcept nogil:
+    cdef RiItem it
+    if g.features_inner:
+        fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy, k.coef_xc,
+                               k.offset)
+    else:
+        it = ri_item(g, item)
+        ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f], k.coef_dy[it.f],
+                               k.coef_xc[it.f], k.offset[it.f])
 
 
 cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, const floating *x,
                          const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
                          GradientFactors *k) noexcept nogil:
     cdef Py_ssize_t f
-    cdef RiItem it
     if g.features_inner or g.n_chunks > 1:
         gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
         input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, k)
-        return
-    # One chunk per feature: its input gradient follows its sums while x, dy are in cache.
-    for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-        it = ri_item(g, f)
-        ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f])
-        scale_to_xhat(f, k)
-        gradient_factors(f, k)
-        ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[f], k.coef_dy[f],
-                               k.coef_xc[f], k.offset[f])
+    elif g.n_threads == 1:
+        for f in range(g.n_features):
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
+    else:
+        for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
+
+
+cdef inline void fused_backward_feature(const Grid *g, const floating *dy, const Walk *dyw,
+                                        const floating *x, const Walk *xw, floating *dx,
+                                        const Walk *dxw, GradientFactors *k,
+                                        Py_ssize_t f) noexcept nogil:
+    """One chunk per feature: its input gradient follows its sums while x, dy are in cache."""
+    cdef RiItem it = ri_item(g, f)
+    ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f])
+    scale_to_xhat(f, k)
+    gradient_factors(f, k)
+    ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[f], k.coef_dy[f],
+                           k.coef_xc[f], k.offset[f])
 
 
 # ---------------------------------------------------------------------------------------

@@ -46,17 +46,22 @@ class _Plan:
         self.n_features = layout.n_features
         self.order = layout.feature_order
         self.identity = self.order == tuple(sorted(self.order))
+        self.one_axis = len(self.order) == 1
         features = _checks.feature_shape(shape, axes)
         self.permuted_shape = tuple(features[i] for i in self.order)
         self.inverse = tuple(np.argsort(self.order))
 
     def to_kernel(self, value):
         """A feature-shaped float64 array as the contiguous vector the kernels index."""
+        if self.one_axis and value.flags.c_contiguous:
+            return value
         if self.identity:
             return np.ascontiguousarray(value).reshape(-1)
         return np.ascontiguousarray(value.transpose(self.order)).reshape(-1)
 
     def from_kernel(self, vector):
+        if self.one_axis:
+            return vector
         if self.identity:
             return vector.reshape(self.permuted_shape)
         return np.ascontiguousarray(vector.reshape(self.permuted_shape).transpose(self.inverse))
