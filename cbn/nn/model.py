@@ -145,6 +145,11 @@ class Sequential:
         x = np.asarray(x)
         if not self.built:
             self.build((None,) + x.shape[1:])
+        expected = self.input_shape
+        if x.ndim != len(expected) or any(
+                e is not None and e != n for e, n in zip(expected[1:], x.shape[1:])):
+            raise ValueError(f"model {self.name!r} expects inputs of shape "
+                             f"{_format_shape(expected)}, got an array of shape {x.shape}")
         for layer in self.layers:
             x = layer(x, training=training)
         return x
@@ -235,11 +240,17 @@ class Sequential:
         return logs
 
     def train_on_batch(self, x, y):
-        """One optimizer step; returns the batch loss (and accuracy if compiled with it)."""
+        """One optimizer step; returns the batch loss and the number of correct
+        predictions (0 unless compiled with ``metrics=["accuracy"]``)."""
         loss, output = self._loss_and_backward(x, y, training=True)
         self.optimizer.apply_gradients(zip(self.gradients, self.trainable_weights))
-        correct = int(np.sum(np.argmax(output, axis=-1) == np.asarray(y).reshape(-1)))
-        return loss, correct
+        return loss, self._correct(output, y)
+
+    def _correct(self, output, y):
+        """Number of samples whose arg-max class is the label (0 without metrics)."""
+        if not self.metrics:
+            return 0
+        return int(np.sum(np.argmax(output, axis=-1) == np.asarray(y).reshape(-1)))
 
     def fit(self, x, y, batch_size=32, epochs=1, verbose="auto", validation_data=None,
             shuffle=True, stream=None):
@@ -279,7 +290,7 @@ class Sequential:
         for start, stop in _batches(x.shape[0], int(batch_size)):
             output = self(x[start:stop])
             loss_sum += self._loss_value(y[start:stop], output) * (stop - start)
-            correct += int(np.sum(np.argmax(output, -1) == y[start:stop].reshape(-1)))
+            correct += self._correct(output, y[start:stop])
         return self._metric_logs(loss_sum, correct, x.shape[0], prefix)
 
     def evaluate(self, x, y, batch_size=32, verbose=0):
