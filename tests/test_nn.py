@@ -301,6 +301,17 @@ def test_same_seed_same_training():
         np.testing.assert_array_equal(a, b)
 
 
+def test_rebuilding_keeps_weights_and_layers_can_be_added():
+    model = small_model()
+    before = model.get_weights()
+    model.build((None, 2, 2))
+    for a, b in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    model.add(nn.Dense(2))
+    assert model.layers[-1].kernel.shape == (3, 2)
+    assert model.predict(np.ones((5, 2, 2))).shape == (5, 2)
+
+
 def test_frozen_bn_is_not_updated_by_fit():
     x, y = blobs(64)
     model = small_model()
@@ -380,5 +391,7 @@ def test_clear_errors():
         model.fit(np.ones((4, 2, 2)), np.zeros(3))
     with pytest.raises(RuntimeError, match="compile"):
         nn.Sequential([nn.Dense(2, input_shape=[2])]).fit(np.ones((2, 2)), np.zeros(2))
+    with pytest.raises(ValueError, match="targets"):
+        model.fit(np.ones((4, 2, 2)), None)
     with pytest.raises(ValueError, match="verbose"):
         model.fit(np.ones((4, 2, 2)), np.zeros(4), verbose=5)

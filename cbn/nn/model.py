@@ -61,7 +61,8 @@ class Sequential:
         """Append a layer (built at once if the model already knows its input shape)."""
         self.layers.append(layer)
         if self.built:
-            layer.build(self.output_shape)
+            if not layer.built:
+                layer.build(self.output_shape)
             self.output_shape = layer.compute_output_shape(self.output_shape)
         elif len(self.layers) == 1 and getattr(layer, "input_shape", None) is not None:
             self.build(layer.input_shape)
@@ -74,7 +75,8 @@ class Sequential:
         shape = tuple(input_shape)
         self.input_shape = shape
         for layer in self.layers:
-            layer.build(shape)
+            if not layer.built:              # built layers keep their weights, as in Keras
+                layer.build(shape)
             shape = layer.compute_output_shape(shape)
         self.output_shape = shape
         self.built = True
@@ -225,10 +227,11 @@ class Sequential:
 
     def _check_data(self, x, y):
         x = np.asarray(x)
-        if y is not None:
-            y = np.asarray(y)
-            if y.shape[0] != x.shape[0]:
-                raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if y is None:
+            raise ValueError("y (the targets) is required")
+        y = np.asarray(y)
+        if y.shape[0] != x.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} samples but y has {y.shape[0]}")
         if x.shape[0] == 0:
             raise ValueError("no samples")
         return x, y
