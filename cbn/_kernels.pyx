@@ -12,7 +12,7 @@ feature, outer/inner reduced element), in one of two loop orders:
   and accumulates into per-feature double arrays.
 * rows inner ("RI", e.g. NCHW or a transposed (features, batch) view): a work item is one
   feature times a fixed chunk of its reduced elements; the inner loop is a reduction into
-  LANES double accumulators.
+  independent vector accumulators (cbn/_simd.h).
 
 Statistics are computed per block of about BLOCK_ELEMENTS elements in two passes over data
 that is still in L1 (block mean, then block sum of squared deviations), and blocks, then
@@ -36,6 +36,31 @@ cimport numpy as cnp
 
 cnp.import_array()
 
+cdef extern from "_simd.h":
+    void cbn_shifted_sums_f32(const float *p, int64_t row_stride, int64_t n_rows,
+                              int64_t width, const double *shift, double *s1,
+                              double *s2) noexcept nogil
+    void cbn_shifted_sums_f64(const double *p, int64_t row_stride, int64_t n_rows,
+                              int64_t width, const double *shift, double *s1,
+                              double *s2) noexcept nogil
+    void cbn_gradient_sums_f32(const float *dy, int64_t dy_row_stride, const float *x,
+                               int64_t x_row_stride, int64_t n_rows, int64_t width,
+                               const double *mean, double *sum_dy,
+                               double *sum_dy_xc) noexcept nogil
+    void cbn_gradient_sums_f64(const double *dy, int64_t dy_row_stride, const double *x,
+                               int64_t x_row_stride, int64_t n_rows, int64_t width,
+                               const double *mean, double *sum_dy,
+                               double *sum_dy_xc) noexcept nogil
+
+    void cbn_shifted_sums_run_f32(const float *p, int64_t n, double shift, double *s1,
+                                  double *s2) noexcept nogil
+    void cbn_shifted_sums_run_f64(const double *p, int64_t n, double shift, double *s1,
+                                  double *s2) noexcept nogil
+    void cbn_gradient_sums_run_f32(const float *dy, const float *x, int64_t n, double mean,
+                                   double *sum_dy, double *sum_dy_xc) noexcept nogil
+    void cbn_gradient_sums_run_f64(const double *dy, const double *x, int64_t n, double mean,
+                                   double *sum_dy, double *sum_dy_xc) noexcept nogil
+
 cdef extern from "_platform.h":
     int cbn_openmp_enabled() noexcept nogil
     int cbn_max_threads() noexcept nogil
@@ -44,13 +69,13 @@ cdef extern from "_platform.h":
 
 cdef enum:
     TILE_FEATURES = 1024        # features per FI work item: its accumulators stay in L1
-    BLOCK_ELEMENTS = 4096       # elements per two-pass statistics block
+    BLOCK_ELEMENTS = 16384      # elements per two-pass statistics block: stays in L2
     MAX_CHUNKS = 64             # FI chunks of rows, i.e. partial results per feature
+    MIN_FI_CHUNK_ELEMENTS = 65536  # FI: fewer, larger chunks for small arrays
     CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
     TARGET_ITEMS = 64           # RI: split features into chunks until this many items
     MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
     PARALLEL_MIN_ELEMENTS = 32768  # below this, OpenMP dispatch costs more than it saves
-    LANES = 16                  # independent accumulators in a RI reduction
 
 
 def openmp_enabled():
@@ -110,7 +135,8 @@ cdef Grid make_grid(plan):
         g.rows_per_block = max(1, BLOCK_ELEMENTS // g.tile_width)
         n_blocks = ceil_div(g.n_rows, g.rows_per_block)
         g.n_chunks = min(n_blocks, <Py_ssize_t>MAX_CHUNKS,
-                         max(1, CHUNK_BUDGET // g.n_features))
+                         max(1, CHUNK_BUDGET // g.n_features),
+                         max(1, g.n_rows * g.n_features // MIN_FI_CHUNK_ELEMENTS))
         g.chunk_length = ceil_div(n_blocks, g.n_chunks) * g.rows_per_block
         g.n_items = g.n_fo * g.n_tiles
     else:
@@ -197,90 +223,72 @@ cdef inline int64_t row_offset(const Walk *w, Py_ssize_t ro, Py_ssize_t ri) noex
     return w.row_offsets[ro] + ri * w.row_stride
 
 
+# Reduced elements [begin, end) of one item, walked as runs along the inner reduced
+# dimension: within a run consecutive elements (rows, in FI) are a constant stride apart.
+cdef struct Runs:
+    Py_ssize_t r, end, ro, ri, cap
+
+
+cdef inline Runs make_runs(const Grid *g, Py_ssize_t begin, Py_ssize_t end,
+                           Py_ssize_t cap) noexcept nogil:
+    cdef Runs runs
+    runs.r, runs.end, runs.cap = begin, end, cap
+    runs.ro = begin // g.n_ri
+    runs.ri = begin - runs.ro * g.n_ri
+    return runs
+
+
+cdef inline Py_ssize_t run_length(const Grid *g, const Runs *runs) noexcept nogil:
+    return min(g.n_ri - runs.ri, runs.end - runs.r, runs.cap)
+
+
+cdef inline void advance(const Grid *g, Runs *runs, Py_ssize_t n) noexcept nogil:
+    runs.r += n
+    runs.ri += n
+    if runs.ri == g.n_ri:
+        runs.ri, runs.ro = 0, runs.ro + 1
+
+
 # ---------------------------------------------------------------------------------------
 # Inner loops
 # ---------------------------------------------------------------------------------------
 
-cdef inline void add_row(const floating *p, int64_t step, Py_ssize_t n,
-                         double *acc) noexcept nogil:
-    cdef Py_ssize_t j
-    if step == 1:
-        for j in range(n):
-            acc[j] += p[j]
-    else:
-        for j in range(n):
-            acc[j] += p[j * step]
-
-
-cdef inline void add_squared_deviation_row(const floating *p, int64_t step, Py_ssize_t n,
-                                           const double *mean, double *acc) noexcept nogil:
-    cdef Py_ssize_t j
+cdef inline void add_shifted_rows(const floating *p, int64_t row_stride, int64_t step,
+                                  Py_ssize_t n_rows, Py_ssize_t width, const double *shift,
+                                  double *s1, double *s2) noexcept nogil:
+    """s1 += Σ (x − shift), s2 += Σ (x − shift)² over n_rows rows of width features."""
+    cdef Py_ssize_t r, j
     cdef double d
     if step == 1:
-        for j in range(n):
-            d = p[j] - mean[j]
-            acc[j] += d * d
-    else:
-        for j in range(n):
-            d = p[j * step] - mean[j]
-            acc[j] += d * d
+        if floating is float:
+            cbn_shifted_sums_f32(p, row_stride, n_rows, width, shift, s1, s2)
+        else:
+            cbn_shifted_sums_f64(p, row_stride, n_rows, width, shift, s1, s2)
+        return
+    for r in range(n_rows):
+        for j in range(width):
+            d = p[r * row_stride + j * step] - shift[j]
+            s1[j] += d
+            s2[j] += d * d
 
 
-cdef inline double sum_lanes(double *lanes) noexcept nogil:
-    cdef int width = LANES
-    cdef int l
-    while width > 1:
-        width //= 2
-        for l in range(width):
-            lanes[l] += lanes[l + width]
-    return lanes[0]
-
-
-cdef inline double sum_run(const floating *p, int64_t step, Py_ssize_t n) noexcept nogil:
-    cdef double lanes[LANES]
-    cdef Py_ssize_t i, block, n_main = n - n % LANES
-    cdef int l
-    for l in range(LANES):
-        lanes[l] = 0.0
-    if step == 1:
-        for block in range(n_main // LANES):
-            i = block * LANES
-            for l in range(LANES):
-                lanes[l] += p[i + l]
-    else:
-        for block in range(n_main // LANES):
-            i = block * LANES
-            for l in range(LANES):
-                lanes[l] += p[(i + l) * step]
-    for i in range(n_main, n):
-        lanes[i - n_main] += p[i * step]
-    return sum_lanes(lanes)
-
-
-cdef inline double squared_deviation_run(const floating *p, int64_t step, Py_ssize_t n,
-                                         double mean) noexcept nogil:
-    cdef double lanes[LANES]
+cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n, double shift,
+                                  double *s1, double *s2) noexcept nogil:
+    """s1 = Σ (x − shift), s2 = Σ (x − shift)² over a run."""
+    cdef Py_ssize_t i
     cdef double d
-    cdef Py_ssize_t i, block, n_main = n - n % LANES
-    cdef int l
-    for l in range(LANES):
-        lanes[l] = 0.0
     if step == 1:
-        for block in range(n_main // LANES):
-            i = block * LANES
-            for l in range(LANES):
-                d = p[i + l] - mean
-                lanes[l] += d * d
-    else:
-        for block in range(n_main // LANES):
-            i = block * LANES
-            for l in range(LANES):
-                d = p[(i + l) * step] - mean
-                lanes[l] += d * d
-    for i in range(n_main, n):
-        d = p[i * step] - mean
-        lanes[i - n_main] += d * d
-    return sum_lanes(lanes)
+        if floating is float:
+            cbn_shifted_sums_run_f32(p, n, shift, s1, s2)
+        else:
+            cbn_shifted_sums_run_f64(p, n, shift, s1, s2)
+        return
+    s1[0] = 0.0
+    s2[0] = 0.0
+    for i in range(n):
+        d = p[i * step] - shift
+        s1[0] += d
+        s2[0] += d * d
 
 
 cdef inline void normalize_row(const floating *x, int64_t x_step, floating *y, int64_t y_step,
@@ -307,58 +315,48 @@ cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, i
             y[i * y_step] = <floating>((x[i * x_step] - mean) * scale + shift)
 
 
-cdef inline void add_gradient_row(const floating *dy, int64_t dy_step, const floating *x,
-                                  int64_t x_step, Py_ssize_t n, const double *mean,
-                                  double *sum_dy, double *sum_dy_xc) noexcept nogil:
-    cdef Py_ssize_t j
+cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride, int64_t dy_step,
+                                   const floating *x, int64_t x_row_stride, int64_t x_step,
+                                   Py_ssize_t n_rows, Py_ssize_t width, const double *mean,
+                                   double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over n_rows rows of width features."""
+    cdef Py_ssize_t r, j
     cdef double g
     if dy_step == 1 and x_step == 1:
-        for j in range(n):
-            g = dy[j]
+        if floating is float:
+            cbn_gradient_sums_f32(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
+                                  sum_dy, sum_dy_xc)
+        else:
+            cbn_gradient_sums_f64(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
+                                  sum_dy, sum_dy_xc)
+        return
+    for r in range(n_rows):
+        for j in range(width):
+            g = dy[r * dy_row_stride + j * dy_step]
             sum_dy[j] += g
-            sum_dy_xc[j] += g * (x[j] - mean[j])
-    else:
-        for j in range(n):
-            g = dy[j * dy_step]
-            sum_dy[j] += g
-            sum_dy_xc[j] += g * (x[j * x_step] - mean[j])
+            sum_dy_xc[j] += g * (x[r * x_row_stride + j * x_step] - mean[j])
 
 
 cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floating *x,
                               int64_t x_step, Py_ssize_t n, double mean,
                               double *sum_dy, double *sum_dy_xc) noexcept nogil:
-    cdef double lanes_dy[LANES]
-    cdef double lanes_dy_xc[LANES]
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over a run."""
+    cdef Py_ssize_t i
     cdef double g
-    cdef Py_ssize_t i, block, n_main = n - n % LANES
-    cdef int l
-    for l in range(LANES):
-        lanes_dy[l] = 0.0
-        lanes_dy_xc[l] = 0.0
     if dy_step == 1 and x_step == 1:
-        for block in range(n_main // LANES):
-            i = block * LANES
-            for l in range(LANES):
-                g = dy[i + l]
-                lanes_dy[l] += g
-                lanes_dy_xc[l] += g * (x[i + l] - mean)
-    else:
-        for block in range(n_main // LANES):
-            i = block * LANES
-            for l in range(LANES):
-                g = dy[(i + l) * dy_step]
-                lanes_dy[l] += g
-                lanes_dy_xc[l] += g * (x[(i + l) * x_step] - mean)
-    for i in range(n_main, n):
+        if floating is float:
+            cbn_gradient_sums_run_f32(dy, x, n, mean, sum_dy, sum_dy_xc)
+        else:
+            cbn_gradient_sums_run_f64(dy, x, n, mean, sum_dy, sum_dy_xc)
+        return
+    for i in range(n):
         g = dy[i * dy_step]
-        lanes_dy[i - n_main] += g
-        lanes_dy_xc[i - n_main] += g * (x[i * x_step] - mean)
-    sum_dy[0] += sum_lanes(lanes_dy)
-    sum_dy_xc[0] += sum_lanes(lanes_dy_xc)
+        sum_dy[0] += g
+        sum_dy_xc[0] += g * (x[i * x_step] - mean)
 
 
 # dx = coef_dy * dy + coef_xc * (x - mean) + offset: the training-mode gradient, with the
-# per-feature factors computed once in backward_factors.
+# per-feature factors computed once in gradient_factors.
 cdef inline void input_gradient_row(const floating *dy, int64_t dy_step, const floating *x,
                                     int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
                                     const double *mean, const double *coef_dy,
@@ -396,54 +394,55 @@ cdef inline void chan_update(double *mean, double *m2, double mean_b, double m2_
     m2[0] += m2_b + delta * delta * cross
 
 
+# A block's moments from its shifted sums: mean = K + S1/n, M2 = S2 − S1²/n. The shift K is
+# the running mean of the item (the block's first values for its first block), so S1 is
+# small and the subtraction loses nothing that matters; M2 >= 0 is restored if rounding
+# took it below.
+cdef inline void shifted_to_moments(double shift, double s1, double s2, Py_ssize_t n,
+                                    double *mean, double *m2) noexcept nogil:
+    mean[0] = shift + s1 / n
+    m2[0] = s2 - s1 * s1 / n
+    if m2[0] < 0.0:
+        m2[0] = 0.0
+
+
 # ---------------------------------------------------------------------------------------
 # Statistics
 # ---------------------------------------------------------------------------------------
 
 cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_ssize_t item,
                           double *scratch, double *chunk_mean, double *chunk_m2) noexcept nogil:
+    """One pass per block of rows: shifted sums, then a Chan update per feature."""
     cdef FiItem it = fi_item(g, item)
     cdef double *acc_mean = scratch
     cdef double *acc_m2 = scratch + g.tile_width
-    cdef double *block_mean = scratch + 2 * g.tile_width
-    cdef double *block_m2 = scratch + 3 * g.tile_width
+    cdef double *s1 = scratch + 2 * g.tile_width
+    cdef double *s2 = scratch + 3 * g.tile_width
     cdef const floating *tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
-    cdef Py_ssize_t block, r0, r1, r, ro, ri, j, n_acc = 0, n_block
-    cdef Py_ssize_t ro0, ri0
-    cdef double weight, cross
+    cdef Py_ssize_t block, r0, j, n, n_acc = 0, n_block
+    cdef double weight, cross, block_mean, block_m2
+    cdef Runs runs
+    for j in range(it.width):   # first shift: the item's first row
+        acc_mean[j] = tile[row_offset(xw, it.r_begin // g.n_ri, it.r_begin % g.n_ri)
+                           + j * xw.feature_stride]
+        acc_m2[j] = 0.0
     for block in range(ceil_div(it.r_end - it.r_begin, g.rows_per_block)):
         r0 = it.r_begin + block * g.rows_per_block
-        r1 = min(r0 + g.rows_per_block, it.r_end)
-        n_block = r1 - r0
-        ro0 = r0 // g.n_ri
-        ri0 = r0 - ro0 * g.n_ri
+        runs = make_runs(g, r0, min(r0 + g.rows_per_block, it.r_end), g.rows_per_block)
+        n_block = runs.end - runs.r
         for j in range(it.width):
-            block_mean[j] = 0.0
-            block_m2[j] = 0.0
-        ro, ri = ro0, ri0
-        for r in range(n_block):
-            add_row(tile + row_offset(xw, ro, ri), xw.feature_stride, it.width, block_mean)
-            ri += 1
-            if ri == g.n_ri:
-                ri, ro = 0, ro + 1
+            s1[j] = 0.0
+            s2[j] = 0.0
+        while runs.r < runs.end:
+            n = run_length(g, &runs)
+            add_shifted_rows(tile + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
+                             xw.feature_stride, n, it.width, acc_mean, s1, s2)
+            advance(g, &runs, n)
+        weight = n_block / <double>(n_acc + n_block)
+        cross = n_acc * weight
         for j in range(it.width):
-            block_mean[j] /= n_block
-        ro, ri = ro0, ri0
-        for r in range(n_block):
-            add_squared_deviation_row(tile + row_offset(xw, ro, ri), xw.feature_stride,
-                                      it.width, block_mean, block_m2)
-            ri += 1
-            if ri == g.n_ri:
-                ri, ro = 0, ro + 1
-        if n_acc == 0:
-            for j in range(it.width):
-                acc_mean[j] = block_mean[j]
-                acc_m2[j] = block_m2[j]
-        else:
-            weight = n_block / <double>(n_acc + n_block)
-            cross = n_acc * weight
-            for j in range(it.width):
-                chan_update(&acc_mean[j], &acc_m2[j], block_mean[j], block_m2[j], weight, cross)
+            shifted_to_moments(acc_mean[j], s1[j], s2[j], n_block, &block_mean, &block_m2)
+            chan_update(&acc_mean[j], &acc_m2[j], block_mean, block_m2, weight, cross)
         n_acc += n_block
     for j in range(it.width):
         chunk_mean[it.chunk * g.n_features + it.f0 + j] = acc_mean[j]
@@ -453,25 +452,19 @@ cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_s
 cdef void ri_moments(const Grid *g, const floating *x, const Walk *xw, RiItem it,
                      double *mean_out, double *m2_out) noexcept nogil:
     cdef const floating *feature = x + feature_offset(xw, g, it.f)
-    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri
-    cdef Py_ssize_t run, n_acc = 0
-    cdef double acc_mean = 0.0, acc_m2 = 0.0, block_mean, block_m2, weight
-    cdef const floating *p
-    while r < it.r_end:
-        run = min(g.n_ri - ri, it.r_end - r, <Py_ssize_t>BLOCK_ELEMENTS)
-        p = feature + row_offset(xw, ro, ri)
-        block_mean = sum_run(p, xw.row_stride, run) / run
-        block_m2 = squared_deviation_run(p, xw.row_stride, run, block_mean)
-        if n_acc == 0:
-            acc_mean, acc_m2 = block_mean, block_m2
-        else:
-            weight = run / <double>(n_acc + run)
-            chan_update(&acc_mean, &acc_m2, block_mean, block_m2, weight, n_acc * weight)
-        n_acc += run
-        r += run
-        ri += run
-        if ri == g.n_ri:
-            ri, ro = 0, ro + 1
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, BLOCK_ELEMENTS)
+    cdef Py_ssize_t n, n_acc = 0
+    cdef double acc_mean = feature[row_offset(xw, runs.ro, runs.ri)], acc_m2 = 0.0
+    cdef double s1, s2, block_mean, block_m2, weight
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        shifted_sums_run(feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, n,
+                         acc_mean, &s1, &s2)
+        shifted_to_moments(acc_mean, s1, s2, n, &block_mean, &block_m2)
+        weight = n / <double>(n_acc + n)
+        chan_update(&acc_mean, &acc_m2, block_mean, block_m2, weight, n_acc * weight)
+        n_acc += n
+        advance(g, &runs, n)
     mean_out[0] = acc_mean
     m2_out[0] = acc_m2
 
@@ -501,32 +494,28 @@ cdef inline void moments_item(const Grid *g, const floating *x, const Walk *xw,
                    &chunk_m2[it.chunk * g.n_features + it.f])
 
 
-cdef void merge_feature_chunks(const Grid *g, Py_ssize_t f, const double *chunk_mean,
-                               const double *chunk_m2, double *mean_out,
-                               double *var_out) noexcept nogil:
-    """Fold feature f's chunks in chunk order (fixed, whatever the thread count)."""
-    cdef Py_ssize_t c, n_acc = chunk_count(g, 0), n_chunk
-    cdef double weight
-    mean_out[f] = chunk_mean[f]
-    var_out[f] = chunk_m2[f]
+cdef void merge_chunk_moments(const Grid *g, const double *chunk_mean, const double *chunk_m2,
+                              double *mean_out, double *var_out) noexcept nogil:
+    """Fold the chunks in chunk order (fixed, whatever the thread count); M2 becomes var.
+
+    Chunks are the outer loop so the update vectorizes across features and its weights,
+    which depend on the chunk sizes only, are computed once per chunk.
+    """
+    cdef Py_ssize_t f, c, n_acc = chunk_count(g, 0), n_chunk
+    cdef double weight, cross
+    for f in range(g.n_features):
+        mean_out[f] = chunk_mean[f]
+        var_out[f] = chunk_m2[f]
     for c in range(1, g.n_chunks):
         n_chunk = chunk_count(g, c)
         weight = n_chunk / <double>(n_acc + n_chunk)
-        chan_update(&mean_out[f], &var_out[f], chunk_mean[c * g.n_features + f],
-                    chunk_m2[c * g.n_features + f], weight, n_acc * weight)
-        n_acc += n_chunk
-    var_out[f] /= g.n_rows
-
-
-cdef void merge_chunk_moments(const Grid *g, const double *chunk_mean, const double *chunk_m2,
-                              double *mean_out, double *var_out) noexcept nogil:
-    cdef Py_ssize_t f
-    if g.n_threads == 1:
+        cross = n_acc * weight
         for f in range(g.n_features):
-            merge_feature_chunks(g, f, chunk_mean, chunk_m2, mean_out, var_out)
-        return
-    for f in prange(g.n_features, num_threads=g.n_threads, schedule="static"):
-        merge_feature_chunks(g, f, chunk_mean, chunk_m2, mean_out, var_out)
+            chan_update(&mean_out[f], &var_out[f], chunk_mean[c * g.n_features + f],
+                        chunk_m2[c * g.n_features + f], weight, cross)
+        n_acc += n_chunk
+    for f in range(g.n_features):
+        var_out[f] /= g.n_rows
 
 
 cdef struct Buffers:
@@ -574,14 +563,15 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     cdef FiItem it = fi_item(g, item)
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
-    cdef Py_ssize_t r, ro = it.r_begin // g.n_ri, ri = it.r_begin - ro * g.n_ri
-    for r in range(it.r_begin, it.r_end):
-        normalize_row(x_tile + row_offset(xw, ro, ri), xw.feature_stride,
-                      y_tile + row_offset(yw, ro, ri), yw.feature_stride, it.width,
-                      mean + it.f0, scale + it.f0, shift + it.f0)
-        ri += 1
-        if ri == g.n_ri:
-            ri, ro = 0, ro + 1
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, r
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        for r in range(n):
+            normalize_row(x_tile + row_offset(xw, runs.ro, runs.ri + r), xw.feature_stride,
+                          y_tile + row_offset(yw, runs.ro, runs.ri + r), yw.feature_stride,
+                          it.width, mean + it.f0, scale + it.f0, shift + it.f0)
+        advance(g, &runs, n)
 
 
 cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -589,14 +579,14 @@ cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
                             double shift) noexcept nogil:
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
     cdef floating *y_feature = y + feature_offset(yw, g, it.f)
-    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri, run
-    while r < it.r_end:
-        run = min(g.n_ri - ri, it.r_end - r)
-        normalize_run(x_feature + row_offset(xw, ro, ri), xw.row_stride,
-                      y_feature + row_offset(yw, ro, ri), yw.row_stride, run,
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        normalize_run(x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
+                      y_feature + row_offset(yw, runs.ro, runs.ri), yw.row_stride, n,
                       mean, scale, shift)
-        r += run
-        ri, ro = 0, ro + 1
+        advance(g, &runs, n)
 
 
 cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -672,17 +662,18 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
     cdef double *acc_dy_xc = scratch + g.tile_width
     cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
-    cdef Py_ssize_t r, j, ro = it.r_begin // g.n_ri, ri = it.r_begin - ro * g.n_ri
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_block)
+    cdef Py_ssize_t j, n
     for j in range(it.width):
         acc_dy[j] = 0.0
         acc_dy_xc[j] = 0.0
-    for r in range(it.r_begin, it.r_end):
-        add_gradient_row(dy_tile + row_offset(dyw, ro, ri), dyw.feature_stride,
-                         x_tile + row_offset(xw, ro, ri), xw.feature_stride, it.width,
-                         mean + it.f0, acc_dy, acc_dy_xc)
-        ri += 1
-        if ri == g.n_ri:
-            ri, ro = 0, ro + 1
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        add_gradient_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                          dyw.feature_stride, x_tile + row_offset(xw, runs.ro, runs.ri),
+                          xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
+                          acc_dy, acc_dy_xc)
+        advance(g, &runs, n)
     for j in range(it.width):
         chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
         chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
@@ -693,16 +684,16 @@ cdef void ri_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
                            double *sum_dy, double *sum_dy_xc) noexcept nogil:
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
-    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri, run
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n
     sum_dy[0] = 0.0
     sum_dy_xc[0] = 0.0
-    while r < it.r_end:
-        run = min(g.n_ri - ri, it.r_end - r)
-        gradient_run(dy_feature + row_offset(dyw, ro, ri), dyw.row_stride,
-                     x_feature + row_offset(xw, ro, ri), xw.row_stride, run, mean,
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                     x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, n, mean,
                      sum_dy, sum_dy_xc)
-        r += run
-        ri, ro = 0, ro + 1
+        advance(g, &runs, n)
 
 
 cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
@@ -714,15 +705,17 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
-    cdef Py_ssize_t r, ro = it.r_begin // g.n_ri, ri = it.r_begin - ro * g.n_ri
-    for r in range(it.r_begin, it.r_end):
-        input_gradient_row(dy_tile + row_offset(dyw, ro, ri), dyw.feature_stride,
-                           x_tile + row_offset(xw, ro, ri), xw.feature_stride,
-                           dx_tile + row_offset(dxw, ro, ri), dxw.feature_stride, it.width,
-                           mean + it.f0, coef_dy + it.f0, coef_xc + it.f0, offset + it.f0)
-        ri += 1
-        if ri == g.n_ri:
-            ri, ro = 0, ro + 1
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, r
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        for r in range(runs.ri, runs.ri + n):
+            input_gradient_row(dy_tile + row_offset(dyw, runs.ro, r), dyw.feature_stride,
+                               x_tile + row_offset(xw, runs.ro, r), xw.feature_stride,
+                               dx_tile + row_offset(dxw, runs.ro, r), dxw.feature_stride,
+                               it.width, mean + it.f0, coef_dy + it.f0, coef_xc + it.f0,
+                               offset + it.f0)
+        advance(g, &runs, n)
 
 
 cdef void ri_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
@@ -732,15 +725,15 @@ cdef void ri_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
     cdef floating *dx_feature = dx + feature_offset(dxw, g, it.f)
-    cdef Py_ssize_t r = it.r_begin, ro = r // g.n_ri, ri = r - ro * g.n_ri, run
-    while r < it.r_end:
-        run = min(g.n_ri - ri, it.r_end - r)
-        input_gradient_run(dy_feature + row_offset(dyw, ro, ri), dyw.row_stride,
-                           x_feature + row_offset(xw, ro, ri), xw.row_stride,
-                           dx_feature + row_offset(dxw, ro, ri), dxw.row_stride, run,
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        input_gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                           x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
+                           dx_feature + row_offset(dxw, runs.ro, runs.ri), dxw.row_stride, n,
                            mean, coef_dy, coef_xc, offset)
-        r += run
-        ri, ro = 0, ro + 1
+        advance(g, &runs, n)
 
 
 cdef struct GradientFactors:
@@ -799,9 +792,11 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
     for f in range(g.n_features):
         k.sum_dy[f] = 0.0
         k.sum_dy_xhat[f] = 0.0
-        for c in range(g.n_chunks):
+    for c in range(g.n_chunks):     # chunk order, vectorized across features
+        for f in range(g.n_features):
             k.sum_dy[f] += ws.chunk_a[c * g.n_features + f]
             k.sum_dy_xhat[f] += ws.chunk_b[c * g.n_features + f]
+    for f in range(g.n_features):
         scale_to_xhat(f, k)
 
 
