@@ -4,8 +4,9 @@ The layer holds state (γ, β and the moving statistics) and remembers what its 
 needs for ``backward``; all the arithmetic on data is done by the core functions
 (``cbn.batch_norm_forward``, ``cbn.batch_norm_inference``, ``cbn.batch_norm_backward``),
 looked up on :mod:`cbn` at call time so the fast kernels are used whenever they are
-installed. The calls go through one small object, :class:`LocalStatistics`, so a
-synchronized (multi-process) variant can replace it without touching the layer.
+installed. The calls go through one small object, :class:`LocalStatistics`, or with
+``synchronized=True`` :class:`SynchronizedStatistics`, which takes the statistics of the batch
+split across the processes of an MPI communicator (:mod:`cbn.mpi`).
 
 Semantics follow tf.keras 2:
 
@@ -19,6 +20,7 @@ Parameters are stored in float64 with the shape ``tuple(x.shape[a] for a in sort
 (the core API's feature shape); ``set_weights`` also accepts tf.keras 2's broadcast shape for
 multi-axis layers, e.g. ``(1, 28, 28)`` for ``axis=[1, 2]`` on rank-3 inputs.
 """
+import importlib
 import itertools
 import json
 import numbers
@@ -27,8 +29,9 @@ import operator
 import numpy as np
 
 import cbn
+from . import _checks
 
-__all__ = ["BatchNormalization", "LocalStatistics", "unique_name"]
+__all__ = ["BatchNormalization", "LocalStatistics", "SynchronizedStatistics", "unique_name"]
 
 _name_counters = {}
 
@@ -55,6 +58,75 @@ class LocalStatistics:
 
     def backward(self, dy, x, mean, var, gamma, axis, epsilon):
         return cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis, epsilon=epsilon)
+
+    def sum_gradients(self, gradients):
+        """Parameter gradients summed over the batch: here the local batch is the batch."""
+        return gradients
+
+
+class SynchronizedStatistics(LocalStatistics):
+    """The layer's calls with the batch split across the ranks of an MPI communicator.
+
+    ``forward`` and ``backward`` are the collectives :func:`cbn.mpi.batch_norm_forward` and
+    :func:`cbn.mpi.batch_norm_backward`: every rank of ``comm`` must make them together, in
+    the same order. The returned ``mean``/``var`` are those of the whole (concatenated) batch
+    and bitwise identical on every rank; so are ``dgamma``/``dbeta``, which are already summed
+    over all ranks. ``inference`` is local (no communication). ``comm=None`` means
+    ``MPI.COMM_WORLD``.
+    """
+
+    def __init__(self, comm=None):
+        try:
+            mpi = importlib.import_module("cbn.mpi")
+        except ImportError as error:
+            raise ImportError(
+                "BatchNormalization(synchronized=True) needs mpi4py and an MPI library: "
+                "`pip install mpi4py mpich` (or `pip install cbn[mpi]`); "
+                f"importing cbn.mpi failed with: {error}") from error
+        self._mpi = mpi
+        self.comm = comm
+
+    def forward(self, x, gamma, beta, axis, epsilon):
+        return self._mpi.batch_norm_forward(x, gamma, beta, axis=axis, epsilon=epsilon,
+                                            comm=self.comm)
+
+    def inference(self, x, mean, var, gamma, beta, axis, epsilon):
+        """Local: the moving statistics are the same on every rank. A rank may hold an empty
+        shard (as in training-mode calls); it gets an empty result."""
+        if np.asarray(x).size == 0:
+            x = _checks.as_data(x)
+            return np.empty(x.shape, dtype=x.dtype)
+        return super().inference(x, mean, var, gamma, beta, axis, epsilon)
+
+    def backward(self, dy, x, mean, var, gamma, axis, epsilon):
+        return self._mpi.batch_norm_backward(dy, x, mean, var, gamma, axis=axis,
+                                             epsilon=epsilon, comm=self.comm)
+
+    def sum_gradients(self, gradients):
+        """Sum per-rank parameter gradients over all ranks (collective).
+
+        Used only after an inference-mode call, so that the layer's gradients mean the same
+        in both modes. An object ``allgather`` (never hangs on mismatched shapes) then a sum
+        in rank order, so the result is bitwise identical on every rank.
+        """
+        comm = self._mpi._world(self.comm)
+        local = [None if g is None else np.asarray(g, dtype=np.float64) for g in gradients]
+        everyone = comm.allgather(local)
+        shapes = [[None if g is None else g.shape for g in grads] for grads in everyone]
+        if any(s != shapes[0] for s in shapes):
+            by_rank = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+            raise ValueError(f"synchronized BatchNormalization.backward: ranks disagree on "
+                             f"the parameter shapes ({by_rank})")
+        summed = []
+        for i, g in enumerate(local):
+            if g is None:
+                summed.append(None)
+                continue
+            total = everyone[0][i].copy()
+            for grads in everyone[1:]:
+                total += grads[i]
+            summed.append(total)
+        return summed
 
 
 _WEIGHT_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -151,12 +223,34 @@ class BatchNormalization:
         ``False`` freezes the layer (inference behaviour, no updates).
     name : str, optional
         Defaults to ``batch_normalization``, ``batch_normalization_1``, ...
+    synchronized : bool
+        ``True`` for data-parallel training over MPI (Keras' ``synchronized``, PyTorch's
+        ``SyncBatchNorm``): each process calls the layer on its own shard of the global batch
+        (shards may differ in size, or be empty), and a training-mode call normalises with
+        the statistics of the WHOLE batch, gathered across the ranks of ``comm`` by
+        :func:`cbn.mpi.batch_norm_forward`. The moving statistics are updated from those
+        global statistics, which are bitwise identical on every rank, so the moving
+        statistics stay identical everywhere. Training-mode calls and ``backward`` (while
+        the layer is trainable, also after an inference-mode call, to sum dγ/dβ) are then
+        collective: every rank must make them, in the same order. Inference-mode calls
+        (``training=False`` or a frozen layer) need no communication. Needs mpi4py
+        (imported only when ``synchronized=True``; ImportError otherwise).
+
+        Gradients: ``gradients`` (dL/dγ, dL/dβ) of a synchronized layer are already summed
+        over all ranks and identical on every rank — exactly those of one process running the
+        layer on the concatenated batch, provided each rank's ``dy`` is its shard of that
+        process's ``dy`` (for a loss averaged over the global batch, divide by the GLOBAL
+        count). Do not all-reduce them again; ``dx`` is this rank's shard of the single-process
+        ``dx``.
+    comm : mpi4py communicator, optional
+        With ``synchronized=True``: the processes that share the batch; ``None`` means
+        ``MPI.COMM_WORLD``. Not part of :meth:`get_config`.
     """
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones",
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
-                 trainable=True, name=None):
+                 trainable=True, name=None, synchronized=False, comm=None):
         self.axis = _spelled_axis(axis)
         self.momentum = float(momentum)
         if not 0.0 <= self.momentum <= 1.0:
@@ -172,7 +266,12 @@ class BatchNormalization:
         self.moving_variance_initializer = moving_variance_initializer
         self.trainable = bool(trainable)
         self.name = name if name is not None else unique_name("batch_normalization")
-        self.statistics = LocalStatistics()
+        self.synchronized = bool(synchronized)
+        if comm is not None and not self.synchronized:
+            raise ValueError("comm is only used with synchronized=True")
+        self.comm = comm
+        self.statistics = (SynchronizedStatistics(comm) if self.synchronized
+                           else LocalStatistics())
         self.built = False
         self.input_shape = None       # rank and feature extents; None for free axes
         self.axes = None              # normalised, sorted feature axes
@@ -279,6 +378,9 @@ class BatchNormalization:
                 dgamma = (dy64 * x_hat).sum(axis=reduced)
             else:
                 dgamma = None
+            if self.trainable:
+                # As after a training-mode call: sums over the whole (all-rank) batch.
+                dgamma, dbeta = self.statistics.sum_gradients([dgamma, dbeta])
         grads = []
         if self.trainable:
             if self.scale:
@@ -343,11 +445,15 @@ class BatchNormalization:
             "gamma_initializer": _jsonable(self.gamma_initializer),
             "moving_mean_initializer": _jsonable(self.moving_mean_initializer),
             "moving_variance_initializer": _jsonable(self.moving_variance_initializer),
-            "trainable": self.trainable,
+            "trainable": self.trainable, "synchronized": self.synchronized,
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config, comm=None):
+        """A layer from :meth:`get_config`'s dict. The communicator is not part of the config:
+        a synchronized layer gets ``comm`` (default ``None``, the world communicator)."""
+        if comm is not None:
+            return cls(**config, comm=comm)
         return cls(**config)
 
     def save(self, file):
@@ -365,8 +471,9 @@ class BatchNormalization:
         np.savez(file, **arrays)
 
     @classmethod
-    def load(cls, file):
-        """Create a built layer from a file written by :meth:`save`."""
+    def load(cls, file, comm=None):
+        """Create a built layer from a file written by :meth:`save` (``comm`` as in
+        :meth:`from_config`)."""
         with np.load(file, allow_pickle=False) as data:
             try:
                 config = json.loads(str(data["config"]))
@@ -374,7 +481,7 @@ class BatchNormalization:
             except KeyError as missing:
                 raise ValueError(f"{file!r} is not a saved BatchNormalization "
                                  f"(no {missing} entry)") from None
-            layer = cls.from_config(config)
+            layer = cls.from_config(config, comm=comm)
             layer.build(input_shape)
             layer.set_weights([data[name] for name in layer._weight_names()])
         return layer
@@ -382,4 +489,5 @@ class BatchNormalization:
     def __repr__(self):
         return (f"BatchNormalization(name={self.name!r}, axis={self.axis!r}, "
                 f"momentum={self.momentum}, epsilon={self.epsilon}, center={self.center}, "
-                f"scale={self.scale}, trainable={self.trainable}, built={self.built})")
+                f"scale={self.scale}, trainable={self.trainable}, "
+                f"{'synchronized=True, ' if self.synchronized else ''}built={self.built})")

@@ -2,25 +2,27 @@
 
 Run it with any number of processes (or none: plain ``python`` is one process)::
 
-    mpiexec -n 2 python examples/mpi_data_parallel.py
+    mpiexec -n 2 python -m mpi4py examples/mpi_data_parallel.py
 
 Every step, each process takes its own part of the global mini-batch (the parts differ in size
-when the batch does not divide evenly), runs the synchronized forward and backward of
-:mod:`cbn.mpi`, and updates the layer's parameters (γ, β by SGD) and moving statistics
-(Keras-style: ``moving = momentum·moving + (1 − momentum)·batch``, biased batch variance).
-Because the synchronized statistics and the parameter gradients are those of the whole batch,
-and identical on every rank, every process ends with exactly the same weights, and they equal
-those of ONE process training on the full batches with the core API — which the script checks.
+when the batch does not divide evenly) and runs ``cbn.BatchNormalization(synchronized=True)``
+on it: the training-mode call normalizes with the statistics of the WHOLE batch (gathered by
+:mod:`cbn.mpi`) and updates the moving statistics from them (Keras-style:
+``moving = momentum·moving + (1 − momentum)·batch``, biased batch variance); ``backward``
+gives this process's part of dx and the parameter gradients of the whole batch; then γ, β take
+an SGD step. Because the synchronized statistics and the gradients are those of the whole
+batch, and bitwise identical on every rank, every process ends with exactly the same weights,
+and they equal those of ONE process training an ordinary ``cbn.BatchNormalization`` on the
+full batches — which the script checks.
 
-Note on gradients: ``cbn.mpi.batch_norm_backward`` returns ``dgamma``/``dbeta`` already summed
-over all ranks; do not all-reduce them again. The loss here is the mean over the GLOBAL batch,
-so each rank scales its ``dy`` by the global element count.
+Note on gradients: the synchronized layer's ``gradients`` are already summed over all ranks;
+do not all-reduce them again. The loss here is the mean over the GLOBAL batch, so each rank
+scales its ``dy`` by the global element count.
 """
 import numpy as np
 from mpi4py import MPI
 
 import cbn
-import cbn.mpi
 
 N_GLOBAL, N_FEATURES, N_STEPS = 50, 6, 20
 LEARNING_RATE, MOMENTUM, EPSILON = 0.5, 0.9, 1e-3
@@ -37,58 +39,38 @@ def make_batches(seed=0):
         yield x, target.astype(np.float32)
 
 
-class Layer:
-    """The trainable state of a batch-norm layer: what `cbn.BatchNormalization` holds."""
-
-    def __init__(self):
-        self.gamma = np.ones(N_FEATURES)
-        self.beta = np.zeros(N_FEATURES)
-        self.moving_mean = np.zeros(N_FEATURES)
-        self.moving_var = np.ones(N_FEATURES)
-
-    def update(self, mean, var, dgamma, dbeta):
-        self.moving_mean = MOMENTUM * self.moving_mean + (1 - MOMENTUM) * mean
-        self.moving_var = MOMENTUM * self.moving_var + (1 - MOMENTUM) * var
-        self.gamma = self.gamma - LEARNING_RATE * dgamma
-        self.beta = self.beta - LEARNING_RATE * dbeta
-
-    def weights(self):
-        return np.concatenate([self.gamma, self.beta, self.moving_mean, self.moving_var])
+def make_layer(**kwargs):
+    return cbn.BatchNormalization(momentum=MOMENTUM, epsilon=EPSILON, **kwargs)
 
 
-def train_step_synchronized(layer, x_local, target_local, comm):
-    """One SGD step on this rank's part of the batch (collective over comm)."""
-    y, mean, var = cbn.mpi.batch_norm_forward(x_local, layer.gamma, layer.beta,
-                                              epsilon=EPSILON, comm=comm)
+def train_step(layer, x, target):
+    """One SGD step on x, this process's part of the batch (collective if synchronized)."""
+    y = layer(x, training=True)
     # loss = mean over the GLOBAL batch of ½(y − target)²
-    dy = (y.astype(np.float64) - target_local) / (N_GLOBAL * N_FEATURES)
-    _, dgamma, dbeta = cbn.mpi.batch_norm_backward(dy, x_local, mean, var, layer.gamma,
-                                                   epsilon=EPSILON, comm=comm)
-    layer.update(mean, var, dgamma, dbeta)
+    layer.backward((y.astype(np.float64) - target) / (N_GLOBAL * N_FEATURES))
+    for weight, gradient in zip(layer.trainable_weights, layer.gradients):
+        weight -= LEARNING_RATE * gradient
 
 
-def train_step_one_process(layer, x, target):
-    """The same step with the core API on the whole batch."""
-    y, mean, var = cbn.batch_norm_forward(x, layer.gamma, layer.beta, epsilon=EPSILON)
-    dy = (y.astype(np.float64) - target) / (N_GLOBAL * N_FEATURES)
-    _, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, var, layer.gamma, epsilon=EPSILON)
-    layer.update(mean, var, dgamma, dbeta)
+def weights(layer):
+    return np.concatenate(layer.get_weights())   # gamma, beta, moving mean, moving variance
 
 
 def main():
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
-    parallel, single = Layer(), Layer()
+    parallel = make_layer(synchronized=True, comm=comm)
+    single = make_layer()                                         # the check, on every rank
     for x, target in make_batches():
         mine = np.array_split(np.arange(N_GLOBAL), size)[rank]   # unequal parts
-        train_step_synchronized(parallel, x[mine], target[mine], comm)
-        train_step_one_process(single, x, target)                 # the check, on every rank
+        train_step(parallel, x[mine], target[mine])
+        train_step(single, x, target)
 
-    weights = parallel.weights()
-    everyone = comm.allgather(weights.tobytes())
+    ours, reference = weights(parallel), weights(single)
+    everyone = comm.allgather(ours.tobytes())
     assert all(w == everyone[0] for w in everyone), "ranks ended with different weights"
-    difference = np.max(np.abs(weights - single.weights()))
-    np.testing.assert_allclose(weights, single.weights(), rtol=1e-9, atol=1e-9)
+    difference = np.max(np.abs(ours - reference))
+    np.testing.assert_allclose(ours, reference, rtol=1e-9, atol=1e-9)
     if rank == 0:
         print(f"gamma = {np.round(parallel.gamma, 4)}")
         print(f"beta  = {np.round(parallel.beta, 4)}")

@@ -120,6 +120,85 @@ def scenario_check():
         check_case(number, *case)
 
 
+# (shape, feature axes, split axis, shard with no rows, explicit communicator)
+LAYER_CASES = [
+    ((23, 5), -1, 0, False, False),
+    ((17, 3, 4), [1, 2], 0, True, True),
+    ((3, 19, 2), 2, 1, False, True),        # batch split along a non-leading reduced axis
+]
+LAYER_STEPS, LEARNING_RATE = 4, 0.3
+
+
+def sgd(layer):
+    for weight, gradient in zip(layer.trainable_weights, layer.gradients):
+        weight -= LEARNING_RATE * gradient
+
+
+def layer_weights(layer):
+    return dict(zip(("gamma", "beta", "moving_mean", "moving_variance"), layer.get_weights()))
+
+
+def check_layer_case(case_number, shape, axis, split_axis, with_empty, explicit_comm):
+    """Train a synchronized layer on this rank's shard; compare with one process on the
+    concatenated batch, and across ranks."""
+    rng = np.random.default_rng(100 + case_number)
+    layer_comm = comm.Dup() if explicit_comm else None
+    kwargs = dict(axis=axis, momentum=0.8, epsilon=1e-3)
+    synced = cbn.BatchNormalization(**kwargs, synchronized=True, comm=layer_comm)
+    single = cbn.BatchNormalization(**kwargs)
+    index = [slice(None)] * len(shape)
+    index[split_axis] = my_slice(shape[split_axis], with_empty)
+    index = tuple(index)
+    where = f"layer case {case_number} rank {rank}"
+    for step in range(LAYER_STEPS):
+        x = 3.0 + (1.0 + step) * rng.standard_normal(shape)
+        target = 0.5 * rng.standard_normal(shape) + 0.2
+        # loss = mean over the GLOBAL batch of ½(y − target)²: dy is divided by the global size
+        y_single = single(x, training=True)
+        single.backward((y_single - target) / x.size)
+        y = synced(x[index], training=True)
+        np.testing.assert_allclose(y, y_single[index], rtol=1e-12, atol=1e-12, err_msg=where)
+        dx = synced.backward((y - target[index]) / x.size)
+        assert len(synced.gradients) == len(single.gradients) == 2, where
+        for g, g_single in zip(synced.gradients, single.gradients):
+            np.testing.assert_allclose(g, g_single, rtol=1e-12, atol=1e-12, err_msg=where)
+            same_on_every_rank(g, "layer gradient")
+        sgd(single)
+        sgd(synced)
+    # Inference mode: local, and its gradients are global sums like the training-mode ones.
+    x = 3.0 + rng.standard_normal(shape)
+    np.testing.assert_allclose(synced(x[index]), single(x)[index], rtol=1e-12, atol=1e-12,
+                               err_msg=where)
+    dy = rng.standard_normal(shape)
+    dx_single = single.backward(dy)
+    dx = synced.backward(dy[index])
+    np.testing.assert_allclose(dx, dx_single[index], rtol=1e-12, atol=1e-12, err_msg=where)
+    for g, g_single in zip(synced.gradients, single.gradients):
+        np.testing.assert_allclose(g, g_single, rtol=1e-12, atol=1e-12, err_msg=where)
+        same_on_every_rank(g, "inference-mode layer gradient")
+
+    ours, theirs = layer_weights(synced), layer_weights(single)
+    for name in ours:
+        np.testing.assert_allclose(ours[name], theirs[name], rtol=1e-12, atol=1e-12,
+                                   err_msg=f"{where}: {name}")
+        same_on_every_rank(ours[name], name)
+    assert not np.allclose(ours["moving_mean"], 0.0), where         # the steps did something
+
+    config = synced.get_config()
+    assert config["synchronized"] is True and "comm" not in config, where
+    assert single.get_config()["synchronized"] is False, where
+    clone = cbn.BatchNormalization.from_config(config, comm=layer_comm)
+    assert clone.synchronized and clone.comm is layer_comm, where
+    if layer_comm is not None:
+        layer_comm.Free()
+
+
+def scenario_layer():
+    assert cbn.BatchNormalization(synchronized=True).comm is None      # None = world
+    for number, case in enumerate(LAYER_CASES):
+        check_layer_case(number, *case)
+
+
 def expect_error(kind, pattern, function, *args, **kwargs):
     """Every rank must raise ``kind`` matching ``pattern``; then all meet again."""
     import re
@@ -168,6 +247,6 @@ def scenario_errors():
 
 if __name__ == "__main__":
     scenario = sys.argv[1]
-    {"check": scenario_check, "errors": scenario_errors}[scenario]()
+    {"check": scenario_check, "errors": scenario_errors, "layer": scenario_layer}[scenario]()
     comm.Barrier()
     print(f"rank {rank}: {scenario} ok", flush=True)

@@ -1,6 +1,7 @@
 """cbn.BatchNormalization: Keras semantics checked against plain float64 NumPy math,
 finite differences and cbn.reference."""
 import io
+import sys
 
 import numpy as np
 import pytest
@@ -301,6 +302,28 @@ def test_config_round_trip():
     clone = cbn.BatchNormalization.from_config(config)
     assert clone.get_config() == config
     assert config["axis"] == [1, 2] and config["momentum"] == 0.9 and config["name"] == "bn_x"
+
+
+def test_config_carries_synchronized_flag():
+    assert cbn.BatchNormalization().get_config()["synchronized"] is False
+    # A config without the key (saved before it existed) still loads, unsynchronized.
+    config = cbn.BatchNormalization().get_config()
+    del config["synchronized"]
+    assert not cbn.BatchNormalization.from_config(config).synchronized
+
+
+def test_comm_without_synchronized_is_refused():
+    with pytest.raises(ValueError, match="synchronized=True"):
+        cbn.BatchNormalization(comm=object())
+
+
+def test_synchronized_without_mpi4py_gives_a_clear_import_error(monkeypatch):
+    # (tests/test_mpi.py runs synchronized layers under mpiexec; MPI is never started here.)
+    monkeypatch.setitem(sys.modules, "mpi4py", None)            # import mpi4py fails
+    monkeypatch.delitem(sys.modules, "cbn.mpi", raising=False)
+    with pytest.raises(ImportError, match=r"synchronized=True.*pip install mpi4py mpich"):
+        cbn.BatchNormalization(synchronized=True)
+    cbn.BatchNormalization()                                    # unsynchronized: no mpi4py
 
 
 @pytest.mark.parametrize("to_file", [True, False])

@@ -72,6 +72,13 @@ def test_bad_input_on_some_ranks_raises_on_every_rank(n_ranks):
         assert f"rank {rank}: errors ok" in output, output
 
 
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_synchronized_layer_trains_like_one_process_on_concatenated_batch(n_ranks):
+    output = run_mpi(n_ranks, WORKER, "layer")
+    for rank in range(n_ranks):
+        assert f"rank {rank}: layer ok" in output, output
+
+
 def test_data_parallel_example_matches_single_process():
     output = run_mpi(2, EXAMPLE)
     assert "same weights as 1 process on the full batch" in output, output

@@ -25,6 +25,8 @@ def _is_last_axis_bn(layer, ndim):
 
 
 def _copy(layer):
+    if isinstance(layer, BatchNormalization):     # keeps a synchronized layer's communicator
+        return type(layer).from_config(layer.get_config(), comm=layer.comm)
     clone = type(layer).from_config(layer.get_config())
     return clone
 
