@@ -69,7 +69,8 @@ cdef extern from "_platform.h":
 
 cdef enum:
     TILE_FEATURES = 1024        # features per FI work item: its accumulators stay in L1
-    BLOCK_ELEMENTS = 16384      # elements per two-pass statistics block: stays in L2
+    BLOCK_ELEMENTS = 65536      # elements per block of shifted sums folded into the moments
+    RUN_ELEMENTS = 8192         # FI: rows per register-blocked pass stay in L1 (_simd.h)
     MAX_CHUNKS = 64             # FI chunks of rows, i.e. partial results per feature
     MIN_FI_CHUNK_ELEMENTS = 65536  # FI: fewer, larger chunks for small arrays
     CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
@@ -97,7 +98,7 @@ def simd_flags():
 cdef struct Grid:
     Py_ssize_t n_fo, n_fi, n_ro, n_ri, n_rows, n_features
     bint features_inner
-    Py_ssize_t tile_width, n_tiles, rows_per_block   # FI only
+    Py_ssize_t tile_width, n_tiles, rows_per_block, rows_per_run   # FI only
     Py_ssize_t n_chunks, chunk_length                # rows (FI) or reduced elements (RI)
     Py_ssize_t n_items
     int n_threads
@@ -126,13 +127,15 @@ cdef Grid make_grid(plan):
     g.features_inner = plan.features_inner
     g.n_threads = 1
     if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
-        g.tile_width = g.n_tiles = g.rows_per_block = g.n_chunks = g.chunk_length = 1
+        g.tile_width = g.n_tiles = g.rows_per_block = g.rows_per_run = 1
+        g.n_chunks = g.chunk_length = 1
         g.n_items = 0
         return g
     if g.features_inner:
         g.tile_width = min(g.n_fi, <Py_ssize_t>TILE_FEATURES)
         g.n_tiles = ceil_div(g.n_fi, g.tile_width)
         g.rows_per_block = max(1, BLOCK_ELEMENTS // g.tile_width)
+        g.rows_per_run = max(1, RUN_ELEMENTS // g.tile_width)
         n_blocks = ceil_div(g.n_rows, g.rows_per_block)
         g.n_chunks = min(n_blocks, <Py_ssize_t>MAX_CHUNKS,
                          max(1, CHUNK_BUDGET // g.n_features),
@@ -142,7 +145,7 @@ cdef Grid make_grid(plan):
     else:
         g.tile_width = 1
         g.n_tiles = 1
-        g.rows_per_block = 0
+        g.rows_per_block = g.rows_per_run = 0
         wanted = ceil_div(TARGET_ITEMS, g.n_features)
         g.n_chunks = max(1, min(wanted, g.n_rows // MIN_CHUNK_ELEMENTS))
         g.chunk_length = ceil_div(g.n_rows, g.n_chunks)
@@ -428,7 +431,7 @@ cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_s
         acc_m2[j] = 0.0
     for block in range(ceil_div(it.r_end - it.r_begin, g.rows_per_block)):
         r0 = it.r_begin + block * g.rows_per_block
-        runs = make_runs(g, r0, min(r0 + g.rows_per_block, it.r_end), g.rows_per_block)
+        runs = make_runs(g, r0, min(r0 + g.rows_per_block, it.r_end), g.rows_per_run)
         n_block = runs.end - runs.r
         for j in range(it.width):
             s1[j] = 0.0
@@ -662,7 +665,7 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
     cdef double *acc_dy_xc = scratch + g.tile_width
     cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_block)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t j, n
     for j in range(it.width):
         acc_dy[j] = 0.0

@@ -26,10 +26,14 @@ class Case:
     name: str
     shape: tuple
     axis: object
-    layout: str = "C"        # "C", or "T": the same values stored transposed (a view)
+    layout: str = "C"  # "C"; "T": stored transposed (a view; for 4-D, Fortran order);
+    #                    "S": every other entry of a twice-as-long axis -2 (a stepped slice)
     torch_view: str = "nchw"  # how PyTorch sees it: "nchw", "nhwc" (channels_last), "nc"
 
     def make(self, dtype, rng):
+        if self.layout == "S":
+            wide = self.shape[:-2] + (2 * self.shape[-2], self.shape[-1])
+            return rng.standard_normal(wide, dtype=np.float32).astype(dtype)[..., ::2, :]
         x = rng.standard_normal(self.shape, dtype=np.float32).astype(dtype)
         if self.layout == "T":
             return np.ascontiguousarray(x.T).T
@@ -43,7 +47,8 @@ FULL_CASES = (
     Case("pixels", (256, 28, 28), [1, 2], torch_view="nc"),
     Case("NCHW-256", (64, 256, 28, 28), 1),
     Case("dense-T", (8192, 1024), -1, layout="T", torch_view="nc"),
-    Case("NHWC-T", (32, 56, 56, 64), -1, layout="T", torch_view="nhwc"),
+    Case("NHWC-F", (32, 56, 56, 64), -1, layout="T", torch_view="nhwc"),
+    Case("NHWC-step", (32, 56, 56, 64), -1, layout="S", torch_view="nhwc"),
     Case("tiny", (8, 16), -1, torch_view="nc"),
 )
 QUICK_CASES = (
@@ -76,8 +81,7 @@ def _torch_calls(torch, x, dy, params, case):
 
     def view(a):
         if case.torch_view == "nhwc":   # (N, H, W, C) memory -> NCHW tensor, channels_last
-            return torch.from_numpy(np.ascontiguousarray(a) if case.layout == "C" else a
-                                    ).permute(0, 3, 1, 2)
+            return torch.from_numpy(a).permute(0, 3, 1, 2)
         if case.torch_view == "nc":     # feature axes flattened into channels
             return torch.from_numpy(a if a.ndim == 2 else a.reshape(a.shape[0], -1))
         return torch.from_numpy(a)
