@@ -201,6 +201,32 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def format_summary(rows):
+    """One line per case and operation, thread counts side by side: cbn (fresh output),
+    PyTorch, their ratio, and cbn with ``out=`` in plain copies."""
+    threads = sorted({row["threads"] for row in rows})
+    by_key = {(row["case"], row["op"], row["threads"]): row for row in rows}
+    header = ["case", "op"]
+    for n in threads:
+        header += [f"cbn ms ({n} thr)", f"torch ms ({n} thr)", f"torch / cbn ({n} thr)"]
+    header += [f"cbn out= in copies ({threads[0]} thr)", f"reference / cbn ({threads[0]} thr)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    seen = []
+    for row in rows:
+        if (row["case"], row["op"]) not in seen:
+            seen.append((row["case"], row["op"]))
+    for case, op in seen:
+        cells = [case, op]
+        for n in threads:
+            row = by_key[(case, op, n)]
+            cells += [_ms(row["cbn"]), _ms(row.get("torch")), _ratio(row.get("torch"), row["cbn"])]
+        first = by_key[(case, op, threads[0])]
+        cells += [_ratio(first.get("cbn out=", first["cbn"]), first["copy"]),
+                  _ratio(first.get("reference"), first["cbn"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _ms(seconds):
     if seconds is None:
         return "-"
@@ -220,10 +246,12 @@ def main(argv=None):
     parser.add_argument("--cases", nargs="+", help="case names to run (default: all)")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--summary", action="store_true",
+                        help="one line per case and operation, thread counts side by side")
     args = parser.parse_args(argv)
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]
     rows = run(cases, tuple(args.threads), args.repeats, not args.no_reference,
                not args.no_torch, tuple(args.ops))
-    print(format_table(rows))
+    print(format_summary(rows) if args.summary else format_table(rows))
