@@ -905,62 +905,69 @@ cdef inline void copy_or_zero(double *target, const double *source, Py_ssize_t n
         target[f] = 0.0 if source == NULL else source[f]
 
 
+# A forward or inference call unpacked; scale and shift (γ/σ and β) live in its buffers.
+cdef struct Normalization:
+    Grid grid
+    Buffers buffers
+    void *x_data
+    void *y_data
+    const double *gamma
+    double *scale
+    double *shift
+    bint single
+
+
+cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, cnp.ndarray y,
+                              gamma, beta, Py_ssize_t tile_arrays) except -1:
+    """Operands of plan: x, y. gamma and beta may be None. Free n.buffers.scratch after."""
+    n.grid = plan.call_grid()
+    if allocate(&n.buffers, &n.grid, tile_arrays, 2):
+        raise MemoryError("cbn: no memory for the normalization's work buffers")
+    n.x_data = cnp.PyArray_DATA(x)
+    n.y_data = cnp.PyArray_DATA(y)
+    n.gamma = data_or_null(gamma)
+    n.single = is_single(x)
+    n.scale = n.buffers.per_feature
+    n.shift = n.buffers.per_feature + n.grid.n_features
+    copy_or_zero(n.shift, data_or_null(beta), n.grid.n_features)
+    return 0
+
+
 def batch_norm_forward(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, gamma, beta,
                        double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out):
-    """Operands of plan: x, y. gamma and beta may be None."""
-    cdef Grid g = plan.call_grid()
-    cdef Buffers b
-    cdef void *x_data = cnp.PyArray_DATA(x)
-    cdef void *y_data = cnp.PyArray_DATA(y)
-    cdef double *gamma_data = data_or_null(gamma)
-    cdef double *beta_data = data_or_null(beta)
+    cdef Normalization n
     cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
     cdef double *var = <double *>cnp.PyArray_DATA(var_out)
-    cdef bint single = is_single(x)
-    if allocate(&b, &g, 4, 2):
-        raise MemoryError("cbn: no memory for the forward pass' work buffers")
+    unpack_normalization(&n, plan, x, y, gamma, beta, 4)
     with nogil:
-        copy_or_zero(b.per_feature + g.n_features, beta_data, g.n_features)
-        if single:
-            forward_nogil(&g, <const float *>x_data, &plan.walks[0], <float *>y_data,
-                          &plan.walks[1], &b, gamma_data, b.per_feature + g.n_features,
-                          epsilon, mean, var, b.per_feature)
+        if n.single:
+            forward_nogil(&n.grid, <const float *>n.x_data, &plan.walks[0], <float *>n.y_data,
+                          &plan.walks[1], &n.buffers, n.gamma, n.shift, epsilon, mean, var,
+                          n.scale)
         else:
-            forward_nogil(&g, <const double *>x_data, &plan.walks[0], <double *>y_data,
-                          &plan.walks[1], &b, gamma_data, b.per_feature + g.n_features,
-                          epsilon, mean, var, b.per_feature)
-        free(b.scratch)
+            forward_nogil(&n.grid, <const double *>n.x_data, &plan.walks[0],
+                          <double *>n.y_data, &plan.walks[1], &n.buffers, n.gamma, n.shift,
+                          epsilon, mean, var, n.scale)
+        free(n.buffers.scratch)
 
 
 def batch_norm_inference(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean,
                          cnp.ndarray var, gamma, beta, double epsilon):
-    """Operands of plan: x, y. gamma and beta may be None."""
-    cdef Grid g = plan.call_grid()
-    cdef Buffers b
-    cdef void *x_data = cnp.PyArray_DATA(x)
-    cdef void *y_data = cnp.PyArray_DATA(y)
-    cdef double *gamma_data = data_or_null(gamma)
-    cdef double *beta_data = data_or_null(beta)
+    cdef Normalization n
     cdef double *mean_data = <double *>cnp.PyArray_DATA(mean)
     cdef double *var_data = <double *>cnp.PyArray_DATA(var)
-    cdef bint single = is_single(x)
     cdef Py_ssize_t f
-    cdef double *scale
-    cdef double *shift
-    if allocate(&b, &g, 0, 2):
-        raise MemoryError("cbn: no memory for the inference pass' work buffers")
-    scale, shift = b.per_feature, b.per_feature + g.n_features
+    unpack_normalization(&n, plan, x, y, gamma, beta, 0)
     with nogil:
-        copy_or_zero(shift, beta_data, g.n_features)
-        for f in range(g.n_features):
-            normalization_factors(f, var_data, gamma_data, epsilon, scale)
-        if single:
-            normalize_items(&g, <const float *>x_data, &plan.walks[0], <float *>y_data,
-                            &plan.walks[1], mean_data, scale, shift)
+        for f in range(n.grid.n_features):
+            normalization_factors(f, var_data, n.gamma, epsilon, n.scale)
+        if n.single:
+            normalize_items(&n.grid, <const float *>n.x_data, &plan.walks[0],
+                            <float *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift)
         else:
-            normalize_items(&g, <const double *>x_data, &plan.walks[0], <double *>y_data,
-                            &plan.walks[1], mean_data, scale, shift)
-        free(b.scratch)
+            normalize_items(&n.grid, <const double *>n.x_data, &plan.walks[0],
+                            <double *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift)
+        free(n.buffers.scratch)
 
 
 cdef class Gradient:

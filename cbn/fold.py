@@ -46,15 +46,22 @@ def _as_vector(v, name, n):
     return v.astype(np.float64)
 
 
+def _bn_parameters(n, gamma, beta, moving_mean, moving_variance, epsilon):
+    """The BN's four per-feature vectors, checked against the n features they act on."""
+    moving_mean = _as_vector(moving_mean, "moving_mean", n)
+    moving_variance = _as_vector(moving_variance, "moving_variance", n)
+    gamma = None if gamma is None else _as_vector(gamma, "gamma", n)
+    beta = None if beta is None else _as_vector(beta, "beta", n)
+    if np.any(moving_variance + float(epsilon) <= 0):
+        raise ValueError("moving_variance + epsilon must be > 0 for every feature")
+    return gamma, beta, moving_mean, moving_variance
+
+
 def _fold(W, b, gamma, beta, moving_mean, moving_variance, epsilon, channel_axis):
     n_channels = W.shape[channel_axis]
-    moving_mean = _as_vector(moving_mean, "moving_mean", n_channels)
-    moving_variance = _as_vector(moving_variance, "moving_variance", n_channels)
-    gamma = None if gamma is None else _as_vector(gamma, "gamma", n_channels)
-    beta = None if beta is None else _as_vector(beta, "beta", n_channels)
+    gamma, beta, moving_mean, moving_variance = _bn_parameters(
+        n_channels, gamma, beta, moving_mean, moving_variance, epsilon)
     bias = np.zeros(n_channels) if b is None else _as_vector(b, "b", n_channels)
-    if np.any(moving_variance + float(epsilon) <= 0):
-        raise ValueError("moving_variance + epsilon must be > 0 for every channel")
     zeros = np.zeros(n_channels)
     W2 = cbn.batch_norm_inference(W, zeros, moving_variance, gamma, None,
                                   axis=channel_axis, epsilon=epsilon)
@@ -121,13 +128,9 @@ def fold_into_next_dense(gamma, beta, moving_mean, moving_variance, W, b, epsilo
     """
     W = _as_kernel(W, ndim=2)
     n_in, n_out = W.shape
-    moving_mean = _as_vector(moving_mean, "moving_mean", n_in)
-    moving_variance = _as_vector(moving_variance, "moving_variance", n_in)
-    gamma = None if gamma is None else _as_vector(gamma, "gamma", n_in)
-    beta = None if beta is None else _as_vector(beta, "beta", n_in)
+    gamma, beta, moving_mean, moving_variance = _bn_parameters(
+        n_in, gamma, beta, moving_mean, moving_variance, epsilon)
     bias = np.zeros(n_out) if b is None else _as_vector(b, "b", n_out)
-    if np.any(moving_variance + float(epsilon) <= 0):
-        raise ValueError("moving_variance + epsilon must be > 0 for every feature")
     W2 = cbn.batch_norm_inference(W, np.zeros(n_in), moving_variance, gamma, None,
                                   axis=0, epsilon=epsilon)
     # t = BN_inference(0): the image of the zero input.

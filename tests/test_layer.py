@@ -9,6 +9,7 @@ from hypothesis import given, settings, strategies as st
 
 import cbn
 from cbn import reference
+from numerical import finite_difference
 
 
 def numpy_stats(x, axes):
@@ -133,19 +134,6 @@ def test_single_feature_axis_of_images(rng):
 
 
 # ------------------------------------------------------------------ backward
-def finite_difference(f, array, h=1e-6):
-    grad = np.zeros_like(array, dtype=np.float64)
-    for i in np.ndindex(array.shape):
-        old = array[i]
-        array[i] = old + h
-        up = f()
-        array[i] = old - h
-        down = f()
-        array[i] = old
-        grad[i] = (up - down) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("axis,shape", [(-1, (6, 3)), ([1, 2], (5, 2, 3)), (1, (4, 3, 2))])
 def test_backward_matches_finite_differences(rng, training, axis, shape):

@@ -8,6 +8,7 @@ import pytest
 
 import cbn
 import cbn.nn as nn
+from numerical import finite_difference
 
 
 @pytest.fixture
@@ -126,19 +127,6 @@ def test_sgd_nesterov_and_clipping():
 
 
 # ------------------------------------------------------------------ activations and losses
-def finite_difference(f, array, h=1e-6):
-    grad = np.zeros(array.shape)
-    for i in np.ndindex(array.shape):
-        old = array[i]
-        array[i] = old + h
-        up = f()
-        array[i] = old - h
-        down = f()
-        array[i] = old
-        grad[i] = (up - down) / (2 * h)
-    return grad
-
-
 @pytest.mark.parametrize("name", ["elu", "relu", "sigmoid", "tanh", "softmax", None])
 def test_activation_derivatives(float64, name):
     rng = np.random.default_rng(0)

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cbn import reference as ref
+from numerical import finite_difference
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -239,19 +240,6 @@ def _loss(x, gamma, beta, w, axis, eps):
     return math.fsum((w * y).ravel().tolist())
 
 
-def _central_diff(f, array, h=1e-6):
-    grad = np.empty(array.shape)
-    for index in np.ndindex(*array.shape):
-        saved = array[index]
-        array[index] = saved + h
-        up = f()
-        array[index] = saved - h
-        down = f()
-        array[index] = saved
-        grad[index] = (up - down) / (2.0 * h)
-    return grad
-
-
 def _assert_close_fd(analytic, numeric):
     scale = max(1.0, float(np.max(np.abs(numeric))))
     np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7 * scale)
@@ -278,11 +266,11 @@ def test_backward_finite_differences(case, with_gamma):
     assert dx.shape == x.shape and dgamma.shape == fshape and dbeta.shape == fshape
 
     xp = x.copy()
-    num_dx = _central_diff(lambda: _loss(xp, gamma_arg, beta, w, axis, eps), xp)
+    num_dx = finite_difference(lambda: _loss(xp, gamma_arg, beta, w, axis, eps), xp)
     g = gamma_used.copy()
-    num_dgamma = _central_diff(lambda: _loss(x, g, beta, w, axis, eps), g)
+    num_dgamma = finite_difference(lambda: _loss(x, g, beta, w, axis, eps), g)
     b = beta.copy()
-    num_dbeta = _central_diff(lambda: _loss(x, gamma_arg, b, w, axis, eps), b)
+    num_dbeta = finite_difference(lambda: _loss(x, gamma_arg, b, w, axis, eps), b)
 
     _assert_close_fd(dx, num_dx)
     _assert_close_fd(dgamma, num_dgamma)
