@@ -8,17 +8,17 @@ Every operand is walked through the four indices of a cbn._layout.Plan (outer/in
 feature, outer/inner reduced element), in one of two loop orders:
 
 * features inner ("FI", e.g. NHWC or (batch, features)): a work item is a fixed chunk of
-  rows times a tile of up to TILE_FEATURES features; the inner loop runs along features
-  and accumulates into per-feature double arrays.
+  rows times a tile of up to TILE_FEATURES features; reductions hold strips of features in
+  vector registers while L1-sized runs of rows stream past (cbn/_simd.h).
 * rows inner ("RI", e.g. NCHW or a transposed (features, batch) view): a work item is one
   feature times a fixed chunk of its reduced elements; the inner loop is a reduction into
   independent vector accumulators (cbn/_simd.h).
 
-Statistics are computed per block of about BLOCK_ELEMENTS elements in two passes over data
-that is still in L1 (block mean, then block sum of squared deviations), and blocks, then
-chunks, are combined with Chan et al.'s pairwise update. So x is read once from memory,
-the variance never cancels as E[x^2] - E[x]^2 does, and everything accumulates in double
-whatever the data type.
+Statistics are computed per block of about BLOCK_ELEMENTS elements in one pass of shifted
+sums, S1 = sum(x - K) and S2 = sum(x - K)^2, with K the running mean of the item (so S1 is
+small and S2 - S1^2/n does not cancel), and blocks, then chunks, are combined with Chan et
+al.'s pairwise update. So x is read once, the variance never cancels as E[x^2] - E[x]^2
+does, and everything accumulates in double whatever the data type.
 
 The work decomposition (tiles, blocks, chunks) depends on the shape only. Threads take
 whole work items and chunk results are combined in chunk order, so results are bitwise
