@@ -44,8 +44,9 @@ class BuildWithProbes(build_ext):
             march = os.environ.get("CBN_MARCH", "native")
             if march and compiles_and_links(self.compiler, PLAIN_PROBE, [f"-march={march}"], []):
                 compile_flags.append(f"-march={march}")
-            if os.environ.get("CBN_OPENMP") != "0" and compiles_and_links(
-                    self.compiler, OPENMP_PROBE, ["-fopenmp"], ["-fopenmp"]):
+            if os.environ.get("CBN_OPENMP") == "0":
+                warnings.warn("cbn: CBN_OPENMP=0, the kernels are built SERIAL (one thread).")
+            elif compiles_and_links(self.compiler, OPENMP_PROBE, ["-fopenmp"], ["-fopenmp"]):
                 compile_flags.append("-fopenmp")
                 link_flags.append("-fopenmp")
             else:

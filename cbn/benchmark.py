@@ -118,7 +118,7 @@ def _repeats_for(x, repeats):
     return max(repeats, min(2000, int(2e7 / max(x.nbytes, 1))))
 
 
-def _import_torch():
+def import_torch():
     try:
         import torch
     except ImportError:
@@ -141,7 +141,7 @@ def implementations(case, dtype=np.float32, with_reference=True, with_torch=True
     del found["cbn out="]["stats"]   # statistics have no per-element output
     if with_reference:
         found["reference"] = _numpy_calls(reference, x, dy, params, case)
-    torch = _import_torch() if with_torch else None
+    torch = import_torch() if with_torch else None
     if torch is not None and dtype == np.float32:
         found["torch"] = _torch_calls(torch, x, dy, params, case)
     return found, x
@@ -150,7 +150,7 @@ def implementations(case, dtype=np.float32, with_reference=True, with_torch=True
 def run(cases=FULL_CASES, threads=(1, 2), repeats=7, with_reference=True, with_torch=True,
         operations=OPERATIONS, dtype=np.float32):
     """Measure every case; returns a list of row dicts (times in seconds)."""
-    torch = _import_torch() if with_torch else None
+    torch = import_torch() if with_torch else None
     rows = []
     for case in cases:
         found, x = implementations(case, dtype, with_reference, with_torch)
