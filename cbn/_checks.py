@@ -101,8 +101,14 @@ def output_buffer(out, x, name="out"):
                          f"got {out.shape} {out.dtype}")
     if not out.flags.writeable:
         raise ValueError(f"{name} is read-only")
-    if np.may_share_memory(out, x) and not (
-            out.__array_interface__["data"][0] == x.__array_interface__["data"][0]
-            and out.strides == x.strides):
-        raise ValueError(f"{name} partly overlaps the input; pass the input itself or a "
+    no_partial_overlap(out, x, name)
+
+
+def no_partial_overlap(out, array, name="out"):
+    """``out`` may be ``array`` itself (same memory and strides) but not overlap it otherwise:
+    the kernels would read values they had already overwritten."""
+    if np.may_share_memory(out, array) and not (
+            out.__array_interface__["data"][0] == array.__array_interface__["data"][0]
+            and out.strides == array.strides):
+        raise ValueError(f"{name} partly overlaps an input; pass the input itself or a "
                          f"separate buffer")

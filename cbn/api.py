@@ -92,10 +92,15 @@ def _data(x, name="x"):
     return x, x
 
 
-def _output(x_in, x, out, name="out"):
-    """The buffer the kernel writes: the caller's ``out`` when usable as is, else new."""
+def _output(x_in, x, out, *inputs):
+    """The buffer the kernel writes: the caller's ``out`` when usable as is, else new.
+
+    ``out`` may be an input itself (in place) but must not partly overlap any input.
+    """
     if out is not None:
-        _checks.output_buffer(out, x_in, name)
+        _checks.output_buffer(out, x_in)
+        for other in inputs:
+            _checks.no_partial_overlap(out, other)
         if out.dtype == x.dtype and out.flags.aligned and out.dtype.isnative:
             return out
     return np.empty_like(x, order="K")
@@ -198,7 +203,7 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None):
         dy = dy.astype(x.dtype)
     epsilon = _checks.as_epsilon(epsilon)
     if with_dx:
-        dx = _output(x_in, x, out)
+        dx = _output(x_in, x, out, dy_in)
         plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides)
     else:
         dx = None

@@ -127,3 +127,14 @@ def test_in_place_output_is_allowed():
     y, _, _ = cbn.batch_norm_forward(x, out=x)
     assert y is x
     np.testing.assert_allclose(x, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_backward_in_place_on_dy_is_allowed():
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((40, 3, 5))
+    dy = rng.standard_normal(x.shape)
+    mean, var = reference.batch_stats(x, axis=1)
+    expected = reference.batch_norm_backward(dy, x, mean, var, axis=1)[0]
+    dx, _, _ = cbn.batch_norm_backward(dy, x, mean, var, axis=1, out=dy)
+    assert dx is dy
+    np.testing.assert_allclose(dy, expected, rtol=1e-12, atol=1e-12)

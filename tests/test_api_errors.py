@@ -81,6 +81,8 @@ def test_bad_out_buffers():
     big = np.empty((7, 4))
     with pytest.raises(ValueError, match="overlaps"):
         cbn.batch_norm_forward(big[:6], out=big[1:])
+    with pytest.raises(ValueError, match="overlaps"):
+        cbn.batch_norm_backward(big[1:], big[:6].copy(), MEAN, VAR, out=big[:6])
     with pytest.raises(TypeError, match="ndarray"):
         cbn.batch_norm_forward(X, out=[0.0] * 24)
 

@@ -1,11 +1,11 @@
 """The kernels agree with cbn.reference on every layout, dtype and choice of axes."""
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import given, settings, strategies as st
 
 import cbn
 from cbn import reference
 
-from layouts import assert_close, batch_norm_case, condition, feature_shape
+from layouts import assert_close, batch_norm_case, condition, feature_shape, in_layout
 
 
 
@@ -73,3 +73,24 @@ def test_backward_matches_reference(case):
     np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-9, atol=1e-12 * scale)
     np.testing.assert_array_equal(x, before[0])
     np.testing.assert_array_equal(dy, before[1])
+
+
+@settings(max_examples=100, deadline=None)
+@given(batch_norm_case(), st.sampled_from(["C", "F", "transposed", "stepped", "reversed"]))
+def test_out_buffers_of_any_layout(case, out_layout):
+    x, axis, axes, rng = case
+    mean, var = reference.batch_stats(x, axis=axis)
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    expected = {"forward": reference.batch_norm_forward(x, axis=axis)[0],
+                "inference": reference.batch_norm_inference(x, mean, var, axis=axis),
+                "backward": reference.batch_norm_backward(dy, x, mean, var, axis=axis)[0]}
+    calls = {"forward": lambda out: cbn.batch_norm_forward(x, axis=axis, out=out)[0],
+             "inference": lambda out: cbn.batch_norm_inference(x, mean, var, axis=axis, out=out),
+             "backward": lambda out: cbn.batch_norm_backward(dy, x, mean, var, axis=axis,
+                                                             out=out)[0]}
+    for name, call in calls.items():
+        out = in_layout(np.full(x.shape, np.nan, x.dtype), out_layout, rng)
+        assert call(out) is out
+        finite = np.isfinite(expected[name])
+        assert_close(out[finite], expected[name][finite], x.dtype,
+                     condition(x, var, None, 1e-3) * max(1.0, float(np.abs(dy).max())))
