@@ -13,6 +13,11 @@
 #include <string.h>
 
 typedef double cbn_v8d __attribute__((vector_size(64)));
+
+/* Features per register-held strip: 64 (8 vectors of 8 doubles) covers a whole NHWC row of
+ * 64 channels, so rows stream by in order; two sums and the shift take 24 vector registers. */
+#define CBN_VECTORS 8
+#define CBN_STRIP (8 * CBN_VECTORS)
 typedef float cbn_v8f __attribute__((vector_size(32)));
 
 static inline cbn_v8d cbn_load_f32(const float *p) {
@@ -41,18 +46,18 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
                                  int64_t width, const double *shift, double *s1,             \
                                  double *s2) {                                               \
     int64_t j = 0, r, q;                                                                     \
-    for (; j + 32 <= width; j += 32) {                                                       \
-        cbn_v8d k[4], a[4] = {0}, b[4] = {0};                                                \
-        for (q = 0; q < 4; q++) k[q] = cbn_load_f64(shift + j + 8 * q);                      \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                                       \
+        cbn_v8d k[CBN_VECTORS], a[CBN_VECTORS] = {0}, b[CBN_VECTORS] = {0};                                                \
+        for (q = 0; q < CBN_VECTORS; q++) k[q] = cbn_load_f64(shift + j + 8 * q);                      \
         for (r = 0; r < n_rows; r++) {                                                       \
             const T *row = p + r * row_stride + j;                                           \
-            for (q = 0; q < 4; q++) {                                                        \
+            for (q = 0; q < CBN_VECTORS; q++) {                                                        \
                 cbn_v8d d = cbn_load_##S(row + 8 * q) - k[q];                                \
                 a[q] += d;                                                                   \
                 b[q] += d * d;                                                               \
             }                                                                                \
         }                                                                                    \
-        for (q = 0; q < 4; q++) {                                                            \
+        for (q = 0; q < CBN_VECTORS; q++) {                                                            \
             cbn_add_to(s1 + j + 8 * q, a[q]);                                                \
             cbn_add_to(s2 + j + 8 * q, b[q]);                                                \
         }                                                                                    \
@@ -85,18 +90,18 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
                                   int64_t x_row_stride, int64_t n_rows, int64_t width,       \
                                   const double *mean, double *sum_dy, double *sum_dy_xc) {   \
     int64_t j = 0, r, q;                                                                     \
-    for (; j + 32 <= width; j += 32) {                                                       \
-        cbn_v8d m[4], a[4] = {0}, b[4] = {0};                                                \
-        for (q = 0; q < 4; q++) m[q] = cbn_load_f64(mean + j + 8 * q);                       \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                                       \
+        cbn_v8d m[CBN_VECTORS], a[CBN_VECTORS] = {0}, b[CBN_VECTORS] = {0};                                                \
+        for (q = 0; q < CBN_VECTORS; q++) m[q] = cbn_load_f64(mean + j + 8 * q);                       \
         for (r = 0; r < n_rows; r++) {                                                       \
             const T *dy_row = dy + r * dy_row_stride + j, *x_row = x + r * x_row_stride + j; \
-            for (q = 0; q < 4; q++) {                                                        \
+            for (q = 0; q < CBN_VECTORS; q++) {                                                        \
                 cbn_v8d g = cbn_load_##S(dy_row + 8 * q);                                    \
                 a[q] += g;                                                                   \
                 b[q] += g * (cbn_load_##S(x_row + 8 * q) - m[q]);                            \
             }                                                                                \
         }                                                                                    \
-        for (q = 0; q < 4; q++) {                                                            \
+        for (q = 0; q < CBN_VECTORS; q++) {                                                            \
             cbn_add_to(sum_dy + j + 8 * q, a[q]);                                            \
             cbn_add_to(sum_dy_xc + j + 8 * q, b[q]);                                         \
         }                                                                                    \
