@@ -9,14 +9,15 @@ import operator
 
 import numpy as np
 
-# float16 is accepted but computed in float32: float16 sums overflow at 65504.
-DATA_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+def is_data_dtype(dtype):
+    return np.dtype(dtype).char in "efd"
 
 
 def as_data(x, name="x"):
-    """Return ``x`` as an ndarray of a supported floating dtype, without copying."""
-    array = np.asarray(x)
-    if array.dtype not in DATA_DTYPES:
+    """Return ``x`` as an ndarray of float16, float32 or float64 (either byte order),
+    without copying. float16 is accepted but computed in float32 (its sums overflow)."""
+    array = x if type(x) is np.ndarray else np.asarray(x)
+    if not is_data_dtype(array.dtype):
         raise TypeError(
             f"{name} must be float16, float32 or float64, got dtype {array.dtype}")
     if array.ndim == 0:

@@ -78,13 +78,8 @@ def _data(x, name="x"):
     The only copies cbn makes of data are here: float16 (computed in float32), byte-swapped
     and misaligned arrays.
     """
-    if type(x) is not np.ndarray:
-        x = np.asarray(x)
+    x = _checks.as_data(x, name)
     dtype = x.dtype
-    if dtype.char not in "efd":
-        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
-    if x.ndim == 0:
-        raise ValueError(f"{name} must have at least one dimension, got a scalar")
     if dtype.char == "e":
         return x, x.astype(np.float32)
     if not (dtype.isnative and x.flags.aligned):

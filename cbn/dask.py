@@ -36,7 +36,7 @@ SPLIT_EVERY = 32
 def _as_dask(darr, axis):
     if not isinstance(darr, da.Array):
         darr = da.asarray(darr)
-    if np.dtype(darr.dtype) not in _checks.DATA_DTYPES:
+    if not _checks.is_data_dtype(darr.dtype):
         raise TypeError(f"x must be float16, float32 or float64, got dtype {darr.dtype}")
     if darr.ndim == 0:
         raise ValueError("x must have at least one dimension, got a scalar")

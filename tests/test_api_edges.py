@@ -138,3 +138,17 @@ def test_backward_in_place_on_dy_is_allowed():
     dx, _, _ = cbn.batch_norm_backward(dy, x, mean, var, axis=1, out=dy)
     assert dx is dy
     np.testing.assert_allclose(dy, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_byte_swapped_and_misaligned_inputs():
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((30, 4))
+    swapped = x.astype(x.dtype.newbyteorder(">" if np.little_endian else "<"))
+    raw = np.zeros(x.nbytes + 1, np.uint8)[1:]          # float64 data at an odd address
+    misaligned = raw.view(np.float64).reshape(x.shape)
+    misaligned[...] = x
+    assert not misaligned.flags.aligned
+    expected = reference.batch_norm_forward(x)
+    for variant in (swapped, misaligned):
+        for got, want in zip(cbn.batch_norm_forward(variant), expected):
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
