@@ -5,6 +5,7 @@ set CBN_MARCH="" for a portable build, or e.g. CBN_MARCH=x86-64-v3). CBN_OPENMP=
 the serial kernels on purpose, as on a compiler without OpenMP.
 """
 import os
+import shlex
 import tempfile
 import textwrap
 import warnings
@@ -28,8 +29,10 @@ def compiles_and_links(compiler, source, compile_flags, link_flags):
             f.write(source)
         try:
             objects = compiler.compile([path], output_dir=tmp, extra_postargs=compile_flags)
+            # The extension's link sees LDFLAGS (e.g. -fsanitize=address); so must the probe's.
             compiler.link_executable(objects, "probe", output_dir=tmp,
-                                     extra_postargs=link_flags)
+                                     extra_postargs=link_flags
+                                     + shlex.split(os.environ.get("LDFLAGS", "")))
         except Exception:  # any compiler or linker failure means "not available"
             return False
     return True

@@ -1,5 +1,4 @@
-"""The build works without OpenMP: serial kernels, a warning, the same results."""
-import os
+"""Builds with other settings: without OpenMP, and under AddressSanitizer."""
 import shutil
 import subprocess
 import sys
@@ -7,8 +6,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CHECK = """
+from building import ROOT, build_copy
+
+pytest.importorskip("Cython")
+
+SERIAL_CHECK = """
 import numpy as np, cbn
 from cbn import reference
 assert not cbn.openmp_enabled()
@@ -21,19 +23,33 @@ for axis in (-1, 1, [0, 2]):
 print("serial build ok")
 """
 
+# The kernel tests, whose hypothesis cases walk every layout and loop order.
+KERNEL_TESTS = ["test_api_oracle.py", "test_api_edges.py", "test_api_threads.py",
+                "test_api_sync.py", "test_api_concurrency.py", "test_layout.py"]
+
 
 def test_serial_build_without_openmp(tmp_path):
-    pytest.importorskip("Cython")
-    for name in ("setup.py", "pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, tmp_path / name)
-    shutil.copytree(ROOT / "cbn", tmp_path / "cbn",
-                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
-    env = dict(os.environ, CBN_OPENMP="0", PYTHONPATH=str(tmp_path))
-    build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout + build.stderr
+    env, build = build_copy(tmp_path, CBN_OPENMP="0")
     assert "built SERIAL" in build.stderr
-    check = subprocess.run([sys.executable, "-c", CHECK], cwd=tmp_path, env=env,
+    check = subprocess.run([sys.executable, "-c", SERIAL_CHECK], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     assert "serial build ok" in check.stdout
+
+
+def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
+    """Every kernel test again, with each out-of-bounds read or write a hard error."""
+    libasan = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True,
+                             text=True).stdout.strip() if shutil.which("gcc") else ""
+    if not Path(libasan).is_file():
+        pytest.skip("gcc's AddressSanitizer runtime is not installed")
+    env, _ = build_copy(tmp_path, CFLAGS="-fsanitize=address -fno-omit-frame-pointer",
+                        LDFLAGS="-fsanitize=address")
+    shutil.copytree(ROOT / "tests", tmp_path / "tests")
+    env.update(LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                          "-W", "ignore", "-o", "addopts=", *KERNEL_TESTS],
+                         cwd=tmp_path / "tests", env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "AddressSanitizer" not in run.stderr
