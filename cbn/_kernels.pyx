@@ -61,6 +61,22 @@ cdef extern from "_simd.h":
     void cbn_gradient_sums_run_f64(const double *dy, const double *x, int64_t n, double mean,
                                    double *sum_dy, double *sum_dy_xc) noexcept nogil
 
+    void cbn_normalize_stream_f32(const float *x, float *y, int64_t n, const double *mean,
+                                  const double *scale, const double *shift,
+                                  int per_element) noexcept nogil
+    void cbn_normalize_stream_f64(const double *x, double *y, int64_t n, const double *mean,
+                                  const double *scale, const double *shift,
+                                  int per_element) noexcept nogil
+    void cbn_input_gradient_stream_f32(const float *dy, const float *x, float *dx, int64_t n,
+                                       const double *mean, const double *coef_dy,
+                                       const double *coef_xc, const double *offset,
+                                       int per_element) noexcept nogil
+    void cbn_input_gradient_stream_f64(const double *dy, const double *x, double *dx,
+                                       int64_t n, const double *mean, const double *coef_dy,
+                                       const double *coef_xc, const double *offset,
+                                       int per_element) noexcept nogil
+    void cbn_store_fence() noexcept nogil
+
 cdef extern from "_platform.h":
     int cbn_openmp_enabled() noexcept nogil
     int cbn_max_threads() noexcept nogil
@@ -77,6 +93,7 @@ cdef enum:
     TARGET_ITEMS = 64           # RI: split features into chunks until this many items
     MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
     PARALLEL_MIN_ELEMENTS = 32768  # below this, OpenMP dispatch costs more than it saves
+    STREAM_MIN_BYTES = 1 << 24  # outputs this large bypass the caches (streaming stores)
 
 
 def openmp_enabled():
@@ -98,6 +115,7 @@ def simd_flags():
 cdef struct Grid:
     Py_ssize_t n_fo, n_fi, n_ro, n_ri, n_rows, n_features
     bint features_inner
+    bint stream                                      # streaming stores for the output
     Py_ssize_t tile_width, n_tiles, rows_per_block, rows_per_run   # FI only
     Py_ssize_t n_chunks, chunk_length                # rows (FI) or reduced elements (RI)
     Py_ssize_t n_items
@@ -115,7 +133,7 @@ cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
-cdef Grid make_grid(plan):
+cdef Grid make_grid(plan, Py_ssize_t itemsize):
     cdef Grid g
     cdef Py_ssize_t n_blocks, wanted
     g.n_fo = plan.n_feature_outer
@@ -125,6 +143,7 @@ cdef Grid make_grid(plan):
     g.n_rows = g.n_ro * g.n_ri
     g.n_features = g.n_fo * g.n_fi
     g.features_inner = plan.features_inner
+    g.stream = g.n_rows * g.n_features * itemsize >= STREAM_MIN_BYTES
     g.n_threads = 1
     if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
         g.tile_width = g.n_tiles = g.rows_per_block = g.rows_per_run = 1
@@ -296,9 +315,15 @@ cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n,
 
 cdef inline void normalize_row(const floating *x, int64_t x_step, floating *y, int64_t y_step,
                                Py_ssize_t n, const double *mean, const double *scale,
-                               const double *shift) noexcept nogil:
+                               const double *shift, bint stream) noexcept nogil:
     cdef Py_ssize_t j
     if x_step == 1 and y_step == 1:
+        if stream:
+            if floating is float:
+                cbn_normalize_stream_f32(x, y, n, mean, scale, shift, 1)
+            else:
+                cbn_normalize_stream_f64(x, y, n, mean, scale, shift, 1)
+            return
         for j in range(n):
             y[j] = <floating>((x[j] - mean[j]) * scale[j] + shift[j])
     else:
@@ -308,9 +333,15 @@ cdef inline void normalize_row(const floating *x, int64_t x_step, floating *y, i
 
 cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, int64_t y_step,
                                Py_ssize_t n, double mean, double scale,
-                               double shift) noexcept nogil:
+                               double shift, bint stream) noexcept nogil:
     cdef Py_ssize_t i
     if x_step == 1 and y_step == 1:
+        if stream:
+            if floating is float:
+                cbn_normalize_stream_f32(x, y, n, &mean, &scale, &shift, 0)
+            else:
+                cbn_normalize_stream_f64(x, y, n, &mean, &scale, &shift, 0)
+            return
         for i in range(n):
             y[i] = <floating>((x[i] - mean) * scale + shift)
     else:
@@ -363,9 +394,16 @@ cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floatin
 cdef inline void input_gradient_row(const floating *dy, int64_t dy_step, const floating *x,
                                     int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
                                     const double *mean, const double *coef_dy,
-                                    const double *coef_xc, const double *offset) noexcept nogil:
+                                    const double *coef_xc, const double *offset,
+                                    bint stream) noexcept nogil:
     cdef Py_ssize_t j
     if dy_step == 1 and x_step == 1 and dx_step == 1:
+        if stream:
+            if floating is float:
+                cbn_input_gradient_stream_f32(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
+            else:
+                cbn_input_gradient_stream_f64(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
+            return
         for j in range(n):
             dx[j] = <floating>(coef_dy[j] * dy[j] + coef_xc[j] * (x[j] - mean[j]) + offset[j])
     else:
@@ -377,9 +415,17 @@ cdef inline void input_gradient_row(const floating *dy, int64_t dy_step, const f
 cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const floating *x,
                                     int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
                                     double mean, double coef_dy, double coef_xc,
-                                    double offset) noexcept nogil:
+                                    double offset, bint stream) noexcept nogil:
     cdef Py_ssize_t i
     if dy_step == 1 and x_step == 1 and dx_step == 1:
+        if stream:
+            if floating is float:
+                cbn_input_gradient_stream_f32(dy, x, dx, n, &mean, &coef_dy, &coef_xc, &offset,
+                                              0)
+            else:
+                cbn_input_gradient_stream_f64(dy, x, dx, n, &mean, &coef_dy, &coef_xc, &offset,
+                                              0)
+            return
         for i in range(n):
             dx[i] = <floating>(coef_dy * dy[i] + coef_xc * (x[i] - mean) + offset)
     else:
@@ -573,7 +619,7 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         for r in range(n):
             normalize_row(x_tile + row_offset(xw, runs.ro, runs.ri + r), xw.feature_stride,
                           y_tile + row_offset(yw, runs.ro, runs.ri + r), yw.feature_stride,
-                          it.width, mean + it.f0, scale + it.f0, shift + it.f0)
+                          it.width, mean + it.f0, scale + it.f0, shift + it.f0, False)
         advance(g, &runs, n)
 
 
@@ -588,8 +634,10 @@ cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         n = run_length(g, &runs)
         normalize_run(x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
                       y_feature + row_offset(yw, runs.ro, runs.ri), yw.row_stride, n,
-                      mean, scale, shift)
+                      mean, scale, shift, g.stream)
         advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
 
 
 cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -717,7 +765,7 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
                                x_tile + row_offset(xw, runs.ro, r), xw.feature_stride,
                                dx_tile + row_offset(dxw, runs.ro, r), dxw.feature_stride,
                                it.width, mean + it.f0, coef_dy + it.f0, coef_xc + it.f0,
-                               offset + it.f0)
+                               offset + it.f0, False)
         advance(g, &runs, n)
 
 
@@ -735,8 +783,10 @@ cdef void ri_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         input_gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
                            x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
                            dx_feature + row_offset(dxw, runs.ro, runs.ri), dxw.row_stride, n,
-                           mean, coef_dy, coef_xc, offset)
+                           mean, coef_dy, coef_xc, offset, g.stream)
         advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
 
 
 cdef struct GradientFactors:
@@ -870,9 +920,9 @@ cdef class KernelPlan:
     cdef Walk walks[3]
     cdef readonly object layout     # the Plan; also keeps the offset tables alive
 
-    def __cinit__(self, layout):
+    def __cinit__(self, layout, Py_ssize_t itemsize):
         self.layout = layout
-        self.grid = make_grid(layout)
+        self.grid = make_grid(layout, itemsize)
         for k, operand in enumerate(layout.operands):
             self.walks[k] = make_walk(operand)
 

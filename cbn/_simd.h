@@ -32,6 +32,15 @@ static inline cbn_v8d cbn_load_f64(const double *p) {
     return v;
 }
 
+static inline void cbn_store_f32(float *p, cbn_v8d v) {
+    cbn_v8f f = __builtin_convertvector(v, cbn_v8f);
+    memcpy(p, &f, sizeof f);
+}
+
+static inline void cbn_store_f64(double *p, cbn_v8d v) {
+    memcpy(p, &v, sizeof v);
+}
+
 static inline void cbn_add_to(double *target, cbn_v8d v) {
     cbn_v8d t;
     memcpy(&t, target, sizeof t);
@@ -184,5 +193,80 @@ CBN_DEFINE_SHIFTED_SUMS(float, f32)
 CBN_DEFINE_SHIFTED_SUMS(double, f64)
 CBN_DEFINE_GRADIENT_SUMS(float, f32)
 CBN_DEFINE_GRADIENT_SUMS(double, f64)
+
+/* Streaming (non-temporal) stores for outputs much larger than the caches: the output is not
+ * read back soon, so fetching each line into the cache before writing it (what an ordinary
+ * store does) only costs memory bandwidth; oneDNN does the same for large tensors. A thread
+ * calls cbn_store_fence() after its streaming stores. Without AVX: ordinary stores. */
+#ifdef __AVX__
+#include <immintrin.h>
+#define CBN_LINE_ALIGNED(p) (((uintptr_t)(p) & 63) == 0)
+static inline void cbn_stream_f32(float *p, cbn_v8d v) {
+    _mm256_stream_ps(p, (__m256)__builtin_convertvector(v, cbn_v8f));
+}
+static inline void cbn_stream_f64(double *p, cbn_v8d v) {
+    __m256d half[2];
+    memcpy(half, &v, sizeof v);
+    _mm256_stream_pd(p, half[0]);
+    _mm256_stream_pd(p + 4, half[1]);
+}
+static inline void cbn_store_fence(void) { _mm_sfence(); }
+#else
+#define CBN_LINE_ALIGNED(p) 1
+static inline void cbn_stream_f32(float *p, cbn_v8d v) { cbn_store_f32(p, v); }
+static inline void cbn_stream_f64(double *p, cbn_v8d v) { cbn_store_f64(p, v); }
+static inline void cbn_store_fence(void) {}
+#endif
+
+static inline cbn_v8d cbn_parameter(const double *p, int64_t i, int per_element) {
+    cbn_v8d v = {0};
+    return per_element ? cbn_load_f64(p + i) : v + p[0];
+}
+
+/* Along a contiguous run of n outputs whose per-feature factors are arrays indexed like the
+ * run (per_element = 1, a row of features) or one value each (per_element = 0, one
+ * feature): y = (x - mean) * scale + shift, and dx = coef_dy * dy + coef_xc * (x - mean)
+ * + offset. */
+#define CBN_DEFINE_STREAMING(T, S)                                                           \
+static void cbn_normalize_stream_##S(const T *x, T *y, int64_t n, const double *mean,        \
+                                     const double *scale, const double *shift,               \
+                                     int per_element) {                                      \
+    int64_t i = 0, k;                                                                        \
+    for (; i < n && !CBN_LINE_ALIGNED(y + i); i++) {                                            \
+        k = per_element ? i : 0;                                                             \
+        y[i] = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                  \
+    }                                                                                        \
+    for (; i + 8 <= n; i += 8)                                                               \
+        cbn_stream_##S(y + i, (cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))    \
+                              * cbn_parameter(scale, i, per_element)                         \
+                              + cbn_parameter(shift, i, per_element));                       \
+    for (; i < n; i++) {                                                                     \
+        k = per_element ? i : 0;                                                             \
+        y[i] = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                  \
+    }                                                                                        \
+}                                                                                            \
+static void cbn_input_gradient_stream_##S(const T *dy, const T *x, T *dx, int64_t n,         \
+                                          const double *mean, const double *coef_dy,         \
+                                          const double *coef_xc, const double *offset,       \
+                                          int per_element) {                                 \
+    int64_t i = 0, k;                                                                        \
+    for (; i < n && !CBN_LINE_ALIGNED(dx + i); i++) {                                           \
+        k = per_element ? i : 0;                                                             \
+        dx[i] = (T)(coef_dy[k] * dy[i] + coef_xc[k] * (x[i] - mean[k]) + offset[k]);         \
+    }                                                                                        \
+    for (; i + 8 <= n; i += 8)                                                               \
+        cbn_stream_##S(dx + i,                                                               \
+                       cbn_parameter(coef_dy, i, per_element) * cbn_load_##S(dy + i)         \
+                       + cbn_parameter(coef_xc, i, per_element)                              \
+                         * (cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))       \
+                       + cbn_parameter(offset, i, per_element));                             \
+    for (; i < n; i++) {                                                                     \
+        k = per_element ? i : 0;                                                             \
+        dx[i] = (T)(coef_dy[k] * dy[i] + coef_xc[k] * (x[i] - mean[k]) + offset[k]);         \
+    }                                                                                        \
+}
+
+CBN_DEFINE_STREAMING(float, f32)
+CBN_DEFINE_STREAMING(double, f64)
 
 #endif

@@ -42,7 +42,7 @@ class _Plan:
     def __init__(self, shape, axes, itemsize, byte_strides):
         layout = make_plan(shape, axes, tuple(tuple(s // itemsize for s in strides)
                                               for strides in byte_strides))
-        self.kernel = _kernels.KernelPlan(layout)
+        self.kernel = _kernels.KernelPlan(layout, itemsize)
         self.n_features = layout.n_features
         self.order = layout.feature_order
         self.identity = self.order == tuple(sorted(self.order))
