@@ -76,6 +76,21 @@ cdef extern from "_simd.h":
                                        const double *coef_xc, const double *offset,
                                        int per_element) noexcept nogil
     void cbn_store_fence() noexcept nogil
+    void cbn_normalize_rows_stream_f32(const float *x, float *y, int64_t n_rows, int64_t width,
+                                       const double *mean, const double *scale,
+                                       const double *shift) noexcept nogil
+    void cbn_normalize_rows_stream_f64(const double *x, double *y, int64_t n_rows,
+                                       int64_t width, const double *mean, const double *scale,
+                                       const double *shift) noexcept nogil
+    void cbn_input_gradient_rows_stream_f32(const float *dy, const float *x, float *dx,
+                                            int64_t n_rows, int64_t width, const double *mean,
+                                            const double *coef_dy, const double *coef_xc,
+                                            const double *offset) noexcept nogil
+    void cbn_input_gradient_rows_stream_f64(const double *dy, const double *x, double *dx,
+                                            int64_t n_rows, int64_t width, const double *mean,
+                                            const double *coef_dy, const double *coef_xc,
+                                            const double *offset) noexcept nogil
+    int CBN_MAX_WIDTH
 
 cdef extern from "_platform.h":
     int cbn_openmp_enabled() noexcept nogil
@@ -93,7 +108,18 @@ cdef enum:
     TARGET_ITEMS = 64           # RI: split features into chunks until this many items
     MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
     PARALLEL_MIN_ELEMENTS = 32768  # below this, OpenMP dispatch costs more than it saves
-    STREAM_MIN_BYTES = 1 << 24  # outputs this large bypass the caches (streaming stores)
+
+
+# Outputs at least this large bypass the caches (streaming stores); settable so that
+# benchmarks can measure both ways in one process.
+cdef Py_ssize_t stream_min_bytes = 1 << 24
+
+
+def set_stream_min_bytes(Py_ssize_t n_bytes):
+    """Set the output size from which stores stream past the caches; returns the old one."""
+    global stream_min_bytes
+    old, stream_min_bytes = stream_min_bytes, n_bytes
+    return old
 
 
 def openmp_enabled():
@@ -115,7 +141,9 @@ def simd_flags():
 cdef struct Grid:
     Py_ssize_t n_fo, n_fi, n_ro, n_ri, n_rows, n_features
     bint features_inner
+    Py_ssize_t n_bytes                               # of one operand
     bint stream                                      # streaming stores for the output
+    bint rows_contiguous        # FI, and every operand's rows follow each other in memory
     Py_ssize_t tile_width, n_tiles, rows_per_block, rows_per_run   # FI only
     Py_ssize_t n_chunks, chunk_length                # rows (FI) or reduced elements (RI)
     Py_ssize_t n_items
@@ -143,7 +171,8 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
     g.n_rows = g.n_ro * g.n_ri
     g.n_features = g.n_fo * g.n_fi
     g.features_inner = plan.features_inner
-    g.stream = g.n_rows * g.n_features * itemsize >= STREAM_MIN_BYTES
+    g.n_bytes = g.n_rows * g.n_features * itemsize
+    g.stream = g.rows_contiguous = False
     g.n_threads = 1
     if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
         g.tile_width = g.n_tiles = g.rows_per_block = g.rows_per_run = 1
@@ -614,6 +643,17 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, r
+    if g.stream and g.rows_contiguous:
+        if floating is float:
+            cbn_normalize_rows_stream_f32(x_tile + it.r_begin * xw.row_stride,
+                                          y_tile + it.r_begin * yw.row_stride,
+                                          it.r_end - it.r_begin, it.width, mean, scale, shift)
+        else:
+            cbn_normalize_rows_stream_f64(x_tile + it.r_begin * xw.row_stride,
+                                          y_tile + it.r_begin * yw.row_stride,
+                                          it.r_end - it.r_begin, it.width, mean, scale, shift)
+        cbn_store_fence()
+        return
     while runs.r < runs.end:
         n = run_length(g, &runs)
         for r in range(n):
@@ -758,6 +798,19 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, r
+    if g.stream and g.rows_contiguous:
+        if floating is float:
+            cbn_input_gradient_rows_stream_f32(
+                dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
+                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width, mean,
+                coef_dy, coef_xc, offset)
+        else:
+            cbn_input_gradient_rows_stream_f64(
+                dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
+                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width, mean,
+                coef_dy, coef_xc, offset)
+        cbn_store_fence()
+        return
     while runs.r < runs.end:
         n = run_length(g, &runs)
         for r in range(runs.ri, runs.ri + n):
@@ -925,10 +978,18 @@ cdef class KernelPlan:
         self.grid = make_grid(layout, itemsize)
         for k, operand in enumerate(layout.operands):
             self.walks[k] = make_walk(operand)
+        # Whole rows back to back in every operand: a chunk of rows is one contiguous run.
+        self.grid.rows_contiguous = (self.grid.features_inner
+                                 and self.grid.n_fo == 1 and self.grid.n_ro == 1
+                                 and 8 <= self.grid.n_fi <= CBN_MAX_WIDTH
+                                 and all(o.feature_stride == 1
+                                         and o.row_stride == self.grid.n_fi
+                                         for o in layout.operands))
 
     cdef Grid call_grid(self):
         cdef Grid g = self.grid
         g.n_threads = thread_count(&g)
+        g.stream = g.n_bytes >= stream_min_bytes
         return g
 
 

@@ -269,4 +269,57 @@ static void cbn_input_gradient_stream_##S(const T *dy, const T *x, T *dx, int64_
 CBN_DEFINE_STREAMING(float, f32)
 CBN_DEFINE_STREAMING(double, f64)
 
+/* The same over n_rows whole rows of width (8 .. CBN_MAX_WIDTH) features that follow each
+ * other in memory: one long run, so the streaming stores cover whole cache lines. Each factor
+ * is copied with its first 8 entries repeated after its end, so a vector of 8 features can
+ * start at any feature j < width. */
+#define CBN_MAX_WIDTH 1024
+static inline void cbn_wrapped(double *target, const double *source, int64_t width) {
+    int64_t j;
+    for (j = 0; j < width + 8; j++) target[j] = source[j % width];
+}
+
+#define CBN_DEFINE_ROW_STREAMING(T, S)                                                       \
+static void cbn_normalize_rows_stream_##S(const T *x, T *y, int64_t n_rows, int64_t width,   \
+                                          const double *mean, const double *scale,           \
+                                          const double *shift) {                             \
+    double m[CBN_MAX_WIDTH + 8], s[CBN_MAX_WIDTH + 8], b[CBN_MAX_WIDTH + 8];                 \
+    int64_t n = n_rows * width, i = 0, j = 0;                                                \
+    cbn_wrapped(m, mean, width);                                                             \
+    cbn_wrapped(s, scale, width);                                                            \
+    cbn_wrapped(b, shift, width);                                                            \
+    for (; i < n && !CBN_LINE_ALIGNED(y + i); i++, j = j + 1 == width ? 0 : j + 1)           \
+        y[i] = (T)((x[i] - m[j]) * s[j] + b[j]);                                             \
+    for (; i + 8 <= n; i += 8, j = j + 8 >= width ? j + 8 - width : j + 8)                   \
+        cbn_stream_##S(y + i, (cbn_load_##S(x + i) - cbn_load_f64(m + j))                    \
+                              * cbn_load_f64(s + j) + cbn_load_f64(b + j));                  \
+    for (; i < n; i++, j = j + 1 == width ? 0 : j + 1)                                       \
+        y[i] = (T)((x[i] - m[j]) * s[j] + b[j]);                                             \
+}                                                                                            \
+static void cbn_input_gradient_rows_stream_##S(const T *dy, const T *x, T *dx,               \
+                                               int64_t n_rows, int64_t width,                \
+                                               const double *mean, const double *coef_dy,    \
+                                               const double *coef_xc,                        \
+                                               const double *offset) {                       \
+    double m[CBN_MAX_WIDTH + 8], a[CBN_MAX_WIDTH + 8], c[CBN_MAX_WIDTH + 8];                 \
+    double o[CBN_MAX_WIDTH + 8];                                                             \
+    int64_t n = n_rows * width, i = 0, j = 0;                                                \
+    cbn_wrapped(m, mean, width);                                                             \
+    cbn_wrapped(a, coef_dy, width);                                                          \
+    cbn_wrapped(c, coef_xc, width);                                                          \
+    cbn_wrapped(o, offset, width);                                                           \
+    for (; i < n && !CBN_LINE_ALIGNED(dx + i); i++, j = j + 1 == width ? 0 : j + 1)          \
+        dx[i] = (T)(a[j] * dy[i] + c[j] * (x[i] - m[j]) + o[j]);                             \
+    for (; i + 8 <= n; i += 8, j = j + 8 >= width ? j + 8 - width : j + 8)                   \
+        cbn_stream_##S(dx + i, cbn_load_f64(a + j) * cbn_load_##S(dy + i)                    \
+                               + cbn_load_f64(c + j) * (cbn_load_##S(x + i)                  \
+                                                        - cbn_load_f64(m + j))               \
+                               + cbn_load_f64(o + j));                                       \
+    for (; i < n; i++, j = j + 1 == width ? 0 : j + 1)                                       \
+        dx[i] = (T)(a[j] * dy[i] + c[j] * (x[i] - m[j]) + o[j]);                             \
+}
+
+CBN_DEFINE_ROW_STREAMING(float, f32)
+CBN_DEFINE_ROW_STREAMING(double, f64)
+
 #endif
