@@ -19,6 +19,7 @@ CASES = {
     "rows inner, fused per feature": ((8, 64, 32, 32), 1, "C"),
     "rows inner, chunked features": ((4, 3, 256, 256), 1, "C"),
     "rows inner, streaming stores": ((8, 16, 200, 260), 1, "C"),   # output over 16 MB
+    "features inner, streaming stores": ((60000, 75), -1, "C"),    # rows wrap mid-vector
     "transposed view": ((512, 768), -1, "T"),
     "non-adjacent kept axes": ((16, 6, 40, 5, 20), [1, 3], "C"),
 }
