@@ -20,6 +20,9 @@ small and S2 - S1^2/n does not cancel), and blocks, then chunks, are combined wi
 al.'s pairwise update. So x is read once, the variance never cancels as E[x^2] - E[x]^2
 does, and everything accumulates in double whatever the data type.
 
+Outputs of stream_min_bytes or more that lie in long contiguous runs are written with
+streaming (non-temporal) stores, which skip reading each line before writing it.
+
 The work decomposition (tiles, blocks, chunks) depends on the shape only. Threads take
 whole work items and chunk results are combined in chunk order, so results are bitwise
 identical for every thread count. When a RI feature fits in one chunk, the statistics
