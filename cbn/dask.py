@@ -18,7 +18,7 @@ try:
 except ImportError as error:   # pragma: no cover - exercised with dask hidden
     raise ImportError(
         "cbn.dask needs Dask: `pip install 'dask[array]'` (add `distributed` for clusters), "
-        "or `pip install cbn[dask]`.") from error
+        "or `pip install -e '.[dask]'` in the cbn checkout.") from error
 
 import itertools
 import math

@@ -202,7 +202,7 @@ def main(argv=None):
     try:
         data = load_data()
     except ImportError:
-        print("The demo needs scikit-learn for its data set: pip install 'cbn[demo]'",
+        print("The demo needs scikit-learn for its data set: pip install scikit-learn matplotlib",
               file=sys.stderr)
         return 1
     x_train, x_val, _, _ = data
@@ -237,7 +237,7 @@ def main(argv=None):
         plot(results, path)
     except ImportError:
         print("\nmatplotlib is not installed: no learning-curve picture "
-              "(pip install 'cbn[demo]')")
+              "(pip install scikit-learn matplotlib)")
     else:
         print(f"\nLearning curves written to {path}")
     return 0

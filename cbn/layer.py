@@ -81,7 +81,7 @@ class SynchronizedStatistics(LocalStatistics):
         except ImportError as error:
             raise ImportError(
                 "BatchNormalization(synchronized=True) needs mpi4py and an MPI library: "
-                "`pip install mpi4py mpich` (or `pip install cbn[mpi]`); "
+                "`pip install mpi4py mpich`; "
                 f"importing cbn.mpi failed with: {error}") from error
         self._mpi = mpi
         self.comm = comm

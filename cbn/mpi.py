@@ -28,7 +28,7 @@ try:
 except ImportError as error:   # pragma: no cover - exercised with mpi4py hidden
     raise ImportError(
         "cbn.mpi needs mpi4py and an MPI library. Install both from PyPI with "
-        "`pip install mpi4py mpich` (or `pip install cbn[mpi]`), then start your program "
+        "`pip install mpi4py mpich`, then start your program "
         "with `mpiexec -n 4 python your_script.py`.") from error
 
 import cbn
