@@ -31,7 +31,7 @@ and the normalization of that feature run back to back while its data is in cach
 from cython cimport floating
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 
 import numpy as np
@@ -275,6 +275,12 @@ cdef inline int64_t feature_offset(const Walk *w, const Grid *g, Py_ssize_t f) n
 
 cdef inline int64_t row_offset(const Walk *w, Py_ssize_t ro, Py_ssize_t ri) noexcept nogil:
     return w.row_offsets[ro] + ri * w.row_stride
+
+
+cdef inline bint whole_lines(const floating *row, Py_ssize_t n) noexcept nogil:
+    """Whether n elements from row fill whole 64-byte cache lines: then streaming stores
+    never share a line with ordinary ones (cbn.api allocates outputs line-aligned)."""
+    return (<uintptr_t>row) % 64 == 0 and (n * sizeof(floating)) % 64 == 0
 
 
 # Reduced elements [begin, end) of one item, walked as runs along the inner reduced
@@ -646,6 +652,7 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, r
+    cdef floating *y_row
     if g.stream and g.rows_contiguous:
         if floating is float:
             cbn_normalize_rows_stream_f32(x_tile + it.r_begin * xw.row_stride,
@@ -659,11 +666,14 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        for r in range(n):
-            normalize_row(x_tile + row_offset(xw, runs.ro, runs.ri + r), xw.feature_stride,
-                          y_tile + row_offset(yw, runs.ro, runs.ri + r), yw.feature_stride,
-                          it.width, mean + it.f0, scale + it.f0, shift + it.f0, False)
+        for r in range(runs.ri, runs.ri + n):
+            y_row = y_tile + row_offset(yw, runs.ro, r)
+            normalize_row(x_tile + row_offset(xw, runs.ro, r), xw.feature_stride, y_row,
+                          yw.feature_stride, it.width, mean + it.f0, scale + it.f0,
+                          shift + it.f0, g.stream and whole_lines(y_row, it.width))
         advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
 
 
 cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -801,6 +811,7 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, r
+    cdef floating *dx_row
     if g.stream and g.rows_contiguous:
         if floating is float:
             cbn_input_gradient_rows_stream_f32(
@@ -817,12 +828,15 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     while runs.r < runs.end:
         n = run_length(g, &runs)
         for r in range(runs.ri, runs.ri + n):
+            dx_row = dx_tile + row_offset(dxw, runs.ro, r)
             input_gradient_row(dy_tile + row_offset(dyw, runs.ro, r), dyw.feature_stride,
-                               x_tile + row_offset(xw, runs.ro, r), xw.feature_stride,
-                               dx_tile + row_offset(dxw, runs.ro, r), dxw.feature_stride,
-                               it.width, mean + it.f0, coef_dy + it.f0, coef_xc + it.f0,
-                               offset + it.f0, False)
+                               x_tile + row_offset(xw, runs.ro, r), xw.feature_stride, dx_row,
+                               dxw.feature_stride, it.width, mean + it.f0, coef_dy + it.f0,
+                               coef_xc + it.f0, offset + it.f0,
+                               g.stream and whole_lines(dx_row, it.width))
         advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
 
 
 cdef void ri_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,

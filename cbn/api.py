@@ -87,6 +87,27 @@ def _data(x, name="x"):
     return x, x
 
 
+ALIGNED_MIN_BYTES = 1 << 20
+
+
+def _empty_like(x):
+    """An uninitialised array shaped and ordered like x (NumPy's order 'K').
+
+    Large ones start on a 64-byte boundary, so that every row whose length is a multiple of
+    64 bytes fills whole cache lines and the kernels can write it with streaming stores.
+    """
+    if x.nbytes < ALIGNED_MIN_BYTES:
+        return np.empty_like(x, order="K")
+    strides = [0] * x.ndim
+    step = x.itemsize
+    for axis in sorted(range(x.ndim), key=lambda a: abs(x.strides[a]), reverse=True)[::-1]:
+        strides[axis] = step
+        step *= x.shape[axis]
+    raw = np.empty(x.nbytes + 64, np.uint8)
+    offset = -raw.__array_interface__["data"][0] % 64
+    return np.ndarray(x.shape, x.dtype, raw, offset, tuple(strides))
+
+
 def _output(x_in, x, out, *inputs):
     """The buffer the kernel writes: the caller's ``out`` when usable as is, else new.
 
@@ -98,7 +119,7 @@ def _output(x_in, x, out, *inputs):
             _checks.no_partial_overlap(out, other)
         if out.dtype == x.dtype and out.flags.aligned and out.dtype.isnative:
             return out
-    return np.empty_like(x, order="K")
+    return _empty_like(x)
 
 
 def _finish(x_in, computed, out):
