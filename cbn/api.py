@@ -33,7 +33,7 @@ def _axes(shape, axis):
 
 
 def _axis_key(axis):
-    return axis if isinstance(axis, numbers.Integral) else tuple(axis)
+    return axis if type(axis) is int or isinstance(axis, numbers.Integral) else tuple(axis)
 
 
 class _Plan:
@@ -78,6 +78,10 @@ def _data(x, name="x"):
     The only copies cbn makes of data are here: float16 (computed in float32), byte-swapped
     and misaligned arrays.
     """
+    if type(x) is np.ndarray:
+        dtype = x.dtype
+        if dtype.char in "fd" and x.ndim and dtype.isnative and x.flags.aligned:
+            return x, x     # the common case, checked first
     x = _checks.as_data(x, name)
     dtype = x.dtype
     if dtype.char == "e":
