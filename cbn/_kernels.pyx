@@ -657,11 +657,13 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         if floating is float:
             cbn_normalize_rows_stream_f32(x_tile + it.r_begin * xw.row_stride,
                                           y_tile + it.r_begin * yw.row_stride,
-                                          it.r_end - it.r_begin, it.width, mean, scale, shift)
+                                          it.r_end - it.r_begin, it.width, mean + it.f0,
+                                          scale + it.f0, shift + it.f0)
         else:
             cbn_normalize_rows_stream_f64(x_tile + it.r_begin * xw.row_stride,
                                           y_tile + it.r_begin * yw.row_stride,
-                                          it.r_end - it.r_begin, it.width, mean, scale, shift)
+                                          it.r_end - it.r_begin, it.width, mean + it.f0,
+                                          scale + it.f0, shift + it.f0)
         cbn_store_fence()
         return
     while runs.r < runs.end:
@@ -816,13 +818,13 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         if floating is float:
             cbn_input_gradient_rows_stream_f32(
                 dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
-                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width, mean,
-                coef_dy, coef_xc, offset)
+                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width,
+                mean + it.f0, coef_dy + it.f0, coef_xc + it.f0, offset + it.f0)
         else:
             cbn_input_gradient_rows_stream_f64(
                 dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
-                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width, mean,
-                coef_dy, coef_xc, offset)
+                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width,
+                mean + it.f0, coef_dy + it.f0, coef_xc + it.f0, offset + it.f0)
         cbn_store_fence()
         return
     while runs.r < runs.end:
