@@ -49,12 +49,21 @@ def feature_shape(shape, axes):
     return tuple(shape[a] for a in axes)
 
 
-def reduction_size(shape, axes):
-    """Number of elements each feature's statistics are taken over (ValueError if zero)."""
+def element_count(shape, axes):
+    """Number of elements per feature: the product of the extents of the reduced axes.
+
+    Zero for a shard with no rows, which is fine for partial statistics.
+    """
     n = 1
     for a, extent in enumerate(shape):
         if a not in axes:
             n *= extent
+    return n
+
+
+def reduction_size(shape, axes):
+    """Number of elements each feature's statistics are taken over (ValueError if zero)."""
+    n = element_count(shape, axes)
     if n == 0:
         raise ValueError(
             f"cannot take batch statistics over zero elements (x.shape={tuple(shape)}, "

@@ -113,10 +113,7 @@ def batch_moments(x, axis=-1):
     x = _checks.as_data(x)
     axes = _checks.kept_axes(x.ndim, axis)
     features = _checks.feature_shape(x.shape, axes)
-    count = 1
-    for a, extent in enumerate(x.shape):
-        if a not in axes:
-            count *= extent
+    count = _checks.element_count(x.shape, axes)
     if count == 0:
         zeros = np.zeros(features, dtype=np.float64)
         return Moments(0, zeros, zeros, dtype=x.dtype)

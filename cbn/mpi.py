@@ -58,14 +58,6 @@ def _world(comm):
     return MPI.COMM_WORLD if comm is None else comm
 
 
-def _reduction_count(shape, axes):
-    count = 1
-    for a, extent in enumerate(shape):
-        if a not in axes:
-            count *= extent
-    return count
-
-
 def _agree(comm, operation, check, **fields):
     """Exchange descriptors; raise on every rank if any rank failed or the ranks disagree.
 
@@ -117,7 +109,7 @@ def _global_moments(x, axis, comm, operation, extra_check=None, **extra_fields):
     comm = _world(comm)
     with _LocalCheck() as check:
         x, axes, features = _describe_x(x, axis)
-        count = _reduction_count(x.shape, axes)
+        count = _checks.element_count(x.shape, axes)
         if extra_check is not None:
             extra_fields.update(extra_check(features))
         local = cbn.batch_moments(x, axis=axes)
@@ -173,7 +165,7 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, comm=Non
 
     x, axes, merged = _global_moments(x, axis, comm, "batch_norm_forward", parameters)
     mean, var = merged.mean, merged.var
-    if merged.count and x.size and _reduction_count(x.shape, axes):
+    if merged.count and x.size and _checks.element_count(x.shape, axes):
         y = cbn.batch_norm_inference(x, mean, var, gamma, beta, axis=axes, epsilon=epsilon)
     else:                                    # this rank holds no rows
         y = np.empty(x.shape, dtype=x.dtype)
@@ -199,7 +191,7 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, com
             raise TypeError("mean and var are required")
         _checks.as_parameter(gamma, "gamma", features)
         epsilon = _checks.as_epsilon(epsilon)
-        count = _reduction_count(x.shape, axes)
+        count = _checks.element_count(x.shape, axes)
     ok = check.error is None
     fields = _agree(comm, "batch_norm_backward", check,
                     ndim=x.ndim if ok else None, axes=axes if ok else None,

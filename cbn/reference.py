@@ -9,6 +9,8 @@ index on the feature axes ``axis``; ``x̂ = (x − mean) / sqrt(var + epsilon)``
 ``y = γ·x̂ + β``. ``var`` is the biased (population) variance, computed in two passes
 (never as E[x²] − E[x]², which cancels catastrophically when |mean| ≫ std).
 """
+import math
+
 import numpy as np
 
 from . import _checks
@@ -84,7 +86,7 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3):
     mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
     gamma64 = parameter(gamma, "gamma", 1.0)
     epsilon = _checks.as_epsilon(epsilon)
-    n = _checks.reduction_size(x64.shape, tuple(a for a in range(x64.ndim) if a not in reduced))
+    n = math.prod(x64.shape[a] for a in reduced)   # elements per feature
     inv_std = 1.0 / np.sqrt(var64 + epsilon)
     x_hat = (x64 - mean64) * inv_std
     dbeta = dy64.sum(axis=reduced, keepdims=True)
