@@ -72,22 +72,22 @@ def _plan(shape, axes, itemsize, *byte_strides):
     return _Plan(shape, axes, itemsize, byte_strides)
 
 
-def _data(x, name="x"):
-    """(x as given, x as the kernels read it).
+def _data(x, name="x", dtype=None):
+    """(x as given, x as the kernels read it: in ``dtype`` if one is given).
 
-    The only copies cbn makes of data are here: float16 (computed in float32), byte-swapped
-    and misaligned arrays.
+    The only copies cbn makes of input data are here: float16 (computed in float32), dy of
+    another dtype than x, byte-swapped and misaligned arrays.
     """
     if type(x) is np.ndarray:
-        dtype = x.dtype
-        if dtype.char in "fd" and x.ndim and dtype.isnative and x.flags.aligned:
+        char = x.dtype.char
+        if (char in "fd" and x.ndim and x.dtype.isnative and x.flags.aligned
+                and (dtype is None or x.dtype == dtype)):
             return x, x     # the common case, checked first
     x = _checks.as_data(x, name)
-    dtype = x.dtype
-    if dtype.char == "e":
-        return x, x.astype(np.float32)
-    if not (dtype.isnative and x.flags.aligned):
-        return x, x.astype(dtype.newbyteorder("="), order="K")
+    if dtype is None:
+        dtype = np.float32 if x.dtype.char == "e" else x.dtype.newbyteorder("=")
+    if x.dtype != dtype or not x.flags.aligned:
+        return x, x.astype(dtype, order="K")
     return x, x
 
 
@@ -217,10 +217,8 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None):
     """
     x_in, x = _data(x)
     axes, n, features = _axes(x.shape, _axis_key(axis))
-    dy_in, dy = _data(dy, "dy")
+    dy_in, dy = _data(dy, "dy", x.dtype)
     _checks.same_shape(dy_in, x_in)
-    if dy.dtype != x.dtype:
-        dy = dy.astype(x.dtype)
     epsilon = _checks.as_epsilon(epsilon)
     if with_dx:
         dx = _output(x_in, x, out, dy_in)
@@ -282,9 +280,10 @@ def batch_norm_backward_from_sums(dy, x, mean, var, gamma, sum_dy, sum_dy_xhat, 
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     x_in, x = _data(x)
-    if x.size == 0:
+    if x.size == 0:   # a shard without rows: nothing to compute, but the call must be valid
+        _checks.kept_axes(x.ndim, _axis_key(axis))
         _checks.same_shape(_data(dy, "dy")[0], x_in)
-        return np.empty(x_in.shape, x_in.dtype)
+        return _finish(x_in, _output(x_in, x, out), out)
     x_in, plan, kernel, dx, dgamma, dbeta = _gradient(dy, x_in, mean, var, gamma, axis, epsilon,
                                                       True, out)
     features = _axes(x_in.shape, _axis_key(axis))[2]
