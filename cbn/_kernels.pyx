@@ -175,7 +175,12 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
     g.n_features = g.n_fo * g.n_fi
     g.features_inner = plan.features_inner
     g.n_bytes = g.n_rows * g.n_features * itemsize
-    g.stream = g.rows_contiguous = False
+    g.stream = False
+    # Whole rows back to back in every operand: a chunk of rows is one contiguous run.
+    g.rows_contiguous = (g.features_inner and g.n_fo == 1 and g.n_ro == 1
+                         and 8 <= g.n_fi <= CBN_MAX_WIDTH
+                         and all(o.feature_stride == 1 and o.row_stride == g.n_fi
+                                 for o in plan.operands))
     g.n_threads = 1
     if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
         g.tile_width = g.n_tiles = g.rows_per_block = g.rows_per_run = 1
@@ -997,13 +1002,6 @@ cdef class KernelPlan:
         self.grid = make_grid(layout, itemsize)
         for k, operand in enumerate(layout.operands):
             self.walks[k] = make_walk(operand)
-        # Whole rows back to back in every operand: a chunk of rows is one contiguous run.
-        self.grid.rows_contiguous = (self.grid.features_inner
-                                 and self.grid.n_fo == 1 and self.grid.n_ro == 1
-                                 and 8 <= self.grid.n_fi <= CBN_MAX_WIDTH
-                                 and all(o.feature_stride == 1
-                                         and o.row_stride == self.grid.n_fi
-                                         for o in layout.operands))
 
     cdef Grid call_grid(self):
         cdef Grid g = self.grid
