@@ -271,7 +271,9 @@ def test_evaluate_and_predict_agree_with_numpy():
     probabilities = model.predict(x, batch_size=7)
     assert probabilities.shape == (50, 3)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
-    np.testing.assert_allclose(probabilities, model.predict(x, batch_size=50), rtol=1e-6)
+    # BN in inference mode is row-independent, but a float32 BLAS GEMM blocks by row count:
+    # 7 rows and 50 rows may round differently in the last bits of the Dense layers.
+    np.testing.assert_allclose(probabilities, model.predict(x, batch_size=50), rtol=1e-5)
     loss, accuracy = model.evaluate(x, y, batch_size=9)
     p = probabilities.astype(np.float64)
     assert loss == pytest.approx(-np.mean(np.log(p[np.arange(50), y])), rel=1e-4)
