@@ -8,7 +8,6 @@ in double and rounding those small arrays would throw that precision away. Param
 Everything that depends only on the shape, strides and axes of a call is computed once and
 cached, so a small call costs little more than its arithmetic.
 """
-import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -26,14 +25,19 @@ def openmp_enabled():
 
 
 @lru_cache(maxsize=1024)
-def _axes(shape, axis):
-    """(kept axes, elements per feature, feature shape) of a shape and a hashable axis."""
+def _axes(shape, axis, statistics=True):
+    """(kept axes, elements per feature, feature shape) of a shape and a hashable axis.
+
+    With ``statistics`` (everything but inference) zero elements per feature is an error.
+    """
     axes = _checks.kept_axes(len(shape), axis)
-    return axes, _checks.reduction_size(shape, axes), _checks.feature_shape(shape, axes)
+    n = (_checks.reduction_size if statistics else _checks.element_count)(shape, axes)
+    return axes, n, _checks.feature_shape(shape, axes)
 
 
 def _axis_key(axis):
-    return axis if type(axis) is int or isinstance(axis, numbers.Integral) else tuple(axis)
+    """axis as a hashable key: an int or a tuple of ints (bools, floats, strings refused)."""
+    return axis if type(axis) is int else _checks.axis_spelling(axis)
 
 
 class _Plan:
@@ -143,6 +147,15 @@ def _parameter(plan, value, name, features, required=False):
     return plan.to_kernel(_checks.as_parameter(value, name, features))
 
 
+def _apart_from(out, *vectors):
+    """The kernel vectors, each copied if it shares memory with ``out``: the kernels keep
+    reading parameters while they write the output."""
+    if out is None:
+        return vectors
+    return tuple(v.copy() if v is not None and np.may_share_memory(out, v) else v
+                 for v in vectors)
+
+
 def batch_stats(x, axis=-1):
     """Batch mean and biased variance of every feature.
 
@@ -180,8 +193,8 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
     epsilon = _checks.as_epsilon(epsilon)
     y = _output(x_in, x, out)
     plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
-    gamma = _parameter(plan, gamma, "gamma", features)
-    beta = _parameter(plan, beta, "beta", features)
+    gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
+                              _parameter(plan, beta, "beta", features))
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if x.size:
         _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var)
@@ -196,14 +209,14 @@ def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1
     in double so a large mean does not cost accuracy.
     """
     x_in, x = _data(x)
-    axes, _, features = _axes(x.shape, _axis_key(axis))
+    axes, _, features = _axes(x.shape, _axis_key(axis), False)   # no statistics taken
     epsilon = _checks.as_epsilon(epsilon)
     y = _output(x_in, x, out)
     plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
-    mean = _parameter(plan, mean, "mean", features, required=True)
-    var = _parameter(plan, var, "var", features, required=True)
-    gamma = _parameter(plan, gamma, "gamma", features)
-    beta = _parameter(plan, beta, "beta", features)
+    mean, var, gamma, beta = _apart_from(
+        out, _parameter(plan, mean, "mean", features, required=True),
+        _parameter(plan, var, "var", features, required=True),
+        _parameter(plan, gamma, "gamma", features), _parameter(plan, beta, "beta", features))
     if x.size:
         _kernels.batch_norm_inference(plan.kernel, x, y, mean, var, gamma, beta, epsilon)
     return _finish(x_in, y, out)
@@ -226,9 +239,10 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None):
     else:
         dx = None
         plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides)
-    mean = _parameter(plan, mean, "mean", features, required=True)
-    var = _parameter(plan, var, "var", features, required=True)
-    gamma = _parameter(plan, gamma, "gamma", features)
+    mean, var, gamma = _apart_from(
+        out, _parameter(plan, mean, "mean", features, required=True),
+        _parameter(plan, var, "var", features, required=True),
+        _parameter(plan, gamma, "gamma", features))
     dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
     kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
                                dbeta, n) if x.size else None
@@ -275,8 +289,7 @@ def batch_norm_backward_from_sums(dy, x, mean, var, gamma, sum_dy, sum_dy_xhat, 
     ``dy``, ``x`` are this shard (which may have no elements). With the whole batch as the
     shard this is :func:`batch_norm_backward`'s dx.
     """
-    if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
-        raise TypeError(f"count must be an integer, got {count!r}")
+    count = _checks.as_integer(count, "count")
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
     x_in, x = _data(x)

@@ -35,7 +35,9 @@ SPLIT_EVERY = 32
 
 def _as_dask(darr, axis):
     if not isinstance(darr, da.Array):
+        _checks.refuse_masked(darr, "x")
         darr = da.asarray(darr)
+    _checks.refuse_masked(darr._meta, "x")       # a Dask array of masked chunks
     if not _checks.is_data_dtype(darr.dtype):
         raise TypeError(f"x must be float16, float32 or float64, got dtype {darr.dtype}")
     if darr.ndim == 0:
@@ -45,6 +47,7 @@ def _as_dask(darr, axis):
 
 def _chunk_moments(block, axes, expected_shape, dtype, where):
     """Moments of one chunk, after checking it is what the Dask array says it is."""
+    _checks.refuse_masked(block, f"chunk {where}")
     block = np.asarray(block)
     if block.dtype != dtype:
         raise ValueError(f"chunk {where} has dtype {block.dtype}, but the Dask array declares "
@@ -80,6 +83,7 @@ def _assemble(merged, grid_shape):
 def moments_delayed(darr, axis=-1, split_every=SPLIT_EVERY):
     """A ``dask.delayed`` object that computes the :class:`cbn.Moments` of the whole array."""
     darr, axes = _as_dask(darr, axis)
+    split_every = _checks.as_integer(split_every, "split_every")
     if split_every < 2:
         raise ValueError(f"split_every must be >= 2, got {split_every}")
     blocks = darr.to_delayed()

@@ -21,8 +21,6 @@ therefore bitwise independent of the order the shards are given in (so every MPI
 every rerun, gets the same bits), and the rounding error grows with the tree depth
 (log₂ of the number of shards), not with the number of shards.
 """
-import numbers
-
 import numpy as np
 
 import cbn
@@ -58,11 +56,11 @@ class Moments:
     __slots__ = ("count", "_mean", "m2", "dtype")
 
     def __init__(self, count, mean, m2, dtype=None):
-        if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral):
-            raise TypeError(f"count must be an integer, got {count!r}")
-        count = int(count)
+        count = _checks.as_integer(count, "count")
         if count < 0:
             raise ValueError(f"count must be >= 0, got {count}")
+        _checks.refuse_masked(mean, "mean")
+        _checks.refuse_masked(m2, "m2")
         mean = np.array(mean, dtype=np.float64)   # a private copy: Moments are values
         m2 = np.array(m2, dtype=np.float64)
         if mean.shape != m2.shape:

@@ -18,11 +18,16 @@ from . import _checks
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
 
 
-def _prepare(x, axis):
-    """x as float64, the reduced axes, and a function shaping parameters to broadcast."""
+def _prepare(x, axis, statistics=True):
+    """x as float64, the reduced axes, and a function shaping parameters to broadcast.
+
+    ``statistics``: the call takes statistics over the reduced axes (all but inference),
+    so they must hold at least one element.
+    """
     x = _checks.as_data(x)
     axes = _checks.kept_axes(x.ndim, axis)
-    _checks.reduction_size(x.shape, axes)
+    if statistics:
+        _checks.reduction_size(x.shape, axes)
     reduced = tuple(a for a in range(x.ndim) if a not in axes)
     broadcast_shape = tuple(x.shape[a] if a in axes else 1 for a in range(x.ndim))
     features = _checks.feature_shape(x.shape, axes)
@@ -37,8 +42,40 @@ def _prepare(x, axis):
 
 
 def _statistics(x64, reduced):
-    mean = x64.mean(axis=reduced, keepdims=True)
-    var = np.square(x64 - mean).mean(axis=reduced, keepdims=True)
+    """Mean and biased variance of each feature (reduced axes kept, size 1).
+
+    Written to be the more exact side of every comparison:
+
+    * the data of each feature are scaled by a power of two (exact) so that no sum can
+      overflow: a variance beyond the float64 range comes out as inf, but never a mean;
+    * the mean takes a correction step, ``m + mean(x − m)``, and the variance is the
+      corrected two-pass ``(Σd² − (Σd)²/n)/n`` with ``d = x − m`` (Chan, Golub & LeVeque,
+      "Algorithms for computing the sample variance", 1983): a constant feature gets
+      exactly its value and a variance of exactly 0;
+    * a feature holding NaN, or both +inf and −inf, has mean NaN; one holding infinities of
+      one sign has that infinity as its mean; any non-finite value makes the variance NaN
+      (it involves inf − inf), as IEEE arithmetic on the definition gives.
+    """
+    n = math.prod(x64.shape[a] for a in reduced)
+    finite = np.isfinite(x64)
+    finite_values = np.where(finite, x64, 0.0)
+    _, exponent = np.frexp(np.max(np.abs(finite_values), axis=reduced, keepdims=True))
+    scaled = np.ldexp(finite_values, -exponent)                     # |scaled| < 1
+    mean = scaled.mean(axis=reduced, keepdims=True)
+    mean = mean + (scaled - mean).mean(axis=reduced, keepdims=True)
+    deviation = scaled - mean
+    var = (np.square(deviation).sum(axis=reduced, keepdims=True)
+           - np.square(deviation.sum(axis=reduced, keepdims=True)) / n) / n
+    with np.errstate(over="ignore"):
+        mean, var = np.ldexp(mean, exponent), np.ldexp(np.maximum(var, 0.0), 2 * exponent)
+    if finite.all():
+        return mean, var
+    has_nan = np.isnan(x64).any(axis=reduced, keepdims=True)
+    has_inf = (x64 == np.inf).any(axis=reduced, keepdims=True)
+    has_minus_inf = (x64 == -np.inf).any(axis=reduced, keepdims=True)
+    mean = np.where(has_nan | (has_inf & has_minus_inf), np.nan,
+                    np.where(has_inf, np.inf, np.where(has_minus_inf, -np.inf, mean)))
+    var = np.where(finite.all(axis=reduced, keepdims=True), var, np.nan)
     return mean, var
 
 
@@ -62,7 +99,7 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3):
 
 def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3):
     """Inference-mode batch norm with given (moving) statistics."""
-    x64, _, parameter = _prepare(x, axis)
+    x64, _, parameter = _prepare(x, axis, statistics=False)
     mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
     gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
     epsilon = _checks.as_epsilon(epsilon)

@@ -74,3 +74,15 @@ def condition(x, var, gamma=None, epsilon=0.0):
     std = np.sqrt(np.min(np.asarray(var) + epsilon, initial=np.inf))
     x_max = float(np.max(np.abs(x.astype(np.float64)), initial=0.0))
     return 16 * x_max * gamma_max / std if std > 0 else np.inf
+
+
+def assert_statistics_close(mean, var, mean_ref, var_ref, x):
+    """Batch statistics equal up to double rounding of sums of |x|-sized terms.
+
+    A mean is a sum, so its rounding error scales with the data, max|x|, not with the mean
+    itself (which may be ~0 by cancellation); the reference is the exact side.
+    """
+    x_max = float(np.max(np.abs(x.astype(np.float64)), initial=0.0))
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-13, atol=1e-14 * x_max + 1e-300)
+    np.testing.assert_allclose(var, var_ref, rtol=1e-10,
+                               atol=1e-14 * (1 + np.abs(mean_ref).max(initial=0.0)))

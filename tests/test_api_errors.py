@@ -31,7 +31,7 @@ def test_bad_axis_is_a_value_error(call, axis, message):
         CALLS[call](X, axis=axis)
 
 
-@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("call", [c for c in CALLS if c != "inference"])   # needs no stats
 def test_empty_reduction_is_a_value_error(call):
     with pytest.raises(ValueError, match="zero elements"):
         CALLS[call](np.zeros((0, 4)))

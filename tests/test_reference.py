@@ -551,8 +551,7 @@ def test_zero_element_reduction(shape, axis):
         ref.batch_stats(x, axis=axis)
     with pytest.raises(ValueError):
         ref.batch_norm_forward(x, axis=axis)
-    with pytest.raises(ValueError):
-        ref.batch_norm_inference(x, feat * 0, feat, axis=axis)
+    assert ref.batch_norm_inference(x, feat * 0, feat, axis=axis).shape == x.shape
     with pytest.raises(ValueError):
         ref.batch_norm_backward(x, x, feat * 0, feat, axis=axis)
 
