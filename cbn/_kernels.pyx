@@ -20,6 +20,10 @@ small and S2 - S1^2/n does not cancel), and blocks, then chunks, are combined wi
 al.'s pairwise update. So x is read once, the variance never cancels as E[x^2] - E[x]^2
 does, and everything accumulates in double whatever the data type.
 
+Operands laid out differently from each other (a Fortran-ordered or transposed x beside a
+C-ordered dy) get the FI order from the plan, with each one's fastest axis innermost; the
+tiles of those whose features are not adjacent are transposed in cache (stage_rows).
+
 Outputs of stream_min_bytes or more that lie in long contiguous runs are written with
 streaming (non-temporal) stores, which skip reading each line before writing it.
 
@@ -93,6 +97,10 @@ cdef extern from "_simd.h":
                                             int64_t n_rows, int64_t width, const double *mean,
                                             const double *coef_dy, const double *coef_xc,
                                             const double *offset) noexcept nogil
+    void cbn_transpose_f32(const float *src, int64_t src_stride, int64_t n_r, int64_t n_c,
+                           float *dst, int64_t dst_stride) noexcept nogil
+    void cbn_transpose_f64(const double *src, int64_t src_stride, int64_t n_r, int64_t n_c,
+                           double *dst, int64_t dst_stride) noexcept nogil
     int CBN_MAX_WIDTH
 
 cdef extern from "_platform.h":
@@ -148,6 +156,9 @@ cdef struct Grid:
     bint stream                                      # streaming stores for the output
     bint rows_contiguous        # FI, and every operand's rows follow each other in memory
     Py_ssize_t tile_width, n_tiles, rows_per_block, rows_per_run   # FI only
+    # FI with an operand whose features are not adjacent (Fortran, transposed, stepped):
+    # elements of one run of rows staged in a contiguous per-thread tile, else 0.
+    Py_ssize_t stage_elements
     Py_ssize_t n_chunks, chunk_length                # rows (FI) or reduced elements (RI)
     Py_ssize_t n_items
     int n_threads
@@ -182,6 +193,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
                          and all(o.feature_stride == 1 and o.row_stride == g.n_fi
                                  for o in plan.operands))
     g.n_threads = 1
+    g.stage_elements = 0
     if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
         g.tile_width = g.n_tiles = g.rows_per_block = g.rows_per_run = 1
         g.n_chunks = g.chunk_length = 1
@@ -198,6 +210,8 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
                          max(1, g.n_rows * g.n_features // MIN_FI_CHUNK_ELEMENTS))
         g.chunk_length = ceil_div(n_blocks, g.n_chunks) * g.rows_per_block
         g.n_items = g.n_fo * g.n_tiles
+        if any(o.feature_stride != 1 for o in plan.operands):
+            g.stage_elements = g.rows_per_run * g.tile_width
     else:
         g.tile_width = 1
         g.n_tiles = 1
@@ -318,23 +332,69 @@ cdef inline void advance(const Grid *g, Runs *runs, Py_ssize_t n) noexcept nogil
 # Inner loops
 # ---------------------------------------------------------------------------------------
 
-cdef inline void add_shifted_rows(const floating *p, int64_t row_stride, int64_t step,
-                                  Py_ssize_t n_rows, Py_ssize_t width, const double *shift,
-                                  double *s1, double *s2) noexcept nogil:
-    """s1 += Σ (x − shift), s2 += Σ (x − shift)² over n_rows rows of width features."""
+cdef inline void transpose(const floating *src, int64_t src_stride, Py_ssize_t n_r,
+                           Py_ssize_t n_c, floating *dst, int64_t dst_stride) noexcept nogil:
+    """dst[c * dst_stride + r] = src[r * src_stride + c] (_simd.h: 8x8 blocks in registers)."""
+    if floating is float:
+        cbn_transpose_f32(src, src_stride, n_r, n_c, dst, dst_stride)
+    else:
+        cbn_transpose_f64(src, src_stride, n_r, n_c, dst, dst_stride)
+
+
+# FI tiles of an operand whose features are not adjacent (a Fortran-ordered or transposed x
+# beside a C-ordered dy, a stepped view) are copied one run of rows at a time into a
+# per-thread stage of rows of adjacent features, and outputs written there are copied back:
+# the SIMD loops then serve every operand, and the copy, a blocked transpose within the
+# caches, reads and writes whole cache lines of the operand in its own order.
+cdef inline const floating *stage_rows(const floating *p, int64_t *row_stride, int64_t step,
+                                       Py_ssize_t n_rows, Py_ssize_t width,
+                                       floating *stage) noexcept nogil:
+    """n_rows x width elements of p as rows of adjacent features: p itself if its features
+    are adjacent, else their copy in stage (then *row_stride becomes width)."""
     cdef Py_ssize_t r, j
-    cdef double d
     if step == 1:
-        if floating is float:
-            cbn_shifted_sums_f32(p, row_stride, n_rows, width, shift, s1, s2)
-        else:
-            cbn_shifted_sums_f64(p, row_stride, n_rows, width, shift, s1, s2)
+        return p
+    if row_stride[0] == 1:
+        transpose(p, step, width, n_rows, stage, width)
+    else:
+        for r in range(n_rows):
+            for j in range(width):
+                stage[r * width + j] = p[r * row_stride[0] + j * step]
+    row_stride[0] = width
+    return stage
+
+
+cdef inline floating *output_rows(floating *p, int64_t *row_stride, int64_t step,
+                                  Py_ssize_t width, floating *stage) noexcept nogil:
+    """Where to write rows of adjacent features bound for p: p, or stage (then copied back
+    with unstage_rows, and *row_stride becomes width)."""
+    if step == 1:
+        return p
+    row_stride[0] = width
+    return stage
+
+
+cdef inline void unstage_rows(const floating *stage, Py_ssize_t n_rows, Py_ssize_t width,
+                              floating *p, int64_t row_stride, int64_t step) noexcept nogil:
+    """Copy rows of adjacent features from stage to p's own layout (stage_rows' inverse)."""
+    cdef Py_ssize_t r, j
+    if row_stride == 1:
+        transpose(stage, width, n_rows, width, p, step)
         return
     for r in range(n_rows):
         for j in range(width):
-            d = p[r * row_stride + j * step] - shift[j]
-            s1[j] += d
-            s2[j] += d * d
+            p[r * row_stride + j * step] = stage[r * width + j]
+
+
+cdef inline void add_shifted_rows(const floating *p, int64_t row_stride, int64_t step,
+                                  Py_ssize_t n_rows, Py_ssize_t width, const double *shift,
+                                  double *s1, double *s2, floating *stage) noexcept nogil:
+    """s1 += Σ (x − shift), s2 += Σ (x − shift)² over n_rows rows of width features."""
+    p = stage_rows(p, &row_stride, step, n_rows, width, stage)
+    if floating is float:
+        cbn_shifted_sums_f32(p, row_stride, n_rows, width, shift, s1, s2)
+    else:
+        cbn_shifted_sums_f64(p, row_stride, n_rows, width, shift, s1, s2)
 
 
 cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n, double shift,
@@ -356,22 +416,18 @@ cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n,
         s2[0] += d * d
 
 
-cdef inline void normalize_row(const floating *x, int64_t x_step, floating *y, int64_t y_step,
-                               Py_ssize_t n, const double *mean, const double *scale,
-                               const double *shift, bint stream) noexcept nogil:
+cdef inline void normalize_row(const floating *x, floating *y, Py_ssize_t n, const double *mean,
+                               const double *scale, const double *shift,
+                               bint stream) noexcept nogil:
     cdef Py_ssize_t j
-    if x_step == 1 and y_step == 1:
-        if stream:
-            if floating is float:
-                cbn_normalize_stream_f32(x, y, n, mean, scale, shift, 1)
-            else:
-                cbn_normalize_stream_f64(x, y, n, mean, scale, shift, 1)
-            return
-        for j in range(n):
-            y[j] = <floating>((x[j] - mean[j]) * scale[j] + shift[j])
-    else:
-        for j in range(n):
-            y[j * y_step] = <floating>((x[j * x_step] - mean[j]) * scale[j] + shift[j])
+    if stream:
+        if floating is float:
+            cbn_normalize_stream_f32(x, y, n, mean, scale, shift, 1)
+        else:
+            cbn_normalize_stream_f64(x, y, n, mean, scale, shift, 1)
+        return
+    for j in range(n):
+        y[j] = <floating>((x[j] - mean[j]) * scale[j] + shift[j])
 
 
 cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, int64_t y_step,
@@ -395,23 +451,17 @@ cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, i
 cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride, int64_t dy_step,
                                    const floating *x, int64_t x_row_stride, int64_t x_step,
                                    Py_ssize_t n_rows, Py_ssize_t width, const double *mean,
-                                   double *sum_dy, double *sum_dy_xc) noexcept nogil:
+                                   double *sum_dy, double *sum_dy_xc, floating *dy_stage,
+                                   floating *x_stage) noexcept nogil:
     """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over n_rows rows of width features."""
-    cdef Py_ssize_t r, j
-    cdef double g
-    if dy_step == 1 and x_step == 1:
-        if floating is float:
-            cbn_gradient_sums_f32(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
-                                  sum_dy, sum_dy_xc)
-        else:
-            cbn_gradient_sums_f64(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
-                                  sum_dy, sum_dy_xc)
-        return
-    for r in range(n_rows):
-        for j in range(width):
-            g = dy[r * dy_row_stride + j * dy_step]
-            sum_dy[j] += g
-            sum_dy_xc[j] += g * (x[r * x_row_stride + j * x_step] - mean[j])
+    dy = stage_rows(dy, &dy_row_stride, dy_step, n_rows, width, dy_stage)
+    x = stage_rows(x, &x_row_stride, x_step, n_rows, width, x_stage)
+    if floating is float:
+        cbn_gradient_sums_f32(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
+                              sum_dy, sum_dy_xc)
+    else:
+        cbn_gradient_sums_f64(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
+                              sum_dy, sum_dy_xc)
 
 
 cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floating *x,
@@ -434,25 +484,19 @@ cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floatin
 
 # dx = coef_dy * dy + coef_xc * (x - mean) + offset: the training-mode gradient, with the
 # per-feature factors computed once in gradient_factors.
-cdef inline void input_gradient_row(const floating *dy, int64_t dy_step, const floating *x,
-                                    int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
-                                    const double *mean, const double *coef_dy,
+cdef inline void input_gradient_row(const floating *dy, const floating *x, floating *dx,
+                                    Py_ssize_t n, const double *mean, const double *coef_dy,
                                     const double *coef_xc, const double *offset,
                                     bint stream) noexcept nogil:
     cdef Py_ssize_t j
-    if dy_step == 1 and x_step == 1 and dx_step == 1:
-        if stream:
-            if floating is float:
-                cbn_input_gradient_stream_f32(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
-            else:
-                cbn_input_gradient_stream_f64(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
-            return
-        for j in range(n):
-            dx[j] = <floating>(coef_dy[j] * dy[j] + coef_xc[j] * (x[j] - mean[j]) + offset[j])
-    else:
-        for j in range(n):
-            dx[j * dx_step] = <floating>(coef_dy[j] * dy[j * dy_step]
-                                         + coef_xc[j] * (x[j * x_step] - mean[j]) + offset[j])
+    if stream:
+        if floating is float:
+            cbn_input_gradient_stream_f32(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
+        else:
+            cbn_input_gradient_stream_f64(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
+        return
+    for j in range(n):
+        dx[j] = <floating>(coef_dy[j] * dy[j] + coef_xc[j] * (x[j] - mean[j]) + offset[j])
 
 
 cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const floating *x,
@@ -512,11 +556,11 @@ cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_s
     cdef double *s2 = scratch + 3 * g.tile_width
     cdef const floating *tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef Py_ssize_t block, r0, j, n, n_acc = 0, n_block
+    cdef int64_t first_row = row_offset(xw, it.r_begin // g.n_ri, it.r_begin % g.n_ri)
     cdef double weight, cross, block_mean, block_m2
     cdef Runs runs
     for j in range(it.width):   # first shift: the item's first row
-        acc_mean[j] = tile[row_offset(xw, it.r_begin // g.n_ri, it.r_begin % g.n_ri)
-                           + j * xw.feature_stride]
+        acc_mean[j] = tile[first_row + j * xw.feature_stride]
         acc_m2[j] = 0.0
     for block in range(ceil_div(it.r_end - it.r_begin, g.rows_per_block)):
         r0 = it.r_begin + block * g.rows_per_block
@@ -528,7 +572,8 @@ cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_s
         while runs.r < runs.end:
             n = run_length(g, &runs)
             add_shifted_rows(tile + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
-                             xw.feature_stride, n, it.width, acc_mean, s1, s2)
+                             xw.feature_stride, n, it.width, acc_mean, s1, s2,
+                             <floating *>(scratch + 4 * g.tile_width))
             advance(g, &runs, n)
         weight = n_block / <double>(n_acc + n_block)
         cross = n_acc * weight
@@ -621,7 +666,9 @@ cdef struct Buffers:
 cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
                   Py_ssize_t feature_arrays) noexcept nogil:
     """One malloc for a call's buffers (freed with free(b.scratch)); -1 if out of memory."""
-    cdef Py_ssize_t per_thread = tile_arrays * g.tile_width if g.features_inner else 0
+    # FI: the tile's accumulators, then up to three stages (stage_rows) of any element type.
+    cdef Py_ssize_t per_thread = (tile_arrays * g.tile_width + 3 * g.stage_elements
+                                  if g.features_inner else 0)
     cdef Py_ssize_t partials = g.n_chunks * g.n_features
     b.scratch = <double *>malloc(sizeof(double) * (g.n_threads * per_thread + 2 * partials
                                                    + feature_arrays * g.n_features + 1))
@@ -651,13 +698,18 @@ cdef inline void normalization_factors(Py_ssize_t f, const double *var, const do
 
 cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
                             const Walk *yw, Py_ssize_t item, const double *mean,
-                            const double *scale, const double *shift) noexcept nogil:
+                            const double *scale, const double *shift,
+                            floating *stage) noexcept nogil:
     cdef FiItem it = fi_item(g, item)
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t n, r
-    cdef floating *y_row
+    cdef int64_t x_row_stride, y_row_stride
+    cdef const floating *x_rows
+    cdef floating *y_rows
+    cdef floating *y_stage = stage + g.stage_elements
+    cdef bint y_staged = yw.feature_stride != 1
     if g.stream and g.rows_contiguous:
         if floating is float:
             cbn_normalize_rows_stream_f32(x_tile + it.r_begin * xw.row_stride,
@@ -673,11 +725,20 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        for r in range(runs.ri, runs.ri + n):
-            y_row = y_tile + row_offset(yw, runs.ro, r)
-            normalize_row(x_tile + row_offset(xw, runs.ro, r), xw.feature_stride, y_row,
-                          yw.feature_stride, it.width, mean + it.f0, scale + it.f0,
-                          shift + it.f0, g.stream and whole_lines(y_row, it.width))
+        x_row_stride = xw.row_stride
+        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
+                            xw.feature_stride, n, it.width, stage)
+        y_row_stride = yw.row_stride
+        y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
+                             yw.feature_stride, it.width, y_stage)
+        for r in range(n):
+            normalize_row(x_rows + r * x_row_stride, y_rows + r * y_row_stride, it.width,
+                          mean + it.f0, scale + it.f0, shift + it.f0,
+                          g.stream and not y_staged
+                          and whole_lines(y_rows + r * y_row_stride, it.width))
+        if y_staged:
+            unstage_rows(y_stage, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
+                         yw.row_stride, yw.feature_stride)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
@@ -702,22 +763,24 @@ cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
 
 cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floating *y,
                           const Walk *yw, const double *mean, const double *scale,
-                          const double *shift) noexcept nogil:
+                          const double *shift, const Buffers *ws) noexcept nogil:
     cdef Py_ssize_t item
     if g.n_threads == 1:
         for item in range(g.n_items):
-            normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+            normalize_item(g, x, xw, y, yw, item, mean, scale, shift, ws.scratch)
         return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+        normalize_item(g, x, xw, y, yw, item, mean, scale, shift,
+                       ws.scratch + threadid() * ws.scratch_per_thread)
 
 
 cdef inline void normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
                                 const Walk *yw, Py_ssize_t item, const double *mean,
-                                const double *scale, const double *shift) noexcept nogil:
+                                const double *scale, const double *shift,
+                                double *scratch) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
-        fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift)
+        fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift, <floating *>scratch)
     else:
         it = ri_item(g, item)
         ri_normalize_item(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f])
@@ -757,7 +820,7 @@ cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floati
     compute_moments(g, x, xw, ws, mean, var)
     for f in range(g.n_features):
         normalization_factors(f, var, gamma, epsilon, scale)
-    normalize_items(g, x, xw, y, yw, mean, scale, shift)
+    normalize_items(g, x, xw, y, yw, mean, scale, shift, ws)
 
 
 # ---------------------------------------------------------------------------------------
@@ -771,6 +834,7 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
     cdef FiItem it = fi_item(g, item)
     cdef double *acc_dy = scratch
     cdef double *acc_dy_xc = scratch + g.tile_width
+    cdef floating *stage = <floating *>(scratch + 2 * g.tile_width)
     cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
@@ -783,7 +847,7 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
         add_gradient_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
                           dyw.feature_stride, x_tile + row_offset(xw, runs.ro, runs.ri),
                           xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
-                          acc_dy, acc_dy_xc)
+                          acc_dy, acc_dy_xc, stage, stage + g.stage_elements)
         advance(g, &runs, n)
     for j in range(it.width):
         chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
@@ -811,14 +875,19 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
                                  const floating *x, const Walk *xw, floating *dx,
                                  const Walk *dxw, Py_ssize_t item, const double *mean,
                                  const double *coef_dy, const double *coef_xc,
-                                 const double *offset) noexcept nogil:
+                                 const double *offset, floating *stage) noexcept nogil:
     cdef FiItem it = fi_item(g, item)
     cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t n, r
-    cdef floating *dx_row
+    cdef int64_t dy_row_stride, x_row_stride, dx_row_stride
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
+    cdef floating *dx_rows
+    cdef floating *dx_stage = stage + 2 * g.stage_elements
+    cdef bint dx_staged = dxw.feature_stride != 1
     if g.stream and g.rows_contiguous:
         if floating is float:
             cbn_input_gradient_rows_stream_f32(
@@ -834,13 +903,23 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        for r in range(runs.ri, runs.ri + n):
-            dx_row = dx_tile + row_offset(dxw, runs.ro, r)
-            input_gradient_row(dy_tile + row_offset(dyw, runs.ro, r), dyw.feature_stride,
-                               x_tile + row_offset(xw, runs.ro, r), xw.feature_stride, dx_row,
-                               dxw.feature_stride, it.width, mean + it.f0, coef_dy + it.f0,
-                               coef_xc + it.f0, offset + it.f0,
-                               g.stream and whole_lines(dx_row, it.width))
+        dy_row_stride, x_row_stride = dyw.row_stride, xw.row_stride
+        dy_rows = stage_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), &dy_row_stride,
+                             dyw.feature_stride, n, it.width, stage)
+        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
+                            xw.feature_stride, n, it.width, stage + g.stage_elements)
+        dx_row_stride = dxw.row_stride
+        dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
+                              dxw.feature_stride, it.width, dx_stage)
+        for r in range(n):
+            input_gradient_row(dy_rows + r * dy_row_stride, x_rows + r * x_row_stride,
+                               dx_rows + r * dx_row_stride, it.width, mean + it.f0,
+                               coef_dy + it.f0, coef_xc + it.f0, offset + it.f0,
+                               g.stream and not dx_staged
+                               and whole_lines(dx_rows + r * dx_row_stride, it.width))
+        if dx_staged:
+            unstage_rows(dx_stage, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
+                         dxw.row_stride, dxw.feature_stride)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
@@ -932,27 +1011,28 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
 
 cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dyw,
                                const floating *x, const Walk *xw, floating *dx, const Walk *dxw,
-                               GradientFactors *k) noexcept nogil:
+                               const Buffers *ws, GradientFactors *k) noexcept nogil:
     """dx from the sums already in k."""
     cdef Py_ssize_t item, f
     for f in range(g.n_features):
         gradient_factors(f, k)
     if g.n_threads == 1:
         for item in range(g.n_items):
-            input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item)
+            input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item, ws.scratch)
         return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item)
+        input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item,
+                            ws.scratch + threadid() * ws.scratch_per_thread)
 
 
 cdef inline void input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
                                      const floating *x, const Walk *xw, floating *dx,
                                      const Walk *dxw, const GradientFactors *k,
-                                     Py_ssize_t item) noexcept nogil:
+                                     Py_ssize_t item, double *scratch) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
         fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy, k.coef_xc,
-                               k.offset)
+                               k.offset, <floating *>scratch)
     else:
         it = ri_item(g, item)
         ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f], k.coef_dy[it.f],
@@ -965,7 +1045,7 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
     cdef Py_ssize_t f
     if g.features_inner or g.n_chunks > 1:
         gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
-        input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, k)
+        input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
     elif g.n_threads == 1:
         for f in range(g.n_features):
             fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
@@ -1091,10 +1171,12 @@ def batch_norm_inference(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, cnp.ndar
             normalization_factors(f, var_data, n.gamma, epsilon, n.scale)
         if n.single:
             normalize_items(&n.grid, <const float *>n.x_data, &plan.walks[0],
-                            <float *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift)
+                            <float *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift,
+                            &n.buffers)
         else:
             normalize_items(&n.grid, <const double *>n.x_data, &plan.walks[0],
-                            <double *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift)
+                            <double *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift,
+                            &n.buffers)
         free(n.buffers.scratch)
 
 
@@ -1174,8 +1256,10 @@ cdef class Gradient:
             if self.single:
                 input_gradient_nogil(&self.grid, <const float *>self.dy_data, &walks[0],
                                      <const float *>self.x_data, &walks[1],
-                                     <float *>self.dx_data, &walks[2], &self.factors)
+                                     <float *>self.dx_data, &walks[2], &self.buffers,
+                                     &self.factors)
             else:
                 input_gradient_nogil(&self.grid, <const double *>self.dy_data, &walks[0],
                                      <const double *>self.x_data, &walks[1],
-                                     <double *>self.dx_data, &walks[2], &self.factors)
+                                     <double *>self.dx_data, &walks[2], &self.buffers,
+                                     &self.factors)

@@ -69,14 +69,37 @@ def _merge(dims):
     return merged
 
 
+def _innermost(shape, strides):
+    """The axis an operand steps along fastest (its cache lines run along it), or None."""
+    moving = [a for a in range(len(shape)) if shape[a] > 1 and strides[a] != 0]
+    return min(moving, key=lambda a: abs(strides[a])) if moving else None
+
+
 def make_plan(shape, axes, element_strides):
     """Plan the kernel view of operands of ``shape`` whose strides (in elements) are given.
 
     ``axes`` is the sorted tuple of kept axes; the first operand's strides choose the order.
+
+    Operands that disagree (one steps fastest along a feature axis, another along a reduced
+    axis: a C-ordered dy with a Fortran-ordered or transposed x) get the features-inner loop
+    order with each of those two axes innermost in its group, so that a tile of features
+    times rows covers whole cache lines of every operand; the kernels transpose such tiles
+    in cache (``mixed``).
     """
     lead = element_strides[0]
     # Outermost first; the sort is stable, so ties (broadcast zeros) keep axis order.
     order = sorted(range(len(shape)), key=lambda a: -abs(lead[a]))
+    fastest = [_innermost(shape, s) for s in element_strides]
+    feature_fastest = [a for a in fastest if a is not None and a in axes]
+    row_fastest = [a for a in fastest if a is not None and a not in axes]
+    mixed = bool(feature_fastest and row_fastest)
+    if mixed:
+        # Features in the order of the first operand that steps along them fastest, rows in
+        # that of the first that steps along rows fastest.
+        by_features = element_strides[fastest.index(feature_fastest[0])]
+        by_rows = element_strides[fastest.index(row_fastest[0])]
+        order = sorted(range(len(shape)),
+                       key=lambda a: -abs((by_features if a in axes else by_rows)[a]))
     kept_order = [a for a in order if a in axes]
     feature_order = tuple(axes.index(a) for a in kept_order)
 
@@ -88,8 +111,12 @@ def make_plan(shape, axes, element_strides):
     feature_groups, row_groups = groups(True), groups(False)
     fi_extent, fi_strides = feature_groups[-1]
     ri_extent, ri_strides = row_groups[-1]
-    features_inner = abs(fi_strides[0]) <= abs(ri_strides[0]) if fi_extent > 1 and ri_extent > 1 \
-        else ri_extent == 1
+    if mixed:
+        features_inner = True
+    elif fi_extent > 1 and ri_extent > 1:
+        features_inner = abs(fi_strides[0]) <= abs(ri_strides[0])
+    else:
+        features_inner = ri_extent == 1
     operands = tuple(
         OperandLayout(
             feature_offsets=_offset_table(feature_groups[:-1], k),

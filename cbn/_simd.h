@@ -218,6 +218,71 @@ static inline void cbn_stream_f64(double *p, cbn_v8d v) { cbn_store_f64(p, v); }
 static inline void cbn_store_fence(void) {}
 #endif
 
+/* dst[c * dst_stride + r] = src[r * src_stride + c] for r < n_r, c < n_c: a tile of an
+ * operand laid out the other way round from its neighbours, copied within the caches
+ * (cbn_kernels' stage_rows). With AVX, blocks of 8x8 floats or 4x4 doubles are transposed
+ * in registers, so both sides move whole vectors. */
+#ifdef __AVX__
+static inline void cbn_transpose_block_f32(const float *src, int64_t src_stride, float *dst,
+                                           int64_t dst_stride) {
+    __m256 r[8], t[8], u[8];
+    int q;
+    for (q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(src + q * src_stride);
+    for (q = 0; q < 8; q += 2) {
+        t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+        t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+    }
+    for (q = 0; q < 8; q += 4) {
+        u[q] = _mm256_shuffle_ps(t[q], t[q + 2], _MM_SHUFFLE(1, 0, 1, 0));
+        u[q + 1] = _mm256_shuffle_ps(t[q], t[q + 2], _MM_SHUFFLE(3, 2, 3, 2));
+        u[q + 2] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(1, 0, 1, 0));
+        u[q + 3] = _mm256_shuffle_ps(t[q + 1], t[q + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (q = 0; q < 4; q++) {
+        _mm256_storeu_ps(dst + q * dst_stride, _mm256_permute2f128_ps(u[q], u[q + 4], 0x20));
+        _mm256_storeu_ps(dst + (q + 4) * dst_stride,
+                         _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
+    }
+}
+static inline void cbn_transpose_block_f64(const double *src, int64_t src_stride, double *dst,
+                                           int64_t dst_stride) {
+    __m256d r[4], t[4];
+    int q;
+    for (q = 0; q < 4; q++) r[q] = _mm256_loadu_pd(src + q * src_stride);
+    for (q = 0; q < 4; q += 2) {
+        t[q] = _mm256_unpacklo_pd(r[q], r[q + 1]);
+        t[q + 1] = _mm256_unpackhi_pd(r[q], r[q + 1]);
+    }
+    for (q = 0; q < 2; q++) {
+        _mm256_storeu_pd(dst + q * dst_stride, _mm256_permute2f128_pd(t[q], t[q + 2], 0x20));
+        _mm256_storeu_pd(dst + (q + 2) * dst_stride,
+                         _mm256_permute2f128_pd(t[q], t[q + 2], 0x31));
+    }
+}
+#define CBN_TRANSPOSE_BLOCKS(S, B)                                                           \
+    for (; r0 + B <= n_r; r0 += B) {                                                         \
+        for (c = 0; c + B <= n_c; c += B)                                                    \
+            cbn_transpose_block_##S(src + r0 * src_stride + c, src_stride,                   \
+                                    dst + c * dst_stride + r0, dst_stride);                  \
+        for (; c < n_c; c++)                                                                 \
+            for (r = r0; r < r0 + B; r++) dst[c * dst_stride + r] = src[r * src_stride + c]; \
+    }
+#else
+#define CBN_TRANSPOSE_BLOCKS(S, B)
+#endif
+
+#define CBN_DEFINE_TRANSPOSE(T, S, B)                                                        \
+static void cbn_transpose_##S(const T *src, int64_t src_stride, int64_t n_r, int64_t n_c,    \
+                              T *dst, int64_t dst_stride) {                                  \
+    int64_t r0 = 0, r, c;                                                                    \
+    CBN_TRANSPOSE_BLOCKS(S, B)                                                               \
+    for (r = r0; r < n_r; r++)                                                               \
+        for (c = 0; c < n_c; c++) dst[c * dst_stride + r] = src[r * src_stride + c];         \
+}
+
+CBN_DEFINE_TRANSPOSE(float, f32, 8)
+CBN_DEFINE_TRANSPOSE(double, f64, 4)
+
 static inline cbn_v8d cbn_parameter(const double *p, int64_t i, int per_element) {
     cbn_v8d v = {0};
     return per_element ? cbn_load_f64(p + i) : v + p[0];

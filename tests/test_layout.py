@@ -76,3 +76,22 @@ def test_operands_with_different_layouts_share_one_plan():
     x_index = np.stack(np.unravel_index(x_offsets, x.shape))
     y_index = np.stack(np.unravel_index(y_offsets, x.shape, order="F"))
     np.testing.assert_array_equal(x_index, y_index)
+
+
+@pytest.mark.parametrize("x_order,dy_order", [("F", "C"), ("C", "F"), ("NCHW", "C")])
+def test_disagreeing_operands_get_tiles_of_whole_lines(x_order, dy_order):
+    """Each operand's fastest axis is one of the two inner loops (features inner), so a
+    tile of features x rows covers whole cache lines of both; both walk the same cells."""
+    values = np.arange(8 * 14 * 14 * 64, dtype=np.float64).reshape(8, 14, 14, 64)
+
+    def make(order):
+        if order == "NCHW":
+            return np.ascontiguousarray(values.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+        return np.asarray(values, order=order)
+    x, dy = make(x_order), make(dy_order)
+    plan = make_plan(x.shape, (3,), (element_strides(x), element_strides(dy)))
+    assert plan.features_inner
+    for layout in plan.operands:
+        assert 1 in (abs(layout.feature_stride), abs(layout.row_stride))
+    np.testing.assert_array_equal(read_at_offsets(x, plan_offsets(plan, 0)),
+                                  read_at_offsets(dy, plan_offsets(plan, 1)))

@@ -1,0 +1,108 @@
+"""Operands laid out differently from each other: x in one layout, dy and out= in others.
+
+The plan takes a tile order that suits all of them and transposes tiles of the odd operand
+in cache (cbn._layout, stage_rows in cbn/_kernels.pyx); every pairing must give the
+reference's result, and the same bits for any thread count.
+"""
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from threadpoolctl import threadpool_limits
+
+import cbn
+import cbn.api
+from cbn import reference
+
+from layouts import assert_close, in_layout
+
+PAIRED_LAYOUTS = ("C", "F", "transposed", "stepped", "reversed")
+
+
+@st.composite
+def mixed_case(draw):
+    """(values, dy values, axis, x layout, dy layout, out layout, dtype, rng)."""
+    rank = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 19), min_size=rank, max_size=rank)))
+    kept = draw(st.lists(st.integers(0, rank - 1), min_size=1, max_size=2, unique=True))
+    layouts = [draw(st.sampled_from(PAIRED_LAYOUTS)) for _ in range(3)]
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    values = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    return values, dy, sorted(kept), layouts, dtype, rng
+
+
+@settings(max_examples=120, deadline=None)
+@given(mixed_case())
+def test_every_layout_pairing_matches_reference(case):
+    values, dy_values, axis, (x_layout, dy_layout, out_layout), dtype, rng = case
+    x = in_layout(values, x_layout, rng)
+    dy = in_layout(dy_values, dy_layout, rng)
+    features = tuple(values.shape[a] for a in axis)
+    gamma, beta = rng.standard_normal(features), rng.standard_normal(features)
+
+    out = in_layout(np.zeros_like(values), out_layout, rng)
+    y, mean, var = cbn.batch_norm_forward(x, gamma, beta, axis=axis, out=out)
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(values, gamma, beta, axis=axis)
+    assert y is out
+    assert_close(y, y_ref, dtype, condition=1e4)
+    assert_close(mean, mean_ref, np.float64, condition=1e4)
+
+    out = in_layout(np.zeros_like(values), out_layout, rng)
+    y = cbn.batch_norm_inference(x, mean_ref, var_ref, gamma, beta, axis=axis, out=out)
+    assert_close(y, y_ref, dtype, condition=1e4)
+
+    out = in_layout(np.zeros_like(values), out_layout, rng)
+    dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean_ref, var_ref, gamma, axis=axis,
+                                                out=out)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy_values, values, mean_ref,
+                                                                  var_ref, gamma, axis=axis)
+    assert dx is out
+    assert_close(dx, dx_ref, dtype, condition=1e4)
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-9, atol=1e-9)
+    sums = cbn.api.gradient_sums(dy, x, mean_ref, var_ref, axis=axis)
+    np.testing.assert_allclose(sums[0], dgamma_ref, rtol=1e-9, atol=1e-9)
+
+    np.testing.assert_array_equal(x, values)     # inputs untouched
+    np.testing.assert_array_equal(dy, dy_values)
+
+
+def nchw_as_nhwc(values):
+    """NHWC values stored as NCHW: the transposed activation of a training loop."""
+    return np.ascontiguousarray(values.transpose(0, 3, 1, 2)).transpose(0, 2, 3, 1)
+
+
+LAYOUT_MAKERS = {"C": np.ascontiguousarray, "F": np.asfortranarray, "NCHW": nchw_as_nhwc}
+PAIRS = [("F", "C"), ("C", "F"), ("NCHW", "C"), ("C", "NCHW")]
+
+
+def run_all(x, dy, out_like):
+    y = cbn.batch_norm_forward(x, out=out_like())
+    mean, var = y[1], y[2]
+    return (y[0], mean, var, cbn.batch_norm_inference(x, mean, var, out=out_like()),
+            *cbn.batch_norm_backward(dy, x, mean, var, out=out_like()))
+
+
+@pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,other_layout", PAIRS)
+def test_mixed_layouts_bitwise_identical_for_one_and_two_threads(x_layout, other_layout,
+                                                                 dtype):
+    # 19 x 5 x 12 rows of 40 features: many chunks, rows that are not a multiple of 8.
+    rng = np.random.default_rng(3)
+    values = (rng.standard_normal((19, 5, 12, 40)) * 2 + 1).astype(dtype)
+    x = LAYOUT_MAKERS[x_layout](values)
+    dy = LAYOUT_MAKERS[other_layout](rng.standard_normal(values.shape).astype(dtype))
+
+    def out_like():
+        return LAYOUT_MAKERS[other_layout](np.empty_like(values))
+
+    with threadpool_limits(1, user_api="openmp"):
+        serial = run_all(x, dy, out_like)
+    with threadpool_limits(2, user_api="openmp"):
+        parallel = run_all(x, dy, out_like)
+    for a, b in zip(serial, parallel):
+        assert a.tobytes() == b.tobytes()
+    y_ref, _, _ = reference.batch_norm_forward(values)
+    assert_close(parallel[0], y_ref, dtype, condition=100)
