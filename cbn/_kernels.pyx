@@ -34,7 +34,7 @@ and the normalization of that feature run back to back while its data is in cach
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
-from libc.math cimport sqrt
+from libc.math cimport INFINITY, NAN, fabs, frexp, isfinite, ldexp, sqrt
 from libc.stdint cimport int64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 
@@ -530,14 +530,15 @@ cdef inline void chan_update(double *mean, double *m2, double mean_b, double m2_
     m2[0] += m2_b + delta * delta * cross
 
 
-# A block's moments from its shifted sums: mean = K + S1/n, M2 = S2 − S1²/n. The shift K is
-# the running mean of the item (the block's first values for its first block), so S1 is
-# small and the subtraction loses nothing that matters; M2 >= 0 is restored if rounding
-# took it below.
+# A block's moments from its shifted sums: mean = K + S1/n, M2 = S2 − S1·(S1/n). The shift
+# K is the running mean of the item (the block's first values for its first block), so S1
+# is small and the subtraction loses nothing that matters; M2 >= 0 is restored if rounding
+# took it below. S1·(S1/n) <= S2 overflows only where S2 does (S1² alone can, and the
+# clamp would turn the -inf into a finite, wrong 0).
 cdef inline void shifted_to_moments(double shift, double s1, double s2, Py_ssize_t n,
                                     double *mean, double *m2) noexcept nogil:
     mean[0] = shift + s1 / n
-    m2[0] = s2 - s1 * s1 / n
+    m2[0] = s2 - s1 * (s1 / n)
     if m2[0] < 0.0:
         m2[0] = 0.0
 
@@ -683,8 +684,64 @@ cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
 
 cdef void compute_moments(const Grid *g, const floating *x, const Walk *xw, const Buffers *ws,
                           double *mean_out, double *var_out) noexcept nogil:
+    cdef Py_ssize_t f
     moments_items(g, x, xw, ws.scratch, ws.scratch_per_thread, ws.chunk_a, ws.chunk_b)
     merge_chunk_moments(g, ws.chunk_a, ws.chunk_b, mean_out, var_out)
+    for f in range(g.n_features):
+        settle_moments(g, x, xw, f, &mean_out[f], &var_out[f])
+
+
+# Non-finite statistics. The fast passes can overflow on finite float64 data (x − K, S2
+# and the Chan updates for |x| near 1e308), and once a feature holds inf, shifting by a
+# running mean of inf turns it into NaN on some block sizes and not others. Any of these
+# leaves the feature's mean or variance non-finite, so that is the (cheap) test; such a
+# feature is recomputed from its data by careful_moments, which decides the result the
+# way cbn.reference does: power-of-two scaling (no overflow but a variance beyond float64,
+# which is inf), and IEEE semantics for NaN and inf.
+cdef inline void settle_moments(const Grid *g, const floating *x, const Walk *xw,
+                                Py_ssize_t f, double *mean, double *var) noexcept nogil:
+    if not (isfinite(mean[0]) and isfinite(var[0])):
+        careful_moments(g, x, xw, f, mean, var)
+
+
+cdef void careful_moments(const Grid *g, const floating *x, const Walk *xw, Py_ssize_t f,
+                          double *mean_out, double *var_out) noexcept nogil:
+    """Mean and variance of feature f in three serial passes (rare inputs only).
+
+    1: NaN, ±inf and the largest finite |x|; 2: the mean of x·2^-e, with 2^e > max|x|;
+    3: the corrected two-pass sums of d = x·2^-e − mean (Chan, Golub & LeVeque, 1983).
+    """
+    cdef const floating *feature = x + feature_offset(xw, g, f)
+    cdef Py_ssize_t ro, ri
+    cdef int exponent
+    cdef bint plus_inf = False, minus_inf = False
+    cdef double v, d, peak = 0.0, total = 0.0, s1 = 0.0, s2 = 0.0, mean
+    for ro in range(g.n_ro):
+        for ri in range(g.n_ri):
+            v = feature[row_offset(xw, ro, ri)]
+            if v != v:
+                mean_out[0] = var_out[0] = NAN
+                return
+            plus_inf = plus_inf or v == INFINITY
+            minus_inf = minus_inf or v == -INFINITY
+            if isfinite(v) and fabs(v) > peak:
+                peak = fabs(v)
+    if plus_inf or minus_inf:   # inf − inf in every deviation: no variance
+        mean_out[0] = NAN if plus_inf and minus_inf else (INFINITY if plus_inf else -INFINITY)
+        var_out[0] = NAN
+        return
+    frexp(peak, &exponent)
+    for ro in range(g.n_ro):
+        for ri in range(g.n_ri):
+            total += ldexp(feature[row_offset(xw, ro, ri)], -exponent)
+    mean = total / g.n_rows
+    for ro in range(g.n_ro):
+        for ri in range(g.n_ri):
+            d = ldexp(feature[row_offset(xw, ro, ri)], -exponent) - mean
+            s1 += d
+            s2 += d * d
+    mean_out[0] = ldexp(mean + s1 / g.n_rows, exponent)
+    var_out[0] = ldexp(max(0.0, (s2 - s1 * (s1 / g.n_rows)) / g.n_rows), 2 * exponent)
 
 
 # ---------------------------------------------------------------------------------------
@@ -806,6 +863,7 @@ cdef inline void fused_forward_feature(const Grid *g, const floating *x, const W
     cdef RiItem it = ri_item(g, f)
     ri_moments(g, x, xw, it, &mean[f], &var[f])
     var[f] /= g.n_rows
+    settle_moments(g, x, xw, f, &mean[f], &var[f])
     normalization_factors(f, var, gamma, epsilon, scale)
     ri_normalize_item(g, x, xw, y, yw, it, mean[f], scale[f], shift[f])
 

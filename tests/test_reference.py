@@ -592,3 +592,71 @@ def test_noncontiguous_input():
     truth_mean, truth_var = _fsum_stats(np.ascontiguousarray(x), 0)
     np.testing.assert_allclose(mean, truth_mean, rtol=1e-14, atol=1e-14)
     np.testing.assert_allclose(var, truth_var, rtol=1e-13)
+
+
+# ----------------------------------------------------------------------------------------
+# 7. Extremes: exact on constant features, no overflow but the variance's, IEEE non-finite
+# ----------------------------------------------------------------------------------------
+
+FLOAT64_MAX = Fraction(np.finfo(np.float64).max)
+EPS = Fraction(2) ** -52
+
+
+@settings(deadline=None)
+@given(st.floats(allow_nan=False, allow_infinity=False), st.integers(1, 3000))
+def test_constant_feature_is_exact(value, n):
+    # The flaky oracle failure: np.mean of n copies of c is not always c, which gave a
+    # variance of ~1e-40 where the kernels give exactly 0 (and y = ±1 instead of 0/0).
+    x = np.full((n, 1), value)
+    mean, var = ref.batch_stats(x)
+    assert mean[0] == value and var[0] == 0.0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y, _, _ = ref.batch_norm_forward(x, epsilon=0.0)
+    assert np.isnan(y).all() if value == value else True
+
+
+FINITE_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
+NEAR_THE_LIMIT = st.floats(1e307, 1.7976931348623157e308) | st.floats(-1.8e308, -1e307)
+
+
+@settings(deadline=None)
+@given(st.lists(FINITE_FLOATS | NEAR_THE_LIMIT, min_size=1, max_size=40),
+       st.sampled_from([1.0, 2.0 ** 500, 2.0 ** 1000, 2.0 ** -1000]))
+def test_stats_of_any_finite_floats_against_exact_fractions(values, scale):
+    with np.errstate(over="ignore"):
+        x = np.array(values) * scale
+    x = x[np.isfinite(x)][:, None]
+    if not x.size:
+        return
+    exact_mean, exact_var = _exact_stats(x[:, 0].tolist())
+    mean, var = ref.batch_stats(x)
+    peak = max(abs(Fraction(v)) for v in x[:, 0].tolist())
+    # A mean cannot overflow (|mean| <= max|x|); its error is that of the sums of x/2^e.
+    assert abs(Fraction(mean[0]) - exact_mean) <= 4 * EPS * peak + Fraction(2) ** -1070
+    if exact_var > FLOAT64_MAX * (1 + 4 * EPS):
+        assert var[0] == np.inf
+    elif exact_var < FLOAT64_MAX * (1 - 4 * EPS):
+        assert abs(Fraction(var[0]) - exact_var) <= (
+            Fraction(1, 10**12) * exact_var + 64 * EPS ** 2 * peak ** 2 + Fraction(2) ** -1070)
+
+
+def test_the_issue_example_against_exact_arithmetic():
+    mean, var = ref.batch_stats([[1e308], [-1e308]])     # sums overflow, mean is 0
+    assert mean[0] == 0.0 and var[0] == np.inf          # var = 1e616 > float64's maximum
+    mean, var = ref.batch_stats([[1.5e308], [1.5e308], [-1.5e308]])
+    assert mean[0] == 5e307 and np.isfinite(var[0]) is np.False_
+
+
+@given(st.lists(st.floats(-1e300, 1e300), min_size=1, max_size=20),
+       st.lists(st.sampled_from([np.inf, -np.inf, np.nan]), min_size=1, max_size=3),
+       st.randoms())
+def test_non_finite_features_follow_ieee_semantics(values, specials, rnd):
+    column = values + specials
+    rnd.shuffle(column)
+    mean, var = ref.batch_stats(np.array(column)[:, None])
+    has = {s: any(v == s for v in column) for s in (np.inf, -np.inf)}
+    if any(v != v for v in column) or (has[np.inf] and has[-np.inf]):
+        assert np.isnan(mean[0])
+    else:   # the infinities of one sign dominate the sum
+        assert mean[0] == (np.inf if has[np.inf] else -np.inf)
+    assert np.isnan(var[0])   # every deviation from an infinite mean is inf − inf or ±inf
