@@ -101,6 +101,8 @@ cdef extern from "_simd.h":
                            float *dst, int64_t dst_stride) noexcept nogil
     void cbn_transpose_f64(const double *src, int64_t src_stride, int64_t n_r, int64_t n_c,
                            double *dst, int64_t dst_stride) noexcept nogil
+    void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, int64_t n_rows,
+                           int64_t width, int64_t itemsize, int for_writing) noexcept nogil
     int CBN_MAX_WIDTH
 
 cdef extern from "_platform.h":
@@ -113,6 +115,7 @@ cdef enum:
     TILE_FEATURES = 1024        # features per FI work item: its accumulators stay in L1
     BLOCK_ELEMENTS = 65536      # elements per block of shifted sums folded into the moments
     RUN_ELEMENTS = 8192         # FI: rows per register-blocked pass stay in L1 (_simd.h)
+    STAGE_ELEMENTS = 32768      # FI, staged plans: long runs, long segments of odd operands
     MAX_CHUNKS = 64             # FI chunks of rows, i.e. partial results per feature
     MIN_FI_CHUNK_ELEMENTS = 65536  # FI: fewer, larger chunks for small arrays
     CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
@@ -211,6 +214,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
         g.chunk_length = ceil_div(n_blocks, g.n_chunks) * g.rows_per_block
         g.n_items = g.n_fo * g.n_tiles
         if any(o.feature_stride != 1 for o in plan.operands):
+            g.rows_per_run = min(g.rows_per_block, max(1, STAGE_ELEMENTS // g.tile_width))
             g.stage_elements = g.rows_per_run * g.tile_width
     else:
         g.tile_width = 1
@@ -328,6 +332,22 @@ cdef inline void advance(const Grid *g, Runs *runs, Py_ssize_t n) noexcept nogil
         runs.ri, runs.ro = 0, runs.ro + 1
 
 
+cdef inline void prefetch_next_run(const Grid *g, Runs runs, Py_ssize_t n,
+                                   const floating *tile, const Walk *w, Py_ssize_t width,
+                                   bint for_writing) noexcept nogil:
+    """Prefetch an operand's tile of the run after the current one (of n rows) where that
+    run jumps to other outer rows: staged plans only, whose odd operand is then many short
+    segments far apart that the hardware prefetchers do not follow. A run that continues
+    where this one ends is left to them."""
+    if g.stage_elements == 0 or runs.ri + n < g.n_ri:
+        return
+    advance(g, &runs, n)
+    if runs.r < runs.end:
+        cbn_prefetch_tile(<const char *>(tile + row_offset(w, runs.ro, runs.ri)), w.row_stride,
+                          w.feature_stride, run_length(g, &runs), width, sizeof(floating),
+                          for_writing)
+
+
 # ---------------------------------------------------------------------------------------
 # Inner loops
 # ---------------------------------------------------------------------------------------
@@ -430,6 +450,28 @@ cdef inline void normalize_row(const floating *x, floating *y, Py_ssize_t n, con
         y[j] = <floating>((x[j] - mean[j]) * scale[j] + shift[j])
 
 
+cdef inline bint back_to_back(Py_ssize_t width, int64_t a, int64_t b, int64_t c) noexcept nogil:
+    """Whether rows of width features with these row strides form single contiguous runs
+    (then whole runs are streamed, not row by row)."""
+    return 8 <= width <= CBN_MAX_WIDTH and a == width and b == width and c == width
+
+
+cdef inline void normalize_rows(const floating *x, int64_t x_row_stride, floating *y,
+                                int64_t y_row_stride, Py_ssize_t n_rows, Py_ssize_t width,
+                                const double *mean, const double *scale, const double *shift,
+                                bint stream) noexcept nogil:
+    cdef Py_ssize_t r
+    if stream and back_to_back(width, x_row_stride, y_row_stride, width):
+        if floating is float:
+            cbn_normalize_rows_stream_f32(x, y, n_rows, width, mean, scale, shift)
+        else:
+            cbn_normalize_rows_stream_f64(x, y, n_rows, width, mean, scale, shift)
+        return
+    for r in range(n_rows):
+        normalize_row(x + r * x_row_stride, y + r * y_row_stride, width, mean, scale, shift,
+                      stream and whole_lines(y + r * y_row_stride, width))
+
+
 cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, int64_t y_step,
                                Py_ssize_t n, double mean, double scale,
                                double shift, bint stream) noexcept nogil:
@@ -497,6 +539,27 @@ cdef inline void input_gradient_row(const floating *dy, const floating *x, float
         return
     for j in range(n):
         dx[j] = <floating>(coef_dy[j] * dy[j] + coef_xc[j] * (x[j] - mean[j]) + offset[j])
+
+
+cdef inline void input_gradient_rows(const floating *dy, int64_t dy_row_stride,
+                                     const floating *x, int64_t x_row_stride, floating *dx,
+                                     int64_t dx_row_stride, Py_ssize_t n_rows,
+                                     Py_ssize_t width, const double *mean,
+                                     const double *coef_dy, const double *coef_xc,
+                                     const double *offset, bint stream) noexcept nogil:
+    cdef Py_ssize_t r
+    if stream and back_to_back(width, dy_row_stride, x_row_stride, dx_row_stride):
+        if floating is float:
+            cbn_input_gradient_rows_stream_f32(dy, x, dx, n_rows, width, mean, coef_dy,
+                                               coef_xc, offset)
+        else:
+            cbn_input_gradient_rows_stream_f64(dy, x, dx, n_rows, width, mean, coef_dy,
+                                               coef_xc, offset)
+        return
+    for r in range(n_rows):
+        input_gradient_row(dy + r * dy_row_stride, x + r * x_row_stride, dx + r * dx_row_stride,
+                           width, mean, coef_dy, coef_xc, offset,
+                           stream and whole_lines(dx + r * dx_row_stride, width))
 
 
 cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const floating *x,
@@ -572,6 +635,7 @@ cdef void fi_moments_item(const Grid *g, const floating *x, const Walk *xw, Py_s
             s2[j] = 0.0
         while runs.r < runs.end:
             n = run_length(g, &runs)
+            prefetch_next_run(g, runs, n, tile, xw, it.width, False)
             add_shifted_rows(tile + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
                              xw.feature_stride, n, it.width, acc_mean, s1, s2,
                              <floating *>(scratch + 4 * g.tile_width))
@@ -782,17 +846,17 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        if not g.stream:
+            prefetch_next_run(g, runs, n, y_tile, yw, it.width, True)
         x_row_stride = xw.row_stride
         x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
                             xw.feature_stride, n, it.width, stage)
         y_row_stride = yw.row_stride
         y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
                              yw.feature_stride, it.width, y_stage)
-        for r in range(n):
-            normalize_row(x_rows + r * x_row_stride, y_rows + r * y_row_stride, it.width,
-                          mean + it.f0, scale + it.f0, shift + it.f0,
-                          g.stream and not y_staged
-                          and whole_lines(y_rows + r * y_row_stride, it.width))
+        normalize_rows(x_rows, x_row_stride, y_rows, y_row_stride, n, it.width, mean + it.f0,
+                       scale + it.f0, shift + it.f0, g.stream and not y_staged)
         if y_staged:
             unstage_rows(y_stage, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
                          yw.row_stride, yw.feature_stride)
@@ -902,6 +966,8 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
         acc_dy_xc[j] = 0.0
     while runs.r < runs.end:
         n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, dy_tile, dyw, it.width, False)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
         add_gradient_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
                           dyw.feature_stride, x_tile + row_offset(xw, runs.ro, runs.ri),
                           xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
@@ -961,6 +1027,10 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, dy_tile, dyw, it.width, False)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        if not g.stream:
+            prefetch_next_run(g, runs, n, dx_tile, dxw, it.width, True)
         dy_row_stride, x_row_stride = dyw.row_stride, xw.row_stride
         dy_rows = stage_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), &dy_row_stride,
                              dyw.feature_stride, n, it.width, stage)
@@ -969,12 +1039,9 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         dx_row_stride = dxw.row_stride
         dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
                               dxw.feature_stride, it.width, dx_stage)
-        for r in range(n):
-            input_gradient_row(dy_rows + r * dy_row_stride, x_rows + r * x_row_stride,
-                               dx_rows + r * dx_row_stride, it.width, mean + it.f0,
-                               coef_dy + it.f0, coef_xc + it.f0, offset + it.f0,
-                               g.stream and not dx_staged
-                               and whole_lines(dx_rows + r * dx_row_stride, it.width))
+        input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,
+                            dx_row_stride, n, it.width, mean + it.f0, coef_dy + it.f0,
+                            coef_xc + it.f0, offset + it.f0, g.stream and not dx_staged)
         if dx_staged:
             unstage_rows(dx_stage, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
                          dxw.row_stride, dxw.feature_stride)

@@ -283,6 +283,23 @@ static void cbn_transpose_##S(const T *src, int64_t src_stride, int64_t n_r, int
 CBN_DEFINE_TRANSPOSE(float, f32, 8)
 CBN_DEFINE_TRANSPOSE(double, f64, 4)
 
+/* Ask for the cache lines of a tile of n_rows x width elements (row_stride, step apart)
+ * before it is needed: tiles of operands laid out the other way round are many short
+ * segments far apart, which the hardware prefetchers do not follow. */
+static void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, int64_t n_rows,
+                              int64_t width, int64_t itemsize, int for_writing) {
+    int64_t outer, n_outer, n_inner, i, k, line = 64 / itemsize;
+    if (step == 1) { outer = row_stride; n_outer = n_rows; n_inner = width; }
+    else if (row_stride == 1) { outer = step; n_outer = width; n_inner = n_rows; }
+    else return;
+    for (k = 0; k < n_outer; k++)
+        for (i = 0; i < n_inner + line; i += line) {
+            const char *q = p + (k * outer + (i < n_inner ? i : n_inner - 1)) * itemsize;
+            if (for_writing) __builtin_prefetch(q, 1, 3);
+            else __builtin_prefetch(q, 0, 3);
+        }
+}
+
 static inline cbn_v8d cbn_parameter(const double *p, int64_t i, int per_element) {
     cbn_v8d v = {0};
     return per_element ? cbn_load_f64(p + i) : v + p[0];

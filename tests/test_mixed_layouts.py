@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 import cbn
 import cbn.api
-from cbn import reference
+from cbn import _kernels, reference
 
 from layouts import assert_close, in_layout
 
@@ -84,11 +84,19 @@ def run_all(x, dy, out_like):
             *cbn.batch_norm_backward(dy, x, mean, var, out=out_like()))
 
 
+@pytest.fixture(params=[False, True], ids=["cached stores", "streaming stores"])
+def streaming(request):
+    """Streaming stores from 0 bytes on, so that small arrays take those paths too."""
+    old = _kernels.set_stream_min_bytes(0 if request.param else 1 << 62)
+    yield request.param
+    _kernels.set_stream_min_bytes(old)
+
+
 @pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_layout,other_layout", PAIRS)
 def test_mixed_layouts_bitwise_identical_for_one_and_two_threads(x_layout, other_layout,
-                                                                 dtype):
+                                                                 dtype, streaming):
     # 19 x 5 x 12 rows of 40 features: many chunks, rows that are not a multiple of 8.
     rng = np.random.default_rng(3)
     values = (rng.standard_normal((19, 5, 12, 40)) * 2 + 1).astype(dtype)
@@ -104,5 +112,8 @@ def test_mixed_layouts_bitwise_identical_for_one_and_two_threads(x_layout, other
         parallel = run_all(x, dy, out_like)
     for a, b in zip(serial, parallel):
         assert a.tobytes() == b.tobytes()
-    y_ref, _, _ = reference.batch_norm_forward(values)
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(values)
     assert_close(parallel[0], y_ref, dtype, condition=100)
+    assert_close(parallel[3], y_ref, dtype, condition=100)
+    dx_ref, _, _ = reference.batch_norm_backward(np.asarray(dy), values, mean_ref, var_ref)
+    assert_close(parallel[4], dx_ref, dtype, condition=100)
