@@ -6,7 +6,7 @@ in plain NumPy and is the oracle they are tested against. Moments of shards merg
 layer and the folding helpers are built on the same four functions; :mod:`cbn.nn` (imported
 explicitly) is a small NumPy training toolkit around them.
 """
-from . import reference
+from . import _fork, reference  # noqa: F401  (_fork: makes forked children serial)
 from .api import (batch_norm_backward, batch_norm_backward_from_sums, batch_norm_forward,
                   batch_norm_inference, batch_stats, openmp_enabled)
 from .fold import fold_conv_hwio, fold_conv_oihw, fold_dense, fold_into_next_dense

@@ -136,6 +136,18 @@ def set_stream_min_bytes(Py_ssize_t n_bytes):
     return old
 
 
+# A child of fork() inherits libgomp's record of the parent's worker threads but not the
+# threads, so its next parallel region would wait for them forever: cbn._fork calls
+# run_serially() in every such child. Results stay the same, the work split being the shape's.
+cdef bint serial_only = False
+
+
+def run_serially():
+    """Never start an OpenMP region again in this process."""
+    global serial_only
+    serial_only = True
+
+
 def openmp_enabled():
     return bool(cbn_openmp_enabled())
 
@@ -231,7 +243,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
 
 cdef inline int thread_count(const Grid *g) noexcept nogil:
     """Read at every call, so OMP_NUM_THREADS and threadpoolctl limits apply."""
-    if g.n_rows * g.n_features < PARALLEL_MIN_ELEMENTS:
+    if serial_only or g.n_rows * g.n_features < PARALLEL_MIN_ELEMENTS:
         return 1
     return <int>max(1, min(<Py_ssize_t>cbn_max_threads(), g.n_items))
 

@@ -1,4 +1,5 @@
-"""Build a copy of the package in a temporary directory with other compiler settings."""
+"""Build a copy of the package in a temporary directory with other compiler settings, and
+run test files against that copy."""
 import os
 import shutil
 import subprocess
@@ -22,3 +23,12 @@ def build_copy(target, **environment):
                            cwd=target, env=env, capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stdout + build.stderr
     return env, build
+
+
+def run_tests(target, env, test_files, timeout):
+    """Run ``test_files`` of tests/ in a pytest subprocess against the copy in ``target``."""
+    shutil.copytree(ROOT / "tests", target / "tests")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+                           "-W", "ignore", "-o", "addopts=", *test_files],
+                          cwd=target / "tests", env=env, capture_output=True, text=True,
+                          timeout=timeout)

