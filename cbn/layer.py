@@ -20,6 +20,8 @@ Parameters are stored in float64 with the shape ``tuple(x.shape[a] for a in sort
 (the core API's feature shape); ``set_weights`` also accepts tf.keras 2's broadcast shape for
 multi-axis layers, e.g. ``(1, 28, 28)`` for ``axis=[1, 2]`` on rank-3 inputs.
 """
+import contextlib
+import copy
 import importlib
 import itertools
 import json
@@ -63,6 +65,10 @@ class LocalStatistics:
         """Parameter gradients summed over the batch: here the local batch is the batch."""
         return gradients
 
+    def checks(self, operation):
+        """Where the layer validates a call before ``operation``: errors raise at once."""
+        return contextlib.nullcontext()
+
 
 class SynchronizedStatistics(LocalStatistics):
     """The layer's calls with the batch split across the ranks of an MPI communicator.
@@ -103,30 +109,19 @@ class SynchronizedStatistics(LocalStatistics):
                                              epsilon=epsilon, comm=self.comm)
 
     def sum_gradients(self, gradients):
-        """Sum per-rank parameter gradients over all ranks (collective).
+        """Sum per-rank parameter gradients over all ranks (collective), in rank order, so
+        the result is bitwise identical on every rank.
 
         Used only after an inference-mode call, so that the layer's gradients mean the same
-        in both modes. An object ``allgather`` (never hangs on mismatched shapes) then a sum
-        in rank order, so the result is bitwise identical on every rank.
+        in both modes.
         """
-        comm = self._mpi._world(self.comm)
-        local = [None if g is None else np.asarray(g, dtype=np.float64) for g in gradients]
-        everyone = comm.allgather(local)
-        shapes = [[None if g is None else g.shape for g in grads] for grads in everyone]
-        if any(s != shapes[0] for s in shapes):
-            by_rank = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
-            raise ValueError(f"synchronized BatchNormalization.backward: ranks disagree on "
-                             f"the parameter shapes ({by_rank})")
-        summed = []
-        for i, g in enumerate(local):
-            if g is None:
-                summed.append(None)
-                continue
-            total = everyone[0][i].copy()
-            for grads in everyone[1:]:
-                total += grads[i]
-            summed.append(total)
-        return summed
+        return self._mpi.sum_over_ranks(gradients, self.comm)
+
+    def checks(self, operation):
+        """Where the layer validates a collective call. A rank whose check fails must not
+        raise alone (the others would wait in the collective forever): its error joins the
+        agreement that opens every cbn.mpi collective, and every rank raises it."""
+        return self._mpi.checks_agreed(operation, self.comm)
 
 
 _WEIGHT_NAMES = ("gamma", "beta", "moving_mean", "moving_variance")
@@ -270,8 +265,14 @@ class BatchNormalization:
         if comm is not None and not self.synchronized:
             raise ValueError("comm is only used with synchronized=True")
         self.comm = comm
-        self.statistics = (SynchronizedStatistics(comm) if self.synchronized
-                           else LocalStatistics())
+        self.statistics = self._statistics()
+        self._unbuild()
+
+    def _statistics(self):
+        return SynchronizedStatistics(self.comm) if self.synchronized else LocalStatistics()
+
+    # ---------------------------------------------------------------- building
+    def _unbuild(self):
         self.built = False
         self.input_shape = None       # rank and feature extents; None for free axes
         self.axes = None              # normalised, sorted feature axes
@@ -279,7 +280,6 @@ class BatchNormalization:
         self.gradients = []
         self._last_call = None
 
-    # ---------------------------------------------------------------- building
     def build(self, input_shape):
         """Create the weights for inputs of ``input_shape`` (batch extent may be None)."""
         input_shape = tuple(input_shape)
@@ -324,13 +324,31 @@ class BatchNormalization:
                 f"got an input of shape {x.shape}")
 
     # ---------------------------------------------------------------- calling
+    def _checks(self, operation, collective):
+        """The context in which a call is validated: with a synchronized layer, errors of
+        a collective call are raised on every rank (see ``SynchronizedStatistics.checks``)."""
+        return self.statistics.checks(operation) if collective else contextlib.nullcontext()
+
     def __call__(self, x, training=False):
-        """Normalise ``x``: batch statistics if ``training`` (and trainable), else moving."""
-        x = np.asarray(x)
-        if not self.built:
-            self.build(x.shape)
-        self._check_input(x)
-        if training and self.trainable:
+        """Normalise ``x``: batch statistics if ``training`` (and trainable), else moving.
+
+        A call that fails leaves the layer as it was, unbuilt if it was.
+        """
+        built_here = not self.built
+        try:
+            return self._normalize(x, training and self.trainable)
+        except BaseException:
+            if built_here:
+                self._unbuild()
+            raise
+
+    def _normalize(self, x, training):
+        with self._checks("batch_norm_forward", collective=training):
+            x = np.asarray(x)
+            if not self.built:
+                self.build(x.shape)
+            self._check_input(x)
+        if training:
             y, mean, var = self.statistics.forward(x, self.gamma, self.beta, self.axes,
                                                    self.epsilon)
             m = self.momentum
@@ -351,36 +369,27 @@ class BatchNormalization:
         ``gradients`` holds dL/dγ, dL/dβ (those that exist, as float64), aligned with
         ``trainable_weights`` (empty while the layer is frozen).
         """
-        if self._last_call is None:
-            raise RuntimeError(f"layer {self.name!r}: call the layer before backward")
-        mode, x, mean, var = self._last_call
-        dy = np.asarray(dy)
-        if dy.shape != x.shape:
-            raise ValueError(f"dy has shape {dy.shape} but the last input had shape {x.shape}")
-        if dy.dtype.kind != "f":
-            raise TypeError(f"dy must be a floating array, got dtype {dy.dtype}")
-        dy = dy.astype(x.dtype, copy=False)
+        # Collective unless frozen: the training-mode backward, or summing dγ, dβ after an
+        # inference-mode call.
+        with self._checks("batch_norm_backward", collective=self.trainable):
+            if self._last_call is None:
+                raise RuntimeError(f"layer {self.name!r}: call the layer before backward")
+            mode, x, mean, var = self._last_call
+            dy = np.asarray(dy)
+            if dy.shape != x.shape:
+                raise ValueError(f"dy has shape {dy.shape} but the last input had shape "
+                                 f"{x.shape}")
+            if dy.dtype.kind != "f":
+                raise TypeError(f"dy must be a floating array, got dtype {dy.dtype}")
+            dy = dy.astype(x.dtype, copy=False)
+            if mode == "inference":
+                dx, dgamma, dbeta = self._inference_gradients(dy, x)
         if mode == "training":
             dx, dgamma, dbeta = self.statistics.backward(dy, x, mean, var, self.gamma,
                                                          self.axes, self.epsilon)
-        else:
-            # dx: the inference map with mean 0 and no β is exactly y = dy·γ/sqrt(var + ε).
-            zeros = np.zeros_like(self.moving_mean)
-            dx = self.statistics.inference(dy, zeros, self.moving_variance, self.gamma, None,
-                                           self.axes, self.epsilon)
-            reduced = tuple(a for a in range(x.ndim) if a not in self.axes)
-            dy64 = dy.astype(np.float64)
-            dbeta = dy64.sum(axis=reduced) if self.center else None
-            if self.scale:
-                x_hat = self.statistics.inference(
-                    x, self.moving_mean, self.moving_variance, None, None, self.axes,
-                    self.epsilon)
-                dgamma = (dy64 * x_hat).sum(axis=reduced)
-            else:
-                dgamma = None
-            if self.trainable:
-                # As after a training-mode call: sums over the whole (all-rank) batch.
-                dgamma, dbeta = self.statistics.sum_gradients([dgamma, dbeta])
+        elif self.trainable:
+            # As after a training-mode call: sums over the whole (all-rank) batch.
+            dgamma, dbeta = self.statistics.sum_gradients([dgamma, dbeta])
         grads = []
         if self.trainable:
             if self.scale:
@@ -389,6 +398,22 @@ class BatchNormalization:
                 grads.append(np.asarray(dbeta, dtype=np.float64))
         self.gradients = grads
         return dx
+
+    def _inference_gradients(self, dy, x):
+        """(dx, this batch's dγ, dβ) of an inference-mode call: local, no communication."""
+        # dx: the inference map with mean 0 and no β is exactly y = dy·γ/sqrt(var + ε).
+        zeros = np.zeros_like(self.moving_mean)
+        dx = self.statistics.inference(dy, zeros, self.moving_variance, self.gamma, None,
+                                       self.axes, self.epsilon)
+        reduced = tuple(a for a in range(x.ndim) if a not in self.axes)
+        dy64 = dy.astype(np.float64)
+        dbeta = dy64.sum(axis=reduced) if self.center else None
+        dgamma = None
+        if self.scale:
+            x_hat = self.statistics.inference(x, self.moving_mean, self.moving_variance, None,
+                                              None, self.axes, self.epsilon)
+            dgamma = (dy64 * x_hat).sum(axis=reduced)
+        return dx, dgamma, dbeta
 
     # ---------------------------------------------------------------- weights
     @property
@@ -485,6 +510,30 @@ class BatchNormalization:
             layer.build(input_shape)
             layer.set_weights([data[name] for name in layer._weight_names()])
         return layer
+
+    # ---------------------------------------------------------------- copies
+    def __getstate__(self):
+        """What pickle keeps: everything but the communicator, which belongs to the
+        running processes (and the statistics object holding it). An unpickled
+        synchronized layer uses ``MPI.COMM_WORLD``, as :meth:`from_config` without
+        ``comm`` does."""
+        state = {key: value for key, value in self.__dict__.items() if key != "statistics"}
+        state["comm"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.statistics = self._statistics()
+
+    def __deepcopy__(self, memo):
+        """A copy in the same processes: it shares the communicator (which cannot be
+        copied, and is what connects this layer's ranks) and copies everything else."""
+        memo[id(self.comm)] = self.comm
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        state = {key: value for key, value in self.__dict__.items() if key != "statistics"}
+        clone.__setstate__(copy.deepcopy(state, memo))
+        return clone
 
     def __repr__(self):
         return (f"BatchNormalization(name={self.name!r}, axis={self.axis!r}, "

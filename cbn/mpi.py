@@ -21,6 +21,8 @@ and all ranks exchange a small descriptor (the operation, error if any, rank, fe
 feature shape, dtypes, epsilon, row count). If any rank's input is bad, or the ranks disagree on
 feature shape, dtype or axes, every rank raises the same exception together.
 """
+import contextlib
+
 import numpy as np
 
 try:
@@ -35,7 +37,10 @@ import cbn
 from . import _checks
 from .api import gradient_sums
 
-__all__ = ["batch_stats", "batch_moments", "batch_norm_forward", "batch_norm_backward"]
+__all__ = ["batch_stats", "batch_moments", "batch_norm_forward", "batch_norm_backward",
+           "sum_over_ranks", "checks_agreed"]
+
+_ERROR_KINDS = {"TypeError": TypeError, "RuntimeError": RuntimeError}
 
 
 class _LocalCheck:
@@ -71,7 +76,7 @@ def _agree(comm, operation, check, **fields):
 
     failed = [(rank, d["error"]) for rank, d in enumerate(everyone) if d["error"] is not None]
     if failed:
-        kind = TypeError if failed[0][1][0] == "TypeError" else ValueError
+        kind = _ERROR_KINDS.get(failed[0][1][0], ValueError)
         message = "; ".join(f"rank {rank}: {name}: {text}" for rank, (name, text) in failed)
         raise kind(f"bad input to cbn.mpi.{operation} — {message}") from local_error
 
@@ -82,7 +87,7 @@ def _agree(comm, operation, check, **fields):
 
     all_fields = [d["fields"] for d in everyone]
     for key in ("ndim", "axes", "feature_shape", "dtype", "dy_dtype", "epsilon", "has_gamma",
-                "has_beta"):
+                "has_beta", "shapes"):
         if key not in fields:
             continue
         values = [f[key] for f in all_fields]
@@ -92,9 +97,48 @@ def _agree(comm, operation, check, **fields):
                     "feature_shape": "feature shape",
                     "dtype": "dtype of x", "dy_dtype": "dtype of dy", "epsilon": "epsilon",
                     "has_gamma": "whether gamma is given",
-                    "has_beta": "whether beta is given"}[key]
+                    "has_beta": "whether beta is given",
+                    "shapes": "shapes of the arrays to sum"}[key]
             raise ValueError(f"cbn.mpi.{operation}: ranks disagree on the {what} ({by_rank})")
     return all_fields
+
+
+@contextlib.contextmanager
+def checks_agreed(operation, comm=None):
+    """Validate arguments before a cbn.mpi collective without hanging the other ranks.
+
+    An exception raised inside the block is not raised on this rank alone: it is sent
+    through the agreement that opens every cbn.mpi collective (named ``operation`` in the
+    message), which the other ranks are entering, and every rank raises it together. A
+    block that raises nothing communicates nothing. ``BatchNormalization(synchronized=True)``
+    checks its inputs this way.
+    """
+    with _LocalCheck() as check:
+        yield
+    if check.error is not None:
+        _agree(_world(comm), operation, check)
+
+
+def sum_over_ranks(arrays, comm=None):
+    """Element-wise sums over all ranks of each rank's list of ``arrays`` (collective).
+
+    Entries may be None (they stay None). The sums are taken in rank order in float64, so
+    they are bitwise identical on every rank. Ranks whose arrays differ in shape all raise.
+    """
+    with _LocalCheck() as check:
+        local = [None if a is None else np.asarray(a, dtype=np.float64) for a in arrays]
+        shapes = [None if a is None else a.shape for a in local]
+    if check.error is not None:
+        local = shapes = None
+    everyone = _agree(_world(comm), "sum_over_ranks", check, shapes=shapes, arrays=local)
+    summed = []
+    for i, first in enumerate(everyone[0]["arrays"]):
+        total = None if first is None else first.copy()
+        for other in everyone[1:]:
+            if total is not None:
+                total += other["arrays"][i]
+        summed.append(total)
+    return summed
 
 
 def _describe_x(x, axis):

@@ -245,8 +245,98 @@ def scenario_errors():
     np.testing.assert_allclose(mean, good.mean(axis=0))
 
 
+def training_step(layer, x, dy_scale=0.1):
+    y = layer(x, training=True)
+    layer.backward(dy_scale * y)
+    sgd(layer)
+    return y
+
+
+def scenario_layer_errors():
+    """A synchronized layer's own checks fail on one rank: every rank raises, none hangs.
+
+    Every rank catches its exception (so -m mpi4py's abort on an uncaught one cannot help)."""
+    assert size > 1, "the layer error scenario needs ranks that can disagree: run it with -n >= 2"
+    rng = np.random.default_rng(rank)
+    last = size - 1
+    good = rng.standard_normal((6, 4))
+    layer = cbn.BatchNormalization(synchronized=True)
+    training_step(layer, good)
+    # Training-mode calls: an input the built layer refuses, on one rank.
+    x = rng.standard_normal((6, 3)) if rank == last else good
+    expect_error(ValueError, f"rank {last}: ValueError: layer .* was built for", layer, x,
+                 training=True)
+    x = rng.standard_normal((6, 2, 4)) if rank == 0 else good
+    expect_error(ValueError, "rank 0: .*rank 2", layer, x, training=True)
+    # Backward after a training-mode call: a bad dy on one rank.
+    layer(good, training=True)
+    dy = np.ones((5, 4)) if rank == last else np.ones_like(good)
+    expect_error(ValueError, f"rank {last}: .*dy has shape", layer.backward, dy)
+    dy = np.ones(good.shape, dtype=np.int64) if rank == 0 else np.ones_like(good)
+    expect_error(TypeError, "rank 0: .*floating", layer.backward, dy)
+    # Backward after an inference-mode call sums dγ, dβ over the ranks: the same holds.
+    layer(good)
+    dy = np.ones((6, 5)) if rank == last else np.ones_like(good)
+    expect_error(ValueError, f"rank {last}: .*dy has shape", layer.backward, dy)
+    # A layer that one rank never called.
+    fresh = cbn.BatchNormalization(synchronized=True)
+    if rank != 0:
+        fresh(good)
+    expect_error(RuntimeError, "rank 0: .*call the layer before backward", fresh.backward,
+                 np.ones_like(good))
+    # A first call that fails everywhere builds nothing anywhere: it can be retried.
+    for bad_on_one_rank in (rng.standard_normal((6, 5)),            # ranks disagree
+                            rng.standard_normal(6)):                # no feature axis here
+        fresh = cbn.BatchNormalization(axis=-1 if bad_on_one_rank.ndim == 2 else 1,
+                                       synchronized=True)
+        x = bad_on_one_rank if rank == last else rng.standard_normal((6, 4))
+        expect_error(ValueError, "rank", fresh, x, training=True)
+        assert not fresh.built, f"rank {rank}: a failed first call left the layer built"
+        training_step(fresh, good)
+    # After all that, the layer still trains in step on every rank.
+    training_step(layer, good)
+    for weight in layer.get_weights():
+        same_on_every_rank(weight, "weights after the errors")
+
+
+def scenario_layer_copies():
+    """Pickled and deep-copied synchronized layers keep weights, config and behaviour."""
+    import copy
+    import pickle
+    rng = np.random.default_rng(7)
+    x = [3.0 + rng.standard_normal((8, 3, 2)) for _ in range(3)]
+    for explicit_comm in (False, True):
+        layer_comm = comm.Dup() if explicit_comm else None
+        layer = cbn.BatchNormalization(axis=[1, 2], momentum=0.7, synchronized=True,
+                                       comm=layer_comm)
+        training_step(layer, x[0][rank::size])
+        unpickled = pickle.loads(pickle.dumps(layer))
+        deep = copy.deepcopy(layer)
+        assert unpickled.comm is None and deep.comm is layer_comm
+        for clone in (unpickled, deep):
+            assert clone.get_config() == layer.get_config()
+            assert clone.synchronized and clone.built
+            for ours, theirs in zip(clone.get_weights(), layer.get_weights()):
+                assert ours.tobytes() == theirs.tobytes()
+            assert clone.moving_mean is not layer.moving_mean
+        # The same steps on the original and on each copy: the same bits (collective calls,
+        # so every copy still talks to the other ranks).
+        for step in x[1:]:
+            expected = training_step(layer, step[rank::size])
+            for clone in (unpickled, deep):
+                assert training_step(clone, step[rank::size]).tobytes() == expected.tobytes()
+        for clone in (unpickled, deep):
+            for ours, theirs in zip(clone.get_weights(), layer.get_weights()):
+                assert ours.tobytes() == theirs.tobytes()
+            for ours, theirs in zip(clone.gradients, layer.gradients):
+                assert ours.tobytes() == theirs.tobytes()
+        if layer_comm is not None:
+            layer_comm.Free()
+
+
 if __name__ == "__main__":
     scenario = sys.argv[1]
-    {"check": scenario_check, "errors": scenario_errors, "layer": scenario_layer}[scenario]()
+    {"check": scenario_check, "errors": scenario_errors, "layer": scenario_layer,
+     "layer_errors": scenario_layer_errors, "layer_copies": scenario_layer_copies}[scenario]()
     comm.Barrier()
     print(f"rank {rank}: {scenario} ok", flush=True)

@@ -1,6 +1,8 @@
 """cbn.BatchNormalization: Keras semantics checked against plain float64 NumPy math,
 finite differences and cbn.reference."""
+import copy
 import io
+import pickle
 import sys
 
 import numpy as np
@@ -336,6 +338,30 @@ def test_save_and_load(tmp_path, rng, to_file):
     np.testing.assert_array_equal(loaded(x_other_batch), layer(x_other_batch))
 
 
+@pytest.mark.parametrize("make_copy", ["pickle", "deepcopy"])
+def test_pickled_and_deep_copied_layers_keep_weights_config_and_behaviour(rng, make_copy):
+    # (Synchronized layers: tests/mpi_worker.py, scenario layer_copies.)
+    layer = cbn.BatchNormalization(axis=[1, 2], momentum=0.8, center=False, name="bn_copy")
+    x = [rng.normal(size=(6, 2, 3)) * (1 + step) for step in range(4)]
+    layer(x[0], training=True)
+    layer.backward(x[0])
+    clone = (pickle.loads(pickle.dumps(layer)) if make_copy == "pickle"
+             else copy.deepcopy(layer))
+    assert clone.get_config() == layer.get_config()
+    for ours, theirs in zip(clone.get_weights(), layer.get_weights()):
+        assert ours.tobytes() == theirs.tobytes()
+    assert clone.moving_mean is not layer.moving_mean
+    for ours, theirs in zip(clone.gradients, layer.gradients):
+        assert ours.tobytes() == theirs.tobytes()
+    np.testing.assert_array_equal(clone.backward(x[0]), layer.backward(x[0]))
+    for step in x[1:]:
+        np.testing.assert_array_equal(clone(step, training=True), layer(step, training=True))
+        np.testing.assert_array_equal(clone.backward(step), layer.backward(step))
+        np.testing.assert_array_equal(clone(step), layer(step))
+    for ours, theirs in zip(clone.get_weights(), layer.get_weights()):
+        assert ours.tobytes() == theirs.tobytes()
+
+
 def test_load_rejects_other_files(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.ones(3))
     with pytest.raises(ValueError, match="not a saved BatchNormalization"):
@@ -351,6 +377,15 @@ def test_shape_mismatch_after_build_is_a_clear_error(rng):
         layer(rng.normal(size=(4, 5)))
     with pytest.raises(ValueError, match="built for inputs of rank 2"):
         layer(rng.normal(size=(4, 1, 3)), training=True)
+
+
+def test_a_failed_first_call_leaves_the_layer_unbuilt(rng):
+    layer = cbn.BatchNormalization()
+    with pytest.raises(TypeError):
+        layer(np.arange(12).reshape(4, 3), training=True)     # integers: refused by cbn
+    assert not layer.built and layer.gamma is None
+    layer(rng.normal(size=(4, 5)), training=True)             # another shape builds anew
+    assert layer.feature_shape == (5,)
 
 
 @pytest.mark.parametrize("axis,error", [(0, ValueError), ([1, 0], ValueError),

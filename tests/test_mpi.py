@@ -69,6 +69,19 @@ def test_synchronized_layer_trains_like_one_process_on_concatenated_batch(n_rank
         assert f"rank {rank}: layer ok" in output, output
 
 
+@pytest.mark.parametrize("n_ranks", [2, 3])
+def test_synchronized_layer_input_refused_on_one_rank_raises_on_every_rank(n_ranks):
+    output = run_mpi(n_ranks, WORKER, "layer_errors")
+    for rank in range(n_ranks):
+        assert f"rank {rank}: layer_errors ok" in output, output
+
+
+def test_pickled_and_deep_copied_synchronized_layers_train_like_the_original():
+    output = run_mpi(2, WORKER, "layer_copies")
+    for rank in range(2):
+        assert f"rank {rank}: layer_copies ok" in output, output
+
+
 def test_data_parallel_example_matches_single_process():
     output = run_mpi(2, EXAMPLE)
     assert "same weights as 1 process on the full batch" in output, output

@@ -313,6 +313,76 @@ def test_frozen_bn_is_not_updated_by_fit():
         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("batch_size, error", [(0, ValueError), (-3, ValueError),
+                                               (True, TypeError), (2.5, TypeError),
+                                               ("32", TypeError), (np.float64(8), TypeError)])
+def test_fit_evaluate_predict_refuse_a_bad_batch_size(batch_size, error):
+    x, y = blobs(40)
+    model = small_model()
+    before = model.get_weights()
+    for call in (lambda: model.fit(x, y, batch_size=batch_size, verbose=0),
+                 lambda: model.evaluate(x, y, batch_size=batch_size),
+                 lambda: model.predict(x, batch_size=batch_size)):
+        with pytest.raises(error, match="batch_size"):
+            call()
+    for a, b in zip(before, model.get_weights()):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_batch_size_none_means_32_and_numpy_integers_work():
+    x, y = blobs(70)
+    assert small_model().fit(x, y, batch_size=None, verbose=0).params["steps"] == 3
+    assert small_model().fit(x, y, batch_size=np.int64(35), verbose=0).params["steps"] == 2
+
+
+def mse_model():
+    nn.set_random_seed(1)
+    model = nn.Sequential([nn.Dense(4, activation="tanh", input_shape=[3]),
+                           nn.BatchNormalization(), nn.Dense(2)])
+    model.compile(loss="mse", optimizer=nn.SGD(learning_rate=0.1))
+    return model
+
+
+X, Y = blobs(40)
+X3 = np.ones((40, 3))
+BAD_FITS = {   # name: (model, (x, y, fit keywords), error, message)
+    "label out of range in the last batch": (small_model, (X, np.r_[Y[:-1], 3], {}),
+                                             ValueError, r"y: labels must be in \[0, 3\)"),
+    "negative label": (small_model, (X, np.where(np.arange(40) == 17, -1, Y), {}),
+                       ValueError, "labels must be in"),
+    "fractional label": (small_model, (X, Y + 0.5 * (np.arange(40) == 33), {}),
+                         TypeError, "integer class indices"),
+    "string labels": (small_model, (X, Y.astype(str), {}), TypeError, "integer class indices"),
+    "two labels per sample": (small_model, (X, np.stack([Y, Y], axis=1), {}),
+                              ValueError, "per sample"),
+    "bad validation label": (small_model, (X, Y, {"validation_data": (X, np.r_[Y[:-1], 7])}),
+                             ValueError, "validation_data: labels must be in"),
+    "validation inputs of another shape": (
+        small_model, (X, Y, {"validation_data": (X.reshape(40, 4), Y)}),
+        ValueError, "expects inputs of shape"),
+    "mse targets of another size": (mse_model, (X3, np.ones((40, 3)), {}),
+                                    ValueError, "per sample"),
+    "mse targets that are not numbers": (mse_model, (X3, np.full((40, 2), "a"), {}),
+                                         TypeError, "real numbers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_FITS)
+def test_a_fit_refused_for_its_data_changes_nothing(case):
+    builder, (x, y, keywords), error, message = BAD_FITS[case]
+    model = builder()
+    model(x[:2])                                             # built, as fit would build it
+    before = model.get_weights()
+    bn = next(layer for layer in model.layers if isinstance(layer, cbn.BatchNormalization))
+    moving_before = [bn.moving_mean.copy(), bn.moving_variance.copy()]
+    with pytest.raises(error, match=message):
+        model.fit(x, y, batch_size=8, shuffle=False, verbose=0, **keywords)
+    for a, b in zip(before, model.get_weights()):
+        assert a.tobytes() == b.tobytes()
+    for a, b in zip(moving_before, [bn.moving_mean, bn.moving_variance]):
+        assert a.tobytes() == b.tobytes()
+
+
 def test_initializer_statistics():
     nn.set_random_seed(0)
     he = nn.Dense(400, kernel_initializer="he_normal", dtype="float64")

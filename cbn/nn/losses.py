@@ -4,6 +4,9 @@
 ``[1e-7, 1 - 1e-7]`` before the log; when the model ends in a softmax, ``Sequential``
 differentiates softmax and cross-entropy together from the logits (as TensorFlow does),
 which gives the exact, well-conditioned ``(softmax(z) - onehot) / n``.
+
+``check_targets(y_true, output_shape)`` refuses targets that no batch could use, so that
+``Sequential.fit`` can refuse them before its first step; a custom loss may define it too.
 """
 import numpy as np
 
@@ -22,6 +25,14 @@ def _labels(y_true, n_classes):
         raise ValueError(f"labels must be in [0, {n_classes}), got values in "
                          f"[{labels.min()}, {labels.max()}]")
     return labels
+
+
+def _per_sample(y_true, expected, shape_of_one):
+    """Refuse targets whose samples do not hold ``expected`` values each."""
+    found = int(np.prod(np.shape(y_true)[1:], dtype=np.int64))
+    if found != expected:
+        raise ValueError(f"targets of shape {np.shape(y_true)} hold {found} values per "
+                         f"sample; the model's output needs {expected} ({shape_of_one})")
 
 
 def _check_batch(labels, y_pred):
@@ -49,6 +60,13 @@ class SparseCategoricalCrossentropy:
         labels = _labels(y_true, log_p.shape[1])
         _check_batch(labels, log_p)
         return float(-log_p[np.arange(labels.size), labels].mean())
+
+    def check_targets(self, y_true, output_shape):
+        """Refuse labels that no batch of outputs of ``output_shape`` could use."""
+        n_classes = output_shape[-1]
+        _labels(y_true, n_classes)
+        _per_sample(y_true, int(np.prod(output_shape[1:-1], dtype=np.int64)),
+                    f"one label per output row of {n_classes} class probabilities")
 
     def gradient(self, y_true, y_pred):
         """dL/dy_pred (dL/dlogits when ``from_logits``), same shape and dtype as y_pred."""
@@ -79,6 +97,14 @@ class MeanSquaredError:
         diff = np.asarray(y_pred, np.float64) - np.asarray(y_true, np.float64).reshape(
             np.shape(y_pred))
         return float(np.mean(diff * diff))
+
+    def check_targets(self, y_true, output_shape):
+        """Refuse targets that no batch of outputs of ``output_shape`` could use."""
+        y_true = np.asarray(y_true)
+        if y_true.dtype.kind not in "fiub":
+            raise TypeError(f"targets must be real numbers, got dtype {y_true.dtype}")
+        _per_sample(y_true, int(np.prod(output_shape[1:], dtype=np.int64)),
+                    f"outputs of shape {tuple(output_shape[1:])}")
 
     def gradient(self, y_true, y_pred):
         y_pred = np.asarray(y_pred)

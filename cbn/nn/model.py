@@ -6,6 +6,7 @@ and the loss is sparse categorical cross-entropy on probabilities, the two are
 differentiated together from the logits (as TensorFlow does), which stays exact when a
 probability underflows.
 """
+import numbers
 import time
 
 import numpy as np
@@ -33,6 +34,17 @@ class History:
 
 def _batches(n, batch_size):
     return [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+
+
+def _batch_size(batch_size):
+    """A positive int; None means 32, as in Keras."""
+    if batch_size is None:
+        return 32
+    if isinstance(batch_size, (bool, np.bool_)) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size}")
+    return int(batch_size)
 
 
 def _format_shape(shape):
@@ -144,6 +156,12 @@ class Sequential:
 
     # --------------------------------------------------------------- forward & backward
     def __call__(self, x, training=False):
+        x = self._checked_input(x)
+        for layer in self.layers:
+            x = layer(x, training=training)
+        return x
+
+    def _checked_input(self, x):
         x = np.asarray(x)
         if not self.built:
             self.build((None,) + x.shape[1:])
@@ -152,8 +170,6 @@ class Sequential:
                 e is not None and e != n for e, n in zip(expected[1:], x.shape[1:])):
             raise ValueError(f"model {self.name!r} expects inputs of shape "
                              f"{_format_shape(expected)}, got an array of shape {x.shape}")
-        for layer in self.layers:
-            x = layer(x, training=training)
         return x
 
     def _fused_softmax(self):
@@ -236,6 +252,20 @@ class Sequential:
             raise ValueError("no samples")
         return x, y
 
+    def _check_training_data(self, x, y, what):
+        """Inputs and targets as arrays, refused before any step if the model or its loss
+        would refuse one of their batches (a failing step would leave the earlier steps'
+        updates and its own BN statistics behind)."""
+        x, y = self._check_data(x, y)
+        x = self._checked_input(x)
+        check_targets = getattr(self.loss, "check_targets", None)
+        if check_targets is not None:
+            try:
+                check_targets(y, self.output_shape)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{what}: {error}") from None
+        return x, y
+
     def _metric_logs(self, loss_sum, correct, n, prefix=""):
         logs = {prefix + "loss": loss_sum / n}
         for metric in self.metrics:
@@ -262,12 +292,19 @@ class Sequential:
         Logged per epoch: ``loss`` (and ``accuracy``) averaged over the epoch's batches in
         training mode, as Keras logs them, and ``val_loss``/``val_accuracy`` evaluated in
         inference mode on ``validation_data=(x_val, y_val)`` at the end of the epoch.
+        ``batch_size=None`` means 32. Every argument, and every label, is checked before the
+        first step: a fit that raises has changed nothing.
         """
         self._require_compiled()
-        x, y = self._check_data(x, y)
+        batch_size = _batch_size(batch_size)
+        x, y = self._check_training_data(x, y, "y")
+        if validation_data is not None:
+            if len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (x_val, y_val)")
+            validation_data = self._check_training_data(*validation_data, "validation_data")
         verbose = resolve_verbose(verbose, stream)
         n = x.shape[0]
-        batches = _batches(n, int(batch_size))
+        batches = _batches(n, batch_size)
         history = History({"epochs": epochs, "steps": len(batches), "batch_size": batch_size})
         for epoch in range(int(epochs)):
             order = config.generator().permutation(n) if shuffle else np.arange(n)
@@ -290,7 +327,7 @@ class Sequential:
     def _evaluate_logs(self, x, y, batch_size, prefix=""):
         x, y = self._check_data(x, y)
         loss_sum, correct = 0.0, 0
-        for start, stop in _batches(x.shape[0], int(batch_size)):
+        for start, stop in _batches(x.shape[0], _batch_size(batch_size)):
             output = self(x[start:stop])
             loss_sum += self._loss_value(y[start:stop], output) * (stop - start)
             correct += self._correct(output, y[start:stop])
@@ -311,4 +348,4 @@ class Sequential:
         """Inference-mode outputs, computed in batches."""
         x = np.asarray(x)
         return np.concatenate([self(x[start:stop])
-                               for start, stop in _batches(x.shape[0], int(batch_size))])
+                               for start, stop in _batches(x.shape[0], _batch_size(batch_size))])
