@@ -23,33 +23,34 @@ from processes import environment, run
 TESTS = Path(__file__).resolve().parent
 THREAD_COUNTS = (1, 2)
 DTYPES = (np.float32, np.float64)
+LAYOUTS = {"C": np.ascontiguousarray, "F": np.asfortranarray,
+           "T": lambda a: np.ascontiguousarray(a.T).T}          # a transposed view
 CASES = {
-    # name: (shape, axis, layout) -- which kernel path each exercises
-    "features inner, many chunks": ((20000, 64), -1, "C"),
-    "features inner, feature tiles": ((64, 3000), -1, "C"),
-    "rows inner, fused per feature": ((8, 64, 32, 32), 1, "C"),
-    "rows inner, chunked features": ((4, 3, 256, 256), 1, "C"),
-    "rows inner, streaming stores": ((8, 16, 200, 260), 1, "C"),   # output over 16 MB
-    "features inner, streaming stores": ((60000, 75), -1, "C"),    # rows wrap mid-vector
-    "transposed view": ((512, 768), -1, "T"),
-    "non-adjacent kept axes": ((16, 6, 40, 5, 20), [1, 3], "C"),
+    # name: (shape, axis, layouts of x and dy) -- which kernel path each exercises
+    "features inner, many chunks": ((20000, 64), -1, "CC"),
+    "features inner, feature tiles": ((64, 3000), -1, "CC"),
+    "rows inner, fused per feature": ((8, 64, 32, 32), 1, "CC"),
+    "rows inner, chunked features": ((4, 3, 256, 256), 1, "CC"),
+    "rows inner, streaming stores": ((8, 16, 200, 260), 1, "CC"),   # output over 16 MB
+    "features inner, streaming stores": ((60000, 75), -1, "CC"),    # rows wrap mid-vector
+    "transposed view": ((512, 768), -1, "TT"),
+    "non-adjacent kept axes": ((16, 6, 40, 5, 20), [1, 3], "CC"),
+    "x and dy in different layouts": ((19, 60, 40), -1, "CF"),      # tiles staged in cache
 }
 OUTPUTS = ("y", "mean", "var", "dx", "dgamma", "dbeta", "y_inference", "stats_mean",
            "stats_var", "dx_from_sums")
 
 
-def make(shape, layout, dtype):
-    x = np.random.default_rng(0).standard_normal(shape).astype(dtype) * 2 + 1
-    return np.ascontiguousarray(x.T).T if layout == "T" else x
+def make(shape, layouts, dtype):
+    """(x, dy) in their layouts."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype) * 2 + 1
+    dy = rng.standard_normal(shape).astype(dtype)
+    return LAYOUTS[layouts[0]](x), LAYOUTS[layouts[1]](dy)
 
 
-def upstream_gradient(x):
-    return np.random.default_rng(1).standard_normal(x.shape).astype(x.dtype)
-
-
-def run_all(x, axis):
-    """Every entry point on x, in the order of OUTPUTS."""
-    dy = upstream_gradient(x)
+def run_all(x, dy, axis):
+    """Every entry point on x (and dy), in the order of OUTPUTS."""
     y, mean, var = cbn.batch_norm_forward(x, axis=axis)
     dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, var, axis=axis)
     y_inference = cbn.batch_norm_inference(x, mean, var, axis=axis)
@@ -71,8 +72,8 @@ def print_digests():
     """Run by each fresh process: its thread count and every case's output digests."""
     print(json.dumps({"threads": _kernels.max_threads(),
                       "digests": {f"{case} {np.dtype(dtype).name}":
-                                  digests(run_all(make(shape, layout, dtype), axis))
-                                  for case, (shape, axis, layout) in CASES.items()
+                                  digests(run_all(*make(shape, layouts, dtype), axis))
+                                  for case, (shape, axis, layouts) in CASES.items()
                                   for dtype in DTYPES}}))
 
 
@@ -96,10 +97,10 @@ def fresh_process_digests():
 @pytest.mark.parametrize("case", CASES)
 def test_bitwise_identical_for_one_and_two_threads_in_fresh_processes(
         fresh_process_digests, case, dtype):
-    shape, axis, layout = CASES[case]
-    x = make(shape, layout, dtype)
+    shape, axis, layouts = CASES[case]
+    x, dy = make(shape, layouts, dtype)
     with threadpool_limits(2, user_api="openmp"):
-        outputs = run_all(x, axis)
+        outputs = run_all(x, dy, axis)
     key = f"{case} {np.dtype(dtype).name}"
     for n_threads in THREAD_COUNTS:
         for name, got, expected in zip(OUTPUTS, fresh_process_digests[n_threads][key],
@@ -115,8 +116,8 @@ def test_bitwise_identical_for_one_and_two_threads_in_fresh_processes(
     tolerance = 1e-5 if dtype == np.float32 else 1e-11
     np.testing.assert_allclose(parallel["y"], y_ref, atol=tolerance * 10)
     np.testing.assert_allclose(parallel["y_inference"], y_ref, atol=tolerance * 10)
-    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(
-        upstream_gradient(x), x, mean_ref, var_ref, axis=axis)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy, x, mean_ref, var_ref,
+                                                                  axis=axis)
     np.testing.assert_allclose(parallel["dx"], dx_ref, atol=tolerance * 10)
     np.testing.assert_allclose(parallel["dx_from_sums"], dx_ref, atol=tolerance * 10)
     np.testing.assert_allclose(parallel["dgamma"], dgamma_ref, rtol=1e-8, atol=1e-8)
