@@ -7,11 +7,12 @@ checked on the kernels' API, the reference and (where it applies) ``cbn.dask``.
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cbn
 from cbn import reference
 
+from budget import examples
 from layouts import DTYPES, LAYOUTS, assert_close, condition, in_layout
 
 PARAMETER_DTYPES = ("f2", "f4", "f8", "g", "i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8")
@@ -71,7 +72,6 @@ def parameter_variant(draw, values):
 # Parameters of any real dtype, byte order, alignment and strides (issue 8, item 1)
 # ----------------------------------------------------------------------------------------
 
-@settings(deadline=None)
 @given(small_case(), st.data())
 def test_parameters_of_any_storage_give_the_reference_result(case, data):
     x, axis, reduced, rng = case
@@ -105,7 +105,7 @@ def test_parameters_of_any_storage_give_the_reference_result(case, data):
         np.testing.assert_array_equal(given_[name], before[name])
 
 
-@settings(max_examples=20, deadline=None)
+@examples(20)
 @given(st.data())
 def test_dask_inference_with_parameters_of_any_storage(data):
     da = pytest.importorskip("dask.array")
@@ -146,7 +146,6 @@ def call_with(name, x, dy, p, axis, out=None):
                                              out=out)
 
 
-@settings(deadline=None)
 @given(small_case(min_rows=5), st.sampled_from(sorted(CALLS_WITH_OUT)), st.data())
 def test_out_sharing_memory_with_parameters_never_gives_a_wrong_number(case, call, data):
     x, axis, reduced, rng = case
@@ -204,7 +203,6 @@ def masked_calls(x, dy, mean, var, axis):
     return calls
 
 
-@settings(deadline=None)
 @given(small_case(), st.data())
 def test_masked_arrays_are_refused_everywhere(case, data):
     x, axis, reduced, rng = case
@@ -244,7 +242,6 @@ def test_dask_refuses_masked_arrays_and_masked_chunks():
 # Inference on an empty batch (issue 8, item 9)
 # ----------------------------------------------------------------------------------------
 
-@settings(deadline=None)
 @given(small_case(min_side=0), st.booleans())
 def test_inference_on_an_empty_batch_gives_an_empty_result(case, with_out):
     x, axis, reduced, rng = case
@@ -296,7 +293,6 @@ def axis_calls(x, axis):
             lambda: reference.batch_norm_inference(x, mean, var, axis=axis)]
 
 
-@settings(deadline=None)
 @given(NOT_INTEGERS, st.booleans())
 def test_axis_that_is_not_an_integer_is_a_type_error_naming_axis(axis, in_a_list):
     x = np.random.default_rng(0).standard_normal((4, 2))
@@ -309,7 +305,6 @@ def test_axis_that_is_not_an_integer_is_a_type_error_naming_axis(axis, in_a_list
         cbn.batch_stats(x, axis=True)
 
 
-@settings(deadline=None)
 @given(INTEGERS, st.booleans())
 def test_axis_of_any_integer_type_is_that_integer(axis, in_a_list):
     x = np.random.default_rng(0).standard_normal((3, 3))
@@ -326,7 +321,6 @@ NOT_REALS = st.one_of(
     st.complex_numbers(max_magnitude=1).map(np.complex128))
 
 
-@settings(deadline=None)
 @given(NOT_REALS)
 def test_epsilon_that_is_not_a_real_number_is_a_type_error_naming_it(epsilon):
     x = np.ones((3, 2))
@@ -339,7 +333,6 @@ def test_epsilon_that_is_not_a_real_number_is_a_type_error_naming_it(epsilon):
             call()
 
 
-@settings(deadline=None)
 @given(st.floats(0, 10), st.sampled_from([float, np.float32, np.float64, np.array, int]))
 def test_epsilon_of_any_real_type_is_that_number(epsilon, kind):
     x = np.random.default_rng(1).standard_normal((5, 2))
@@ -348,7 +341,6 @@ def test_epsilon_of_any_real_type_is_that_number(epsilon, kind):
                                   cbn.batch_norm_forward(x, epsilon=float(spelled))[0])
 
 
-@settings(deadline=None)
 @given(st.one_of(NOT_INTEGERS, st.integers(2, 9).map(float)))
 def test_counts_that_are_not_integers_are_type_errors_naming_them(count):
     import cbn.moments

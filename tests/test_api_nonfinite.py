@@ -7,10 +7,12 @@ features or rows), several blocks per work item and several chunks merged (with 
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cbn
 from cbn import reference
+
+from budget import examples
 
 # (rows, features): small; vector widths; FI multi-block and multi-chunk (8192 rows per
 # block at 8 features, 2 chunks from 131072 elements); RI multi-chunk (>= 32768 rows) and
@@ -77,7 +79,7 @@ def assert_same_statistic(got, want, data_scale, rtol):
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")   # the reference's inf − inf
-@settings(deadline=None, max_examples=60)
+@examples(60)
 @given(extreme_case())
 def test_extreme_values_give_the_reference_statistics_on_every_path(x):
     finite = np.where(np.isfinite(x), np.abs(x.astype(np.float64)), 0.0)

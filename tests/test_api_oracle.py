@@ -1,16 +1,17 @@
 """The kernels agree with cbn.reference on every layout, dtype and choice of axes."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cbn
 from cbn import reference
 
+from budget import examples
 from layouts import (assert_close, assert_statistics_close, batch_norm_case, condition,
-                     feature_shape, in_layout)
+                     feature_shape, in_layout, sized_batch_norm_case, streaming_stores)
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(batch_norm_case())
 def test_batch_stats_matches_reference(case):
     x, axis, axes, _ = case
@@ -25,7 +26,7 @@ def test_batch_stats_matches_reference(case):
 
 # epsilon 0 on a constant feature is 0/0 in the reference too: NaN, checked below.
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(batch_norm_case())
 def test_forward_and_inference_match_reference(case):
     x, axis, axes, rng = case
@@ -55,7 +56,7 @@ def test_forward_and_inference_match_reference(case):
     np.testing.assert_array_equal(x, before)
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(batch_norm_case())
 def test_backward_matches_reference(case):
     x, axis, axes, rng = case
@@ -78,7 +79,7 @@ def test_backward_matches_reference(case):
     np.testing.assert_array_equal(dy, before[1])
 
 
-@settings(max_examples=100, deadline=None)
+@examples(100)
 @given(batch_norm_case(), st.sampled_from(["C", "F", "transposed", "stepped", "reversed"]))
 def test_out_buffers_of_any_layout(case, out_layout):
     x, axis, axes, rng = case
@@ -97,3 +98,33 @@ def test_out_buffers_of_any_layout(case, out_layout):
         finite = np.isfinite(expected[name])
         assert_close(out[finite], expected[name][finite], x.dtype,
                      condition(x, var, None, 1e-3) * max(1.0, float(np.abs(dy).max())))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@examples(30)
+@given(sized_batch_norm_case(), st.booleans())
+def test_every_output_matches_reference_past_vector_widths_and_chunks(case, streaming):
+    """Wide features and batches of several blocks and chunks, stored both ways."""
+    x, axis, axes, rng = case
+    features = feature_shape(x, axes)
+    gamma, beta = rng.standard_normal(features), rng.standard_normal(features)
+    dy = rng.standard_normal(x.shape).astype(x.dtype)
+    before = x.copy()
+    with streaming_stores(streaming):
+        stats = cbn.batch_stats(x, axis=axis)
+        y, mean, var = cbn.batch_norm_forward(x, gamma, beta, axis=axis)
+        y_inf = cbn.batch_norm_inference(x, mean, var, gamma, beta, axis=axis)
+        dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis)
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(x, gamma, beta, axis=axis)
+    for got_mean, got_var in (stats, (mean, var)):
+        assert_statistics_close(got_mean, got_var, mean_ref, var_ref, x)
+    tol = condition(x, var_ref, gamma, 1e-3)
+    assert_close(y, y_ref, x.dtype, tol)
+    assert_close(y_inf, y_ref, x.dtype, tol)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy, x, mean, var, gamma,
+                                                                  axis=axis)
+    assert_close(dx, dx_ref, x.dtype, tol * float(np.abs(dy).max()))
+    scale = 1.0 + np.abs(dy.astype(np.float64)).sum()
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-9, atol=1e-12 * scale)
+    np.testing.assert_array_equal(x, before)

@@ -2,9 +2,11 @@
 plain float64 NumPy (a direct convolution written here, BN from its formula)."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cbn
+
+from budget import examples
 
 EPS = 1e-3
 
@@ -131,7 +133,7 @@ def test_fold_into_next_dense(use_bias):
     np.testing.assert_allclose(h @ W2 + b2, expected, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=30, deadline=None)
+@examples(30)
 @given(n_in=st.integers(1, 6), n_out=st.integers(1, 6), seed=st.integers(0, 2**31),
        eps=st.sampled_from([0.0, 1e-5, 1e-3, 0.5]))
 def test_fold_dense_random(n_in, n_out, seed, eps):

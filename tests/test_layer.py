@@ -7,10 +7,11 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cbn
 from cbn import reference
+from budget import examples
 from numerical import finite_difference
 
 
@@ -409,7 +410,7 @@ def test_integer_input_is_rejected():
 
 
 # ------------------------------------------------------------------ property test
-@settings(max_examples=40, deadline=None)
+@examples(40)
 @given(ndim=st.integers(2, 4), data=st.data())
 def test_layer_matches_reference_on_random_shapes(ndim, data):
     shape = tuple(data.draw(st.lists(st.integers(1, 4), min_size=ndim, max_size=ndim)))

@@ -1,10 +1,11 @@
 """cbn._layout on its own: the plan addresses every element of every layout exactly once."""
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 
 from cbn._layout import make_plan
 
+from budget import examples
 from layouts import batch_norm_case
 
 
@@ -31,7 +32,7 @@ def plan_offsets(plan, operand=0):
     return features[:, None] + rows[None, :]
 
 
-@settings(max_examples=200, deadline=None)
+@examples(200)
 @given(batch_norm_case())
 def test_plan_addresses_every_element(case):
     x, _, axes, _ = case

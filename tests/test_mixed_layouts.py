@@ -6,13 +6,14 @@ reference's result, and the same bits for any thread count.
 """
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 from threadpoolctl import threadpool_limits
 
 import cbn
 import cbn.api
 from cbn import _kernels, reference
 
+from budget import examples
 from layouts import assert_close, in_layout
 
 PAIRED_LAYOUTS = ("C", "F", "transposed", "stepped", "reversed")
@@ -32,7 +33,7 @@ def mixed_case(draw):
     return values, dy, sorted(kept), layouts, dtype, rng
 
 
-@settings(max_examples=120, deadline=None)
+@examples(120)
 @given(mixed_case())
 def test_every_layout_pairing_matches_reference(case):
     values, dy_values, axis, (x_layout, dy_layout, out_layout), dtype, rng = case

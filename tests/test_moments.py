@@ -1,10 +1,12 @@
 """Mergeable statistics: cbn.batch_moments / cbn.merge_moments against the reference."""
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import cbn
 from cbn import reference
+
+from budget import examples
 
 
 def assert_stats_close(moments, x, axis):
@@ -48,7 +50,7 @@ def split_batches(draw):
     return x, axis, split_axis, cuts
 
 
-@settings(max_examples=150, deadline=None)
+@examples(150)
 @given(split_batches(), st.randoms(use_true_random=False))
 def test_merge_of_any_split_matches_reference(case, rnd):
     x, axis, split_axis, cuts = case
@@ -62,7 +64,7 @@ def test_merge_of_any_split_matches_reference(case, rnd):
     assert_stats_close(merged, x.astype(np.float64), axis)
 
 
-@settings(max_examples=60, deadline=None)
+@examples(60)
 @given(split_batches(), st.randoms(use_true_random=False))
 def test_merge_is_bitwise_order_independent(case, rnd):
     x, axis, split_axis, cuts = case

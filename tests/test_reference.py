@@ -13,13 +13,14 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from cbn import reference as ref
+from budget import examples
 from numerical import finite_difference
 
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = examples(25)
 
 
 # ----------------------------------------------------------------------------------------
@@ -602,7 +603,6 @@ FLOAT64_MAX = Fraction(np.finfo(np.float64).max)
 EPS = Fraction(2) ** -52
 
 
-@settings(deadline=None)
 @given(st.floats(allow_nan=False, allow_infinity=False), st.integers(1, 3000))
 def test_constant_feature_is_exact(value, n):
     # The flaky oracle failure: np.mean of n copies of c is not always c, which gave a
@@ -619,7 +619,6 @@ FINITE_FLOATS = st.floats(allow_nan=False, allow_infinity=False)
 NEAR_THE_LIMIT = st.floats(1e307, 1.7976931348623157e308) | st.floats(-1.8e308, -1e307)
 
 
-@settings(deadline=None)
 @given(st.lists(FINITE_FLOATS | NEAR_THE_LIMIT, min_size=1, max_size=40),
        st.sampled_from([1.0, 2.0 ** 500, 2.0 ** 1000, 2.0 ** -1000]))
 def test_stats_of_any_finite_floats_against_exact_fractions(values, scale):
