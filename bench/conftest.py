@@ -8,7 +8,7 @@ import functools
 
 import numpy as np
 
-from cbn import benchmark
+from cbn import _machine, benchmark, coldbench
 
 IMPLEMENTATIONS = ("cbn", "cbn out=", "reference", "torch")
 
@@ -26,7 +26,28 @@ def run_operation(benchmark_fixture, operation, case, dtype, implementation):
     benchmark_fixture(found[implementation][operation])
 
 
+def pytest_addoption(parser):
+    parser.addoption("--cold", action="store_true",
+                     help="bench_cold.py at full size: arrays >= 4x the last-level cache")
+
+
+def cold_cases(config):
+    """The cold cases at full size with --cold; else one small case, cheap enough for CI."""
+    if config.getoption("cold"):
+        return coldbench.cold_cases(_machine.cache_sizes().llc)
+    return coldbench.cold_cases(256 * 1024, factor=1)[2:3]
+
+
 def pytest_generate_tests(metafunc):
+    if "cold_case" in metafunc.fixturenames:
+        metafunc.parametrize("cold_case", cold_cases(metafunc.config), ids=lambda c: c.name)
+        implementations = ["cbn out=", "cbn out= other stores", "STREAM"]
+        if benchmark.import_torch() is not None:
+            implementations.append("torch")
+        metafunc.parametrize("operation, implementation", [
+            (op, name) for op in benchmark.OPERATIONS for name in implementations
+            if op != "stats" or not name.startswith("cbn out=")])   # stats have no output
+        return
     if "case" in metafunc.fixturenames:
         metafunc.parametrize("case", benchmark.FULL_CASES, ids=lambda c: c.name)
     if "implementation" in metafunc.fixturenames:

@@ -1,6 +1,8 @@
 """``python -m cbn``: what was built, a check against the reference, and a timing table.
 
-``python -m cbn bench [...]`` runs the full side-by-side benchmark (see cbn.benchmark).
+``python -m cbn bench [...]`` runs the full side-by-side benchmark (see cbn.benchmark);
+``python -m cbn calibrate`` measures streaming against ordinary stores on this machine and
+records the verdict for its CPU (see cbn._machine).
 """
 import platform
 import sys
@@ -8,7 +10,7 @@ import sys
 import numpy as np
 
 import cbn
-from cbn import _kernels, benchmark, reference
+from cbn import _kernels, _machine, benchmark, reference
 
 CHECKS = (
     ("NHWC (8,14,14,32) axis=-1", (8, 14, 14, 32), -1, "C"),
@@ -25,6 +27,19 @@ def print_build():
     print(f"OpenMP: {'yes' if cbn.openmp_enabled() else 'NO (serial build)'}; "
           f"threads available: {_kernels.max_threads()}; "
           f"SIMD: {' '.join(_kernels.simd_flags()) or 'none detected'}")
+    print(f"Caches: {_machine.cache_sizes().describe()}")
+    print(f"Chosen: {_machine.current().describe()}")
+
+
+def calibrate():
+    """Time streaming against ordinary stores, record the verdict, print the thresholds."""
+    caches = _machine.cache_sizes()
+    record = _machine.calibrate(caches, benchmark.time_stores)
+    _machine.save_calibration(caches, record)
+    _machine.current.cache_clear()
+    print(f"Caches: {caches.describe()}")
+    print(f"Recorded in {_machine.cache_file()}: {_machine.current().describe()}")
+    return 0
 
 
 def check_against_reference():
@@ -53,6 +68,8 @@ def check_against_reference():
 def main(argv):
     if argv and argv[0] == "bench":
         return benchmark.main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        return calibrate()
     if argv and argv[0] == "demo":
         from cbn import demo
         return demo.main(argv[1:])

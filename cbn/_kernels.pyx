@@ -121,18 +121,28 @@ cdef enum:
     CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
     TARGET_ITEMS = 64           # RI: split features into chunks until this many items
     MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
-    PARALLEL_MIN_ELEMENTS = 32768  # below this, OpenMP dispatch costs more than it saves
 
 
-# Outputs at least this large bypass the caches (streaming stores); settable so that
-# benchmarks can measure both ways in one process.
-cdef Py_ssize_t stream_min_bytes = 1 << 24
+# Machine-dependent thresholds, set by cbn._machine from the caches the OS reports (and a
+# recorded calibration) when cbn.api is imported; settable so that benchmarks and tests can
+# take both sides in one process. Neither changes a result's bits, only its speed.
+# Outputs at least this large bypass the caches (streaming stores):
+cdef Py_ssize_t stream_min_bytes = 1 << 62
+# Operands smaller than this stay on the calling thread (OpenMP dispatch would cost more):
+cdef Py_ssize_t parallel_min_bytes = 1 << 17
 
 
 def set_stream_min_bytes(Py_ssize_t n_bytes):
     """Set the output size from which stores stream past the caches; returns the old one."""
     global stream_min_bytes
     old, stream_min_bytes = stream_min_bytes, n_bytes
+    return old
+
+
+def set_parallel_min_bytes(Py_ssize_t n_bytes):
+    """Set the operand size below which calls stay serial; returns the old one."""
+    global parallel_min_bytes
+    old, parallel_min_bytes = parallel_min_bytes, n_bytes
     return old
 
 
@@ -243,7 +253,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
 
 cdef inline int thread_count(const Grid *g) noexcept nogil:
     """Read at every call, so OMP_NUM_THREADS and threadpoolctl limits apply."""
-    if serial_only or g.n_rows * g.n_features < PARALLEL_MIN_ELEMENTS:
+    if serial_only or g.n_bytes < parallel_min_bytes:
         return 1
     return <int>max(1, min(<Py_ssize_t>cbn_max_threads(), g.n_items))
 
@@ -1220,6 +1230,11 @@ cdef class KernelPlan:
         for k, operand in enumerate(layout.operands):
             self.walks[k] = make_walk(operand)
 
+    def second_pass_in_cache(self):
+        """Whether each feature's second pass (normalize, dx) follows its first while the
+        feature is in cache: RI with one chunk per feature (fused_forward, fused_backward)."""
+        return not self.grid.features_inner and self.grid.n_chunks == 1
+
     cdef Grid call_grid(self):
         cdef Grid g = self.grid
         g.n_threads = thread_count(&g)
@@ -1400,3 +1415,43 @@ cdef class Gradient:
                                      <const double *>self.x_data, &walks[1],
                                      <double *>self.dx_data, &walks[2], &self.buffers,
                                      &self.factors)
+
+
+# ---------------------------------------------------------------------------------------
+# Memory bandwidth: STREAM-style copy, triad and read (cbn.bandwidth's speed of light)
+# ---------------------------------------------------------------------------------------
+
+cdef extern from "_stream.h":
+    void cbn_bw_copy(const float *a, float *b, int64_t n, int nontemporal) noexcept nogil
+    void cbn_bw_triad(const float *b, const float *c, float *a, int64_t n, float s,
+                      int nontemporal) noexcept nogil
+    double cbn_bw_read(const float *a, int64_t n) noexcept nogil
+
+
+cdef inline float *float_data(cnp.ndarray a):
+    return NULL if a is None else <float *>cnp.PyArray_DATA(a)
+
+
+def bandwidth_kernel(str kind, cnp.ndarray a, cnp.ndarray b=None, cnp.ndarray c=None,
+                     bint nontemporal=False):
+    """One STREAM-style pass over contiguous float32 arrays of one size, split into one
+    contiguous share per thread: "copy" b = a, "triad" a = b + 3 c, "read" sum(a)."""
+    cdef int n_threads = 1 if serial_only else cbn_max_threads()
+    cdef int64_t n = a.size, share = ceil_div(a.size, n_threads), begin, t
+    cdef float *pa = float_data(a)
+    cdef float *pb = float_data(b)
+    cdef float *pc = float_data(c)
+    cdef int which = {"copy": 0, "triad": 1, "read": 2}[kind]
+    cdef double[::1] sums = np.zeros(n_threads)   # read's results, so it is not optimized away
+    with nogil:
+        for t in prange(n_threads, num_threads=n_threads, schedule="static"):
+            begin = t * share
+            if begin < n:
+                if which == 0:
+                    cbn_bw_copy(pa + begin, pb + begin, min(share, n - begin),
+                                nontemporal)
+                elif which == 1:
+                    cbn_bw_triad(pb + begin, pc + begin, pa + begin,
+                                 min(share, n - begin), 3.0, nontemporal)
+                else:
+                    sums[t] = cbn_bw_read(pa + begin, min(share, n - begin))

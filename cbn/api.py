@@ -12,8 +12,11 @@ from functools import lru_cache
 
 import numpy as np
 
-from . import _checks, _kernels
+from . import _checks, _kernels, _machine
 from ._layout import make_plan
+
+# Streaming and serial thresholds for this machine's caches (cbn._machine).
+_machine.apply(_kernels, _machine.current())
 
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward",
            "batch_norm_backward_from_sums", "gradient_sums", "openmp_enabled"]

@@ -7,13 +7,14 @@ existing buffer, measured in the same run (one read and one write of x, the floo
 inference). Used by ``python -m cbn bench`` and by ``python -m cbn``'s short table.
 """
 import argparse
+import functools
 import statistics
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from . import api, reference
+from . import _kernels, _machine, api, reference
 
 try:
     from threadpoolctl import threadpool_limits
@@ -116,6 +117,26 @@ def _median_seconds(calls, repeats):
 def _repeats_for(x, repeats):
     # Tiny calls are timed over many rounds; big ones over the requested few.
     return max(repeats, min(2000, int(2e7 / max(x.nbytes, 1))))
+
+
+def time_stores(n_bytes, stream):
+    """Seconds of one inference call writing n_bytes of float32 with out=, with streaming
+    stores on or off (cbn._machine.calibrate's measurement)."""
+    x, out = _store_buffers(n_bytes)
+    ones = np.ones(x.shape[1])
+    old = _kernels.set_stream_min_bytes(0 if stream else _machine.NEVER)
+    try:
+        start = time.perf_counter()
+        api.batch_norm_inference(x, ones * 0, ones, out=out)
+        return time.perf_counter() - start
+    finally:
+        _kernels.set_stream_min_bytes(old)
+
+
+@functools.lru_cache(maxsize=1)
+def _store_buffers(n_bytes):
+    x = np.ones((max(1, n_bytes // 1024), 256), np.float32)
+    return x, np.empty_like(x)
 
 
 def import_torch():
@@ -248,7 +269,13 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--summary", action="store_true",
                         help="one line per case and operation, thread counts side by side")
+    parser.add_argument("--cold", action="store_true",
+                        help="arrays >= 4x the last-level cache, in GB/s and %% of STREAM "
+                             "(cbn.coldbench)")
     args = parser.parse_args(argv)
+    if args.cold:
+        from . import coldbench
+        return coldbench.main(args)
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]

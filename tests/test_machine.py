@@ -1,0 +1,150 @@
+"""cbn._machine: cache sizes from the OS, the thresholds taken from them, the calibration;
+and that no threshold changes a result's bits."""
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _kernels, _machine, coldbench
+
+KIB, MIB = 1024, 1024 ** 2
+
+
+def fake_sysfs(root, entries):
+    for i, (level, kind, size) in enumerate(entries):
+        index = root / f"index{i}"
+        index.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (index / name).write_text(f"{value}\n")
+    return str(root)
+
+
+@pytest.mark.parametrize("text, expected", [("32K", 32 * KIB), ("1024K", MIB), ("32M", 32 * MIB),
+                                            ("1G", 1024 * MIB), ("65536", 65536), ("48KB", 48 * KIB)])
+def test_sizes_parse(text, expected):
+    assert _machine.parse_size(text) == expected
+
+
+def test_sysfs_tree_with_three_levels(tmp_path):
+    root = fake_sysfs(tmp_path, [(1, "Data", "48K"), (1, "Instruction", "32K"),
+                                 (2, "Unified", "2048K"), (3, "Unified", "36864K")])
+    assert _machine.from_sysfs(root) == _machine.Caches(48 * KIB, 2 * MIB, 36 * MIB,
+                                                        "Linux sysfs")
+
+
+def test_sysfs_without_l3_takes_l2_as_last_level(tmp_path):
+    root = fake_sysfs(tmp_path, [(1, "Data", "64K"), (2, "Unified", "4096K")])
+    caches = _machine.from_sysfs(root)
+    assert (caches.l2, caches.llc) == (4 * MIB, 4 * MIB)
+
+
+def test_sysfs_unreadable_or_missing_gives_none(tmp_path):
+    assert _machine.from_sysfs(str(tmp_path / "absent")) is None
+    root = fake_sysfs(tmp_path, [(1, "Data", "lots"), (2, "Unified", "1024K")])
+    assert _machine.from_sysfs(root) is None   # no usable L1d
+
+
+def test_sysconf_and_sysctl_sources():
+    values = {"SC_LEVEL1_DCACHE_SIZE": 32 * KIB, "SC_LEVEL2_CACHE_SIZE": 512 * KIB,
+              "SC_LEVEL3_CACHE_SIZE": 0}   # 0: glibc knows no L3
+    caches = _machine.from_sysconf(values.__getitem__, values)
+    assert (caches.l1d, caches.l2, caches.llc) == (32 * KIB, 512 * KIB, 512 * KIB)
+    assert _machine.from_sysconf(values.__getitem__, {}) is None
+
+    class Done:
+        def __init__(self, stdout):
+            self.stdout = stdout
+
+    sysctl = {"hw.l1dcachesize": "65536\n", "hw.l2cachesize": "4194304\n", "hw.l3cachesize": ""}
+    caches = _machine.from_sysctl(lambda argv, **kw: Done(sysctl[argv[-1]]))
+    assert (caches.l1d, caches.l2, caches.llc) == (64 * KIB, 4 * MIB, 4 * MIB)
+
+
+def test_thresholds_follow_the_caches_and_the_calibration():
+    caches = _machine.Caches(32 * KIB, MIB, 36 * MIB, "test")
+    assert _machine.thresholds(caches).stream_min_bytes == 36 * MIB
+    assert _machine.thresholds(caches).parallel_min_bytes == 128 * KIB
+    slow = {"stream_pays": False, "stream_ms": 12.9, "plain_ms": 7.3, "bytes": 72 * MIB}
+    assert _machine.thresholds(caches, slow).stream_min_bytes == _machine.NEVER
+    assert "12.9 ms" in _machine.thresholds(caches, slow).describe()
+
+
+@pytest.mark.parametrize("stream_s, plain_s, pays", [(1.0, 2.0, True), (2.0, 1.0, False),
+                                                     (0.97, 1.0, False)])
+def test_calibration_decides_by_the_medians(stream_s, plain_s, pays):
+    caches = _machine.Caches(32 * KIB, MIB, 8 * MIB, "test")
+    asked = []
+
+    def time_stores(n_bytes, stream):
+        asked.append(n_bytes)
+        return stream_s if stream else plain_s
+
+    record = _machine.calibrate(caches, time_stores)
+    assert record["stream_pays"] is pays
+    assert set(asked) == {16 * MIB}   # twice the last-level cache
+
+
+def test_calibration_is_kept_per_machine(tmp_path):
+    path = str(tmp_path / "cbn" / "calibration.json")
+    caches = _machine.Caches(32 * KIB, MIB, 8 * MIB, "test")
+    other = _machine.Caches(32 * KIB, MIB, 16 * MIB, "test")
+    record = {"stream_pays": False, "stream_ms": 2.0, "plain_ms": 1.0, "bytes": 16 * MIB}
+    assert _machine.load_calibration(caches, path) is None
+    _machine.save_calibration(caches, record, path)
+    assert _machine.load_calibration(caches, path) == record
+    assert _machine.load_calibration(other, path) is None
+
+
+def test_the_kernels_use_this_machines_thresholds():
+    chosen = _machine.current()
+    old = _kernels.set_stream_min_bytes(0)
+    _kernels.set_stream_min_bytes(old)
+    assert old == chosen.stream_min_bytes
+    old = _kernels.set_parallel_min_bytes(0)
+    _kernels.set_parallel_min_bytes(old)
+    assert old == chosen.parallel_min_bytes
+
+
+LAYOUTS = [((64, 6, 6, 64), -1, "C"), ((48, 16, 9, 9), 1, "C"), ((40, 6, 6, 64), -1, "F"),
+           ((300, 136), -1, "C"), ((40, 6, 12, 64), -1, "S"), ((8, 60, 64), (0, 2), "C")]
+
+
+@pytest.mark.parametrize("shape, axis, layout", LAYOUTS)
+def test_streaming_and_the_serial_cut_off_never_change_bits(shape, axis, layout):
+    rng = np.random.default_rng(1)
+    x, dy = (rng.standard_normal(shape, dtype=np.float32) + 3 for _ in range(2))
+    if layout == "F":
+        x, dy = np.asfortranarray(x), np.asfortranarray(dy)
+    if layout == "S":
+        x, dy = x[:, :, ::2], dy[:, :, ::2]
+    mean, var = cbn.batch_stats(x, axis=axis)
+    gamma = rng.random(mean.shape) + 0.5
+
+    def outputs():
+        return (cbn.batch_norm_forward(x, gamma, gamma, axis=axis)
+                + (cbn.batch_norm_inference(x, mean, var, gamma, gamma, axis=axis),)
+                + cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis))
+
+    results = []
+    for stream, parallel in ((0, 0), (_machine.NEVER, _machine.NEVER)):
+        old_stream = _kernels.set_stream_min_bytes(stream)
+        old_parallel = _kernels.set_parallel_min_bytes(parallel)
+        try:
+            results.append(outputs())
+        finally:
+            _kernels.set_stream_min_bytes(old_stream)
+            _kernels.set_parallel_min_bytes(old_parallel)
+    for streamed, plain in zip(*results):
+        np.testing.assert_array_equal(streamed, plain, strict=True)
+
+
+def test_cold_cases_are_four_last_level_caches():
+    for case in coldbench.cold_cases(32 * MIB):
+        assert 4 * 32 * MIB <= 4 * np.prod(case.shape) < 4 * 32 * MIB * 1.05
+
+
+@pytest.mark.parametrize("operation, in_cache, moved, kernel", [
+    ("stats", False, 1, "read"), ("inference", False, 2, "copy"), ("forward", True, 2, "copy"),
+    ("forward", False, 3, "triad"), ("backward", True, 3, "triad"),
+    ("backward", False, 5, "triad")])
+def test_bytes_moved_follow_issue_9(operation, in_cache, moved, kernel):
+    assert coldbench.bytes_moved(operation, 100, in_cache) == (moved * 100, kernel)
