@@ -1,0 +1,212 @@
+"""Batch norm as ``torch.autograd.Function``s running on cbn's kernels.
+
+The kernels read and write the tensors' own memory: a CPU tensor's ``.numpy()`` is a view of
+its storage whatever its strides (contiguous, channels_last, sliced), and outputs are made
+with ``torch.empty_like`` (x's memory format) and filled through their NumPy views with the
+core API's ``out=``. The channel dimension of every ``BatchNormNd`` input is dim 1, cbn's
+``axis=1``. float32 and float64 are computed in place; float16 and bfloat16 (which NumPy
+cannot view) are computed in float32 and the results converted back, as PyTorch's CPU kernels
+do. Per-channel statistics and parameter gradients are accumulated in float64 by the kernels.
+
+Three functions:
+
+- :class:`Training`: batch statistics (``cbn.batch_norm_forward`` / ``batch_norm_backward``);
+  also returns the float64 batch mean and biased variance (not differentiable) for the
+  module's running statistics.
+- :class:`Inference`: given (running) statistics; ``dx = dy·γ/sqrt(var + ε)``.
+- :class:`Normalize`: given statistics of a larger batch whose gradient sums are combined by
+  a caller-supplied function: the synchronized layer's local part (see ``sync.py``).
+"""
+import numpy as np
+import torch
+from torch.autograd.function import once_differentiable
+
+import cbn
+from cbn.api import gradient_sums
+
+COMPUTED = (torch.float32, torch.float64)
+ACCEPTED = COMPUTED + (torch.float16, torch.bfloat16)
+
+
+def check_input(x, num_features):
+    """Raise for what cbn cannot normalise: another device, a non-float dtype, a channel
+    count (dim 1) other than the module's."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+    if x.device.type != "cpu":
+        raise ValueError(f"cbn.torch runs on CPU tensors; this input is on {x.device}")
+    if x.layout != torch.strided:
+        raise TypeError(f"cbn.torch needs a strided (dense) tensor, got layout {x.layout}")
+    if x.dtype not in ACCEPTED:
+        raise TypeError(f"cbn.torch normalises float16, bfloat16, float32 and float64 tensors, "
+                        f"got {x.dtype}")
+    if x.dim() < 2 or x.shape[1] != num_features:
+        raise ValueError(f"expected {num_features} channels in dim 1, got input of shape "
+                         f"{tuple(x.shape)}")
+
+
+def per_channel_count(x):
+    """Elements each channel's statistics run over: everything but dim 1."""
+    return x.numel() // x.shape[1] if x.shape[1] else 0
+
+
+def computed(t):
+    """The tensor the kernels work on: t itself, or a float32 copy of a half-precision t."""
+    return t if t.dtype in COMPUTED else t.float()
+
+
+def array(t):
+    """A NumPy view of a CPU tensor's memory (no copy)."""
+    return t.detach().numpy()
+
+
+def vector(t):
+    """A per-channel parameter or statistic as a float64 array (None stays None)."""
+    return None if t is None else t.detach().to(torch.float64).numpy()
+
+
+def delivered(result, like):
+    return result if result.dtype == like.dtype else result.to(like.dtype)
+
+
+def parameter_gradient(values, dtype, needed):
+    """A gradient for a parameter of ``dtype`` (None if the parameter has no gradient)."""
+    if not needed:
+        return None
+    return torch.from_numpy(np.asarray(values)).to(dtype)
+
+
+def sums(dy, x, mean, var, epsilon):
+    """(Σ dy·x̂, Σ dy) per channel with the given statistics; zeros for an empty tensor."""
+    if per_channel_count(x) == 0:
+        zeros = np.zeros(x.shape[1])
+        return zeros, zeros.copy()
+    return gradient_sums(array(dy), array(x), mean, var, axis=1, epsilon=epsilon)
+
+
+def input_gradient_with(var, gamma, dy, work, epsilon):
+    """dx of normalisation with fixed statistics: dy·γ/sqrt(var + ε), in x's layout."""
+    dx = torch.empty_like(work)
+    cbn.batch_norm_inference(array(dy), np.zeros_like(var), var, gamma, axis=1,
+                             epsilon=epsilon, out=array(dx))
+    return dx
+
+
+def normalized(x, mean, var, weight, bias, epsilon):
+    """γ·(x − mean)/sqrt(var + ε) + β with given float64 statistics, in x's dtype."""
+    work = computed(x)
+    y = torch.empty_like(work)
+    cbn.batch_norm_inference(array(work), mean, var, vector(weight), vector(bias), axis=1,
+                             epsilon=epsilon, out=array(y))
+    return delivered(y, x)
+
+
+def remember(ctx, x, weight, bias, mean, var, epsilon):
+    """Keep what a backward needs: x and weight (saved, so in-place changes are caught),
+    the float64 statistics, epsilon, and the parameters' dtypes for their gradients."""
+    ctx.save_for_backward(x, weight)
+    ctx.statistics, ctx.epsilon = (mean, var), epsilon
+    ctx.dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
+
+
+def recalled(ctx, dy):
+    """(x, weight, x as computed, dy in that dtype, mean, var, epsilon) in a backward."""
+    x, weight = ctx.saved_tensors
+    work = computed(x)
+    return (x, weight, work, dy.to(work.dtype)) + ctx.statistics + (ctx.epsilon,)
+
+
+def gradients(ctx, x, dx, dgamma, dbeta, n_constants):
+    """The backward's return: dx in x's dtype, the parameters' gradients in theirs, and
+    None for the ``n_constants`` arguments that take no gradient."""
+    need = ctx.needs_input_grad
+    return ((None if dx is None else delivered(dx, x),
+             parameter_gradient(dgamma, ctx.dtypes[0], need[1]),
+             parameter_gradient(dbeta, ctx.dtypes[1], need[2])) + (None,) * n_constants)
+
+
+class Training(torch.autograd.Function):
+    """``y, mean, var = Training.apply(x, weight, bias, eps)``: batch statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, epsilon):
+        work = computed(x)
+        y = torch.empty_like(work)
+        if per_channel_count(x):
+            _, mean, var = cbn.batch_norm_forward(array(work), vector(weight), vector(bias),
+                                                  axis=1, epsilon=epsilon, out=array(y))
+        else:   # an empty batch: nothing to normalise, no statistics (PyTorch's behaviour)
+            mean, var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+        remember(ctx, x, weight, bias, mean, var, epsilon)
+        mean, var = torch.from_numpy(mean), torch.from_numpy(var)
+        ctx.mark_non_differentiable(mean, var)
+        return delivered(y, x), mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy, _mean_grad, _var_grad):
+        x, weight, work, dy, mean, var, epsilon = recalled(ctx, dy)
+        need_x = ctx.needs_input_grad[0]
+        if need_x and per_channel_count(x):
+            dx = torch.empty_like(work)
+            _, dgamma, dbeta = cbn.batch_norm_backward(array(dy), array(work), mean, var,
+                                                       vector(weight), axis=1,
+                                                       epsilon=epsilon, out=array(dx))
+        else:   # one read of dy and x for the parameters' gradients alone
+            dx = torch.zeros_like(work) if need_x else None
+            dgamma, dbeta = sums(dy, work, mean, var, epsilon)
+        return gradients(ctx, x, dx, dgamma, dbeta, 1)
+
+
+class Inference(torch.autograd.Function):
+    """``y = Inference.apply(x, weight, bias, mean, var, eps)`` with fixed statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, epsilon):
+        mean, var = vector(mean), vector(var)
+        remember(ctx, x, weight, bias, mean, var, epsilon)
+        return normalized(x, mean, var, weight, bias, epsilon)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, work, dy, mean, var, epsilon = recalled(ctx, dy)
+        need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
+        dx = input_gradient_with(var, vector(weight), dy, work, epsilon) if need_x else None
+        dgamma, dbeta = (sums(dy, work, mean, var, epsilon) if need_weight or need_bias
+                         else (None, None))
+        return gradients(ctx, x, dx, dgamma, dbeta, 3)
+
+
+class Normalize(torch.autograd.Function):
+    """``y = Normalize.apply(x, weight, bias, statistics, combine, eps)``: one shard of a
+    larger batch, normalised with that batch's statistics.
+
+    ``statistics`` is ``(mean, var, count)`` of the whole batch (float64 arrays, elements per
+    channel); ``combine(local_sums)`` returns the whole batch's ``[Σ dy·x̂, Σ dy]`` (a
+    ``(2, C)`` float64 array) from this shard's. The input gradient is this shard's part of
+    the whole batch's; the parameters' gradients are this shard's sums, as PyTorch's
+    SyncBatchNorm returns them (DistributedDataParallel then averages them over the ranks).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, statistics, combine, epsilon):
+        mean, var, count = statistics
+        remember(ctx, x, weight, bias, mean, var, epsilon)
+        ctx.count, ctx.combine = count, combine
+        return normalized(x, mean, var, weight, bias, epsilon)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, work, dy, mean, var, epsilon = recalled(ctx, dy)
+        dgamma, dbeta = sums(dy, work, mean, var, epsilon)
+        total_dgamma, total_dbeta = ctx.combine(np.stack([dgamma, dbeta]))
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty_like(work)
+            cbn.batch_norm_backward_from_sums(array(dy), array(work), mean, var,
+                                              vector(weight), total_dbeta, total_dgamma,
+                                              ctx.count, axis=1, epsilon=epsilon,
+                                              out=array(dx))
+        return gradients(ctx, x, dx, dgamma, dbeta, 3)
