@@ -1,6 +1,7 @@
 """``python -m cbn``: what was built, a check against the reference, and a timing table.
 
 ``python -m cbn bench [...]`` runs the full side-by-side benchmark (see cbn.benchmark);
+``python -m cbn bench --torch [...]`` cbn.torch's modules against PyTorch's (cbn.torch.benchmark);
 ``python -m cbn calibrate`` measures streaming against ordinary stores on this machine and
 records the verdict for its CPU (see cbn._machine).
 """
@@ -66,6 +67,9 @@ def check_against_reference():
 
 
 def main(argv):
+    if argv and argv[0] == "bench" and "--torch" in argv:   # cbn.torch against PyTorch
+        from cbn.torch import benchmark as torch_benchmark
+        return torch_benchmark.main([a for a in argv[1:] if a != "--torch"])
     if argv and argv[0] == "bench":
         return benchmark.main(argv[1:])
     if argv and argv[0] == "calibrate":

@@ -1,0 +1,137 @@
+"""``python -m cbn bench --torch``: cbn.torch against PyTorch's own CPU batch norm.
+
+Two measurements, each interleaved call by call in one process (so a noisy neighbour slows
+both alike), reported as medians and ratios:
+
+- the layer: one training-mode forward + backward of ``cbn.torch.BatchNorm2d`` and of
+  ``torch.nn.BatchNorm2d`` on the same tensor, NCHW and channels_last, at each thread count;
+- a whole training step (forward, cross-entropy, backward, SGD) of a small ResNet-style CNN
+  (conv–BN–ReLU blocks with residual connections, batch 32, 56×56 images), as built and
+  after ``cbn.torch.convert``.
+
+Threads: ``torch.set_num_threads`` and threadpoolctl's limit (cbn's OpenMP) together.
+"""
+import argparse
+import copy
+
+import torch
+
+from cbn import benchmark
+from . import convert
+from .modules import BatchNorm2d
+
+LAYER_SHAPE = (32, 64, 56, 56)
+QUICK_LAYER_SHAPE = (8, 32, 28, 28)
+FORMATS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
+def layer_step(module, x, dy):
+    """One training forward + backward (input and parameter gradients)."""
+    def call():
+        x.grad = module.weight.grad = module.bias.grad = None
+        module(x).backward(dy)
+    return call
+
+
+def layer_calls(shape, memory_format, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=generator).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=generator).contiguous(memory_format=memory_format)
+    x.requires_grad_()
+    return {"cbn": layer_step(BatchNorm2d(shape[1]), x, dy),
+            "torch": layer_step(torch.nn.BatchNorm2d(shape[1]), x, dy)}
+
+
+class Block(torch.nn.Module):
+    """conv–BN–ReLU–conv–BN, plus the input, then ReLU (a ResNet basic block)."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(channels), torch.nn.ReLU(inplace=True),
+            torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            torch.nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + x)
+
+
+def small_resnet(width=32, blocks=2, classes=10):
+    """A stem conv–BN–ReLU, ``blocks`` basic blocks at full resolution, pooling, a linear
+    classifier: 1 + 2·blocks BN layers on ``(N, width, H, W)`` activations."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width),
+        torch.nn.ReLU(inplace=True), *[Block(width) for _ in range(blocks)],
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, classes))
+
+
+def training_step(model, x, target):
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def call():
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+        optimizer.step()
+    return call
+
+
+def step_calls(batch, size, memory_format, seed=0):
+    torch.manual_seed(seed)
+    model = small_resnet().to(memory_format=memory_format)
+    converted = convert(copy.deepcopy(model))
+    x = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
+    target = torch.randint(0, 10, (batch,))
+    return {"cbn": training_step(converted, x, target),
+            "torch": training_step(model, x, target)}
+
+
+def measure(calls, repeats):
+    for call in calls.values():   # warm-up: plans, allocator, OpenMP teams
+        call()
+    return benchmark._median_seconds(calls, repeats)
+
+
+def run(threads=(1, 2), repeats=11, quick=False, formats=tuple(FORMATS), step=True):
+    """Rows of medians (seconds): the layer per format and thread count, then the step."""
+    shape = QUICK_LAYER_SHAPE if quick else LAYER_SHAPE
+    batch, size = (8, 28) if quick else (32, 56)
+    rows = []
+    for n_threads in threads:
+        with benchmark._thread_limit(n_threads, torch):
+            for name in formats:
+                rows.append({"what": f"BatchNorm2d fwd+bwd {'x'.join(map(str, shape))}",
+                             "format": name, "threads": n_threads,
+                             **measure(layer_calls(shape, FORMATS[name]), repeats)})
+            if step:
+                for name in formats:
+                    rows.append({"what": f"training step, small ResNet, batch {batch} "
+                                         f"{size}x{size}", "format": name,
+                                 "threads": n_threads,
+                                 **measure(step_calls(batch, size, FORMATS[name]),
+                                           max(3, repeats // 2))})
+    return rows
+
+
+def format_table(rows):
+    lines = ["| what | format | threads | cbn ms | torch ms | torch / cbn |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['what']} | {row['format']} | {row['threads']} | "
+                     f"{row['cbn'] * 1e3:.1f} | {row['torch'] * 1e3:.1f} | "
+                     f"{row['torch'] / row['cbn']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m cbn bench --torch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+    parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
+    parser.add_argument("--no-step", action="store_true", help="the layer only")
+    args = parser.parse_args(argv)
+    print(format_table(run(tuple(args.threads), args.repeats, args.quick,
+                           tuple(args.formats), not args.no_step)))
+    return 0
