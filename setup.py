@@ -45,7 +45,10 @@ class BuildWithProbes(build_ext):
         else:
             # -Wno-psabi: _simd.h's static inline functions pass 64-byte vectors, which on a
             # target without AVX-512 draws a note about an ABI no caller outside them sees.
-            compile_flags, link_flags = ["-O3", "-Wno-psabi"], []
+            # -ffp-contract=off: every loop rounds as its source says (no fused multiply-add
+            # in some copies of a formula and not others), so that different kernel paths
+            # computing the same formula agree bitwise (the fused activations rely on it).
+            compile_flags, link_flags = ["-O3", "-Wno-psabi", "-ffp-contract=off"], []
             march = os.environ.get("CBN_MARCH", "native")
             if march and compiles_and_links(self.compiler, PLAIN_PROBE, [f"-march={march}"], []):
                 compile_flags.append(f"-march={march}")

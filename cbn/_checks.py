@@ -186,3 +186,14 @@ def no_partial_overlap(out, array, name="out"):
             and out.strides == array.strides):
         raise ValueError(f"{name} partly overlaps an input; pass the input itself or a "
                          f"separate buffer")
+
+
+def like_x(value, x, name):
+    """An operand that goes element by element with x (a residual, the forward's output):
+    an ndarray of x's shape and dtype (either byte order)."""
+    refuse_masked(value, name)
+    value = np.asarray(value)
+    if value.shape != x.shape or value.dtype.char != x.dtype.char:
+        raise ValueError(f"{name} must have x's shape {x.shape} and dtype {x.dtype}, got "
+                         f"{value.shape} {value.dtype}")
+    return value

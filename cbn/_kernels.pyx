@@ -107,6 +107,35 @@ cdef extern from "_simd.h":
                            int64_t width, int64_t itemsize, int for_writing) noexcept nogil
     int CBN_MAX_WIDTH
 
+cdef extern from "_activation.h":
+    enum:
+        CBN_ACT_NONE
+        CBN_ACT_RELU
+        CBN_ACT_LEAKY_RELU
+        CBN_ACT_ELU
+    float cbn_act_f32(float z, int kind, double alpha) noexcept nogil
+    double cbn_act_f64(double z, int kind, double alpha) noexcept nogil
+    float cbn_act_gradient_f32(float dy, float y, int kind, double alpha) noexcept nogil
+    double cbn_act_gradient_f64(double dy, double y, int kind, double alpha) noexcept nogil
+    void cbn_activate_f32(const float *z, const float *residual, float *out, int64_t n,
+                          int kind, double alpha, int stream) noexcept nogil
+    void cbn_activate_f64(const double *z, const double *residual, double *out, int64_t n,
+                          int kind, double alpha, int stream) noexcept nogil
+    void cbn_act_gradient_rows_f32(const float *dy, int64_t dy_row_stride, const float *y,
+                                   int64_t y_row_stride, float *dz, int64_t n_rows,
+                                   int64_t width, int kind, double alpha) noexcept nogil
+    void cbn_act_gradient_rows_f64(const double *dy, int64_t dy_row_stride, const double *y,
+                                   int64_t y_row_stride, double *dz, int64_t n_rows,
+                                   int64_t width, int kind, double alpha) noexcept nogil
+    void cbn_act_gradient_sums_run_f32(const float *dy, int64_t dy_step, const float *y,
+                                       int64_t y_step, const float *x, int64_t n, double mean,
+                                       int kind, double alpha, double *sum_dy,
+                                       double *sum_dy_xc) noexcept nogil
+    void cbn_act_gradient_sums_run_f64(const double *dy, int64_t dy_step, const double *y,
+                                       int64_t y_step, const double *x, int64_t n,
+                                       double mean, int kind, double alpha, double *sum_dy,
+                                       double *sum_dy_xc) noexcept nogil
+
 cdef extern from "_platform.h":
     int cbn_openmp_enabled() noexcept nogil
     int cbn_max_threads() noexcept nogil
@@ -123,6 +152,7 @@ cdef enum:
     CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
     TARGET_ITEMS = 64           # RI: split features into chunks until this many items
     MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
+    ACTIVATION_RUN = 2048       # RI with an activation: elements per run through a buffer
 
 
 # Machine-dependent thresholds, set by cbn._machine from the caches the OS reports (and a
@@ -196,6 +226,26 @@ cdef struct Walk:
     int64_t feature_stride
     const int64_t *row_offsets
     int64_t row_stride
+
+
+# What follows batch norm in the same pass (section "Activations"). Forward: y = act(BN(x) +
+# residual); backward: BN's gradient of dz = dy·act'(z), act' from the forward's output,
+# and dz itself as the residual's gradient. Operands beyond a plan's first three are the
+# residual (forward), or the forward's output and the residual's gradient (backward).
+cdef struct Activation:
+    int kind                        # CBN_ACT_*
+    double alpha
+    bint fused                      # anything to do: an activation or a residual
+    const void *residual            # forward: added before the activation, or NULL
+    const Walk *residual_walk
+    const void *output              # backward: the forward's y
+    const Walk *output_walk
+    void *residual_gradient         # backward: receives dz, or NULL
+    const Walk *residual_gradient_walk
+    bint unit_dz_step   # backward: the composed call's dz steps by 1 along reduced runs
+
+
+cdef Activation NO_ACTIVATION     # zeros: CBN_ACT_NONE, no residual; the plain kernels'
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -753,11 +803,15 @@ cdef struct Buffers:
 
 
 cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
-                  Py_ssize_t feature_arrays) noexcept nogil:
+                  Py_ssize_t feature_arrays, bint activated) noexcept nogil:
     """One malloc for a call's buffers (freed with free(b.scratch)); -1 if out of memory."""
-    # FI: the tile's accumulators, then up to three stages (stage_rows) of any element type.
+    # FI: the tile's accumulators, then up to three stages (stage_rows) of any element type,
+    # then, with an activation, the two slots of activation_slot.
     cdef Py_ssize_t per_thread = (tile_arrays * g.tile_width + 3 * g.stage_elements
                                   if g.features_inner else 0)
+    if activated:
+        per_thread += (2 * g.rows_per_run * g.tile_width if g.features_inner
+                       else ACTIVATION_RUN)
     cdef Py_ssize_t partials = g.n_chunks * g.n_features
     b.scratch = <double *>malloc(sizeof(double) * (g.n_threads * per_thread + 2 * partials
                                                    + feature_arrays * g.n_features + 1))
@@ -908,18 +962,19 @@ cdef void ri_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
 
 cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floating *y,
                           const Walk *yw, const double *mean, const double *scale,
-                          const double *shift, const Buffers *ws) noexcept nogil:
+                          const double *shift, const Buffers *ws,
+                          const Activation *act) noexcept nogil:
     cdef Py_ssize_t item
     if not g.features_inner and g.n_ro >= PLANE_ORDER_MIN_OUTER:
         normalize_planes(g, x, xw, y, yw, mean, scale, shift)
         return
     if g.n_threads == 1:
         for item in range(g.n_items):
-            normalize_item(g, x, xw, y, yw, item, mean, scale, shift, ws.scratch)
+            normalize_item(g, x, xw, y, yw, item, mean, scale, shift, ws.scratch, act)
         return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
         normalize_item(g, x, xw, y, yw, item, mean, scale, shift,
-                       ws.scratch + threadid() * ws.scratch_per_thread)
+                       ws.scratch + threadid() * ws.scratch_per_thread, act)
 
 
 # RI normalization needs no statistics, so it may run in any order: where each feature is
@@ -961,51 +1016,72 @@ cdef inline void normalize_outer_row(const Grid *g, const floating *x, const Wal
 cdef inline void normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
                                 const Walk *yw, Py_ssize_t item, const double *mean,
                                 const double *scale, const double *shift,
-                                double *scratch) noexcept nogil:
+                                double *scratch, const Activation *act) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
-        fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift, <floating *>scratch)
+        if act.fused:
+            fi_normalize_activate_item(g, x, xw, y, yw, item, mean, scale, shift,
+                                       <floating *>scratch, act)
+        else:
+            fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift, <floating *>scratch)
     else:
         it = ri_item(g, item)
-        ri_normalize_item(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f])
+        ri_normalize_any(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f],
+                         <floating *>scratch, act)
+
+
+cdef inline void ri_normalize_any(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                                  const Walk *yw, RiItem it, double mean, double scale,
+                                  double shift, floating *buffer,
+                                  const Activation *act) noexcept nogil:
+    if act.fused:
+        ri_normalize_activate_item(g, x, xw, y, yw, it, mean, scale, shift, buffer, act)
+    else:
+        ri_normalize_item(g, x, xw, y, yw, it, mean, scale, shift)
 
 
 cdef void fused_forward(const Grid *g, const floating *x, const Walk *xw, floating *y,
                         const Walk *yw, const double *gamma, const double *shift,
-                        double epsilon, double *mean, double *var, double *scale) noexcept nogil:
+                        double epsilon, double *mean, double *var, double *scale,
+                        const Buffers *ws, const Activation *act) noexcept nogil:
     """RI with one chunk per feature: normalize each feature right after its statistics."""
     cdef Py_ssize_t f
     if g.n_threads == 1:
         for f in range(g.n_features):
-            fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f)
+            fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f,
+                                  <floating *>ws.scratch, act)
         return
     for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-        fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f)
+        fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f,
+                              <floating *>(ws.scratch + threadid() * ws.scratch_per_thread),
+                              act)
 
 
 cdef inline void fused_forward_feature(const Grid *g, const floating *x, const Walk *xw,
                                        floating *y, const Walk *yw, const double *gamma,
                                        const double *shift, double epsilon, double *mean,
-                                       double *var, double *scale, Py_ssize_t f) noexcept nogil:
+                                       double *var, double *scale, Py_ssize_t f,
+                                       floating *buffer, const Activation *act) noexcept nogil:
     cdef RiItem it = ri_item(g, f)
     ri_moments(g, x, xw, it, &mean[f], &var[f])
     var[f] /= g.n_rows
     settle_moments(g, x, xw, f, &mean[f], &var[f])
     normalization_factors(f, var, gamma, epsilon, scale)
-    ri_normalize_item(g, x, xw, y, yw, it, mean[f], scale[f], shift[f])
+    ri_normalize_any(g, x, xw, y, yw, it, mean[f], scale[f], shift[f], buffer, act)
 
 
 cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floating *y,
                         const Walk *yw, const Buffers *ws, const double *gamma, const double *shift,
-                        double epsilon, double *mean, double *var, double *scale) noexcept nogil:
+                        double epsilon, double *mean, double *var, double *scale,
+                        const Activation *act) noexcept nogil:
     cdef Py_ssize_t f
     if not g.features_inner and g.n_chunks == 1:
-        fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale)
+        fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, ws, act)
         return
     compute_moments(g, x, xw, ws, mean, var)
     for f in range(g.n_features):
         normalization_factors(f, var, gamma, epsilon, scale)
-    normalize_items(g, x, xw, y, yw, mean, scale, shift, ws)
+    normalize_items(g, x, xw, y, yw, mean, scale, shift, ws, act)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1144,6 +1220,7 @@ cdef struct GradientFactors:
     double *coef_dy
     double *coef_xc
     double *offset
+    const Activation *act
 
 
 cdef inline void scale_to_xhat(Py_ssize_t f, GradientFactors *k) noexcept nogil:
@@ -1166,12 +1243,27 @@ cdef inline void gradient_sums_item(const Grid *g, const floating *dy, const Wal
                                     Py_ssize_t item) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
-        fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean, scratch, ws.chunk_a, ws.chunk_b)
+        if k.act.fused:
+            fi_gradient_sums_activate_item(g, dy, dyw, x, xw, item, k.mean, scratch, ws.chunk_a,
+                                           ws.chunk_b, k.act)
+        else:
+            fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean, scratch, ws.chunk_a,
+                                  ws.chunk_b)
     else:
         it = ri_item(g, item)
-        ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[it.f],
-                         &ws.chunk_a[it.chunk * g.n_features + it.f],
-                         &ws.chunk_b[it.chunk * g.n_features + it.f])
+        ri_gradient_sums_any(g, dy, dyw, x, xw, it, k.mean[it.f],
+                             &ws.chunk_a[it.chunk * g.n_features + it.f],
+                             &ws.chunk_b[it.chunk * g.n_features + it.f], k.act)
+
+
+cdef inline void ri_gradient_sums_any(const Grid *g, const floating *dy, const Walk *dyw,
+                                      const floating *x, const Walk *xw, RiItem it,
+                                      double mean, double *sum_dy, double *sum_dy_xc,
+                                      const Activation *act) noexcept nogil:
+    if act.fused:
+        ri_gradient_sums_activate(g, dy, dyw, x, xw, it, mean, sum_dy, sum_dy_xc, act)
+    else:
+        ri_gradient_sums(g, dy, dyw, x, xw, it, mean, sum_dy, sum_dy_xc)
 
 
 cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw,
@@ -1219,10 +1311,24 @@ cdef inline void input_gradient_item(const Grid *g, const floating *dy, const Wa
                                      Py_ssize_t item, double *scratch) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
-        fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy, k.coef_xc,
-                               k.offset, <floating *>scratch)
+        if k.act.fused:
+            fi_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, item, k,
+                                            <floating *>scratch)
+        else:
+            fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy,
+                                   k.coef_xc, k.offset, <floating *>scratch)
     else:
-        it = ri_item(g, item)
+        ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, ri_item(g, item), k,
+                              <floating *>scratch)
+
+
+cdef inline void ri_input_gradient_any(const Grid *g, const floating *dy, const Walk *dyw,
+                                       const floating *x, const Walk *xw, floating *dx,
+                                       const Walk *dxw, RiItem it, const GradientFactors *k,
+                                       floating *buffer) noexcept nogil:
+    if k.act.fused:
+        ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, it, k, buffer)
+    else:
         ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f], k.coef_dy[it.f],
                                k.coef_xc[it.f], k.offset[it.f])
 
@@ -1236,23 +1342,369 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
         input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
     elif g.n_threads == 1:
         for f in range(g.n_features):
-            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f, <floating *>ws.scratch)
     else:
         for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
+            fused_backward_feature(
+                g, dy, dyw, x, xw, dx, dxw, k, f,
+                <floating *>(ws.scratch + threadid() * ws.scratch_per_thread))
 
 
 cdef inline void fused_backward_feature(const Grid *g, const floating *dy, const Walk *dyw,
                                         const floating *x, const Walk *xw, floating *dx,
                                         const Walk *dxw, GradientFactors *k,
-                                        Py_ssize_t f) noexcept nogil:
+                                        Py_ssize_t f, floating *buffer) noexcept nogil:
     """One chunk per feature: its input gradient follows its sums while x, dy are in cache."""
     cdef RiItem it = ri_item(g, f)
-    ri_gradient_sums(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f])
+    ri_gradient_sums_any(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f],
+                         k.act)
     scale_to_xhat(f, k)
     gradient_factors(f, k)
-    ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[f], k.coef_dy[f],
-                           k.coef_xc[f], k.offset[f])
+    ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, it, k, buffer)
+
+
+# ---------------------------------------------------------------------------------------
+# Activations (and a residual) fused into the write loops
+# ---------------------------------------------------------------------------------------
+# Forward: batch norm writes a run of rows into an L1-sized slot with the plain loops, and
+# act(slot + residual) goes to y, streamed where y's are (cbn/_activation.h). Backward: dz =
+# dy·act'(z) of a run goes into a slot and the plain loops take it for dy. So y, dx and the
+# residual's gradient are each written once and no full-size temporary exists; the slot
+# traffic stays in L1. Work split, runs and summation order are the plain kernels' own,
+# which makes the results bitwise those of batch norm composed with the activation. The RI
+# sums form dz in registers instead (cbn_act_gradient_sums_run), since a run through a
+# buffer would split the plain loop's run and change its summation order.
+
+cdef inline floating *activation_slot(const Grid *g, floating *stage, int k) noexcept nogil:
+    """FI: slot k (0 or 1) of rows_per_run x tile_width elements after the three stages."""
+    return stage + 3 * g.stage_elements + k * g.rows_per_run * g.tile_width
+
+
+cdef inline void activate(const floating *z, const floating *residual, floating *out,
+                          Py_ssize_t n, const Activation *act, bint stream) noexcept nogil:
+    """out = act(z + residual) along contiguous runs (residual may be NULL)."""
+    if floating is float:
+        cbn_activate_f32(z, residual, out, n, act.kind, act.alpha, stream)
+    else:
+        cbn_activate_f64(z, residual, out, n, act.kind, act.alpha, stream)
+
+
+cdef inline floating act_scalar(floating z, const Activation *act) noexcept nogil:
+    if floating is float:
+        return cbn_act_f32(z, act.kind, act.alpha)
+    else:
+        return cbn_act_f64(z, act.kind, act.alpha)
+
+
+cdef inline floating act_gradient(floating dy, floating y, const Activation *act) noexcept nogil:
+    if floating is float:
+        return cbn_act_gradient_f32(dy, y, act.kind, act.alpha)
+    else:
+        return cbn_act_gradient_f64(dy, y, act.kind, act.alpha)
+
+
+cdef inline void act_gradient_rows(const floating *dy, int64_t dy_row_stride, const floating *y,
+                                   int64_t y_row_stride, floating *dz, Py_ssize_t n_rows,
+                                   Py_ssize_t width, const Activation *act) noexcept nogil:
+    """dz (rows of width, contiguous) = dy·act'(z) from rows of adjacent features."""
+    if floating is float:
+        cbn_act_gradient_rows_f32(dy, dy_row_stride, y, y_row_stride, dz, n_rows, width,
+                                  act.kind, act.alpha)
+    else:
+        cbn_act_gradient_rows_f64(dy, dy_row_stride, y, y_row_stride, dz, n_rows, width,
+                                  act.kind, act.alpha)
+
+
+cdef inline const floating *tile_of(const floating *base, const Walk *w,
+                                    const FiItem *it) noexcept nogil:
+    return base + w.feature_offsets[it.fo] + it.fi0 * w.feature_stride
+
+
+cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
+                                     floating *y, const Walk *yw, Py_ssize_t item,
+                                     const double *mean, const double *scale,
+                                     const double *shift, floating *stage,
+                                     const Activation *act) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef const floating *x_tile = tile_of(x, xw, &it)
+    cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
+    cdef const Walk *rw = act.residual_walk
+    cdef const floating *r_tile = NULL
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
+    cdef Py_ssize_t n, r
+    cdef int64_t x_row_stride, y_row_stride, r_row_stride = it.width
+    cdef const floating *x_rows
+    cdef const floating *r_rows = NULL
+    cdef floating *y_rows
+    cdef floating *z = activation_slot(g, stage, 0)
+    cdef bint y_staged = yw.feature_stride != 1
+    if act.residual != NULL:
+        r_tile = tile_of(<const floating *>act.residual, rw, &it)
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        x_row_stride = xw.row_stride
+        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
+                            xw.feature_stride, n, it.width, stage)
+        normalize_rows(x_rows, x_row_stride, z, it.width, n, it.width, mean + it.f0,
+                       scale + it.f0, shift + it.f0, False)
+        if r_tile != NULL:
+            prefetch_next_run(g, runs, n, r_tile, rw, it.width, False)
+            r_row_stride = rw.row_stride
+            r_rows = stage_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
+                                rw.feature_stride, n, it.width,
+                                activation_slot(g, stage, 1))
+        y_row_stride = yw.row_stride
+        y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
+                             yw.feature_stride, it.width, stage + g.stage_elements)
+        if y_row_stride == it.width and r_row_stride == it.width:   # one run of n rows
+            activate(z, r_rows, y_rows, n * it.width, act, g.stream and not y_staged)
+        else:
+            for r in range(n):
+                activate(z + r * it.width, NULL if r_rows == NULL else r_rows + r * r_row_stride,
+                         y_rows + r * y_row_stride, it.width, act,
+                         g.stream and not y_staged and whole_lines(y_rows + r * y_row_stride,
+                                                                   it.width))
+        if y_staged:
+            unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
+                         yw.row_stride, yw.feature_stride)
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
+                                     floating *y, const Walk *yw, RiItem it, double mean,
+                                     double scale, double shift, floating *buffer,
+                                     const Activation *act) noexcept nogil:
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef floating *y_feature = y + feature_offset(yw, g, it.f)
+    cdef const floating *r_feature = NULL
+    cdef const floating *r_run = NULL
+    cdef floating *y_run
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, ACTIVATION_RUN)
+    cdef Py_ssize_t n, i
+    cdef int64_t r_step = 1
+    if act.residual != NULL:
+        r_feature = <const floating *>act.residual + feature_offset(act.residual_walk, g, it.f)
+        r_step = act.residual_walk.row_stride
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        normalize_run(x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, buffer, 1,
+                      n, mean, scale, shift, False)
+        y_run = y_feature + row_offset(yw, runs.ro, runs.ri)
+        if r_feature != NULL:
+            r_run = r_feature + row_offset(act.residual_walk, runs.ro, runs.ri)
+        if r_step == 1 and yw.row_stride == 1:
+            activate(buffer, r_run, y_run, n, act, g.stream)
+        elif r_run == NULL:
+            for i in range(n):
+                y_run[i * yw.row_stride] = act_scalar(buffer[i], act)
+        else:
+            for i in range(n):
+                y_run[i * yw.row_stride] = act_scalar(<floating>(buffer[i] + r_run[i * r_step]),
+                                                      act)
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                         const floating *x, const Walk *xw, Py_ssize_t item,
+                                         const double *mean, double *scratch,
+                                         double *chunk_dy, double *chunk_dy_xc,
+                                         const Activation *act) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef double *acc_dy = scratch
+    cdef double *acc_dy_xc = scratch + g.tile_width
+    cdef floating *stage = <floating *>(scratch + 2 * g.tile_width)
+    cdef floating *dz = activation_slot(g, stage, 0)
+    cdef const floating *dy_tile = tile_of(dy, dyw, &it)
+    cdef const floating *x_tile = tile_of(x, xw, &it)
+    cdef const floating *o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
+    cdef Py_ssize_t j, n
+    for j in range(it.width):
+        acc_dy[j] = 0.0
+        acc_dy_xc[j] = 0.0
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        gradient_through(g, &runs, n, dy_tile, dyw, o_tile, act, it.width, stage, dz)
+        add_gradient_rows(dz, it.width, 1, x_tile + row_offset(xw, runs.ro, runs.ri),
+                          xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
+                          acc_dy, acc_dy_xc, stage, stage + g.stage_elements)
+        advance(g, &runs, n)
+    for j in range(it.width):
+        chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
+        chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
+
+
+cdef inline void gradient_through(const Grid *g, const Runs *runs, Py_ssize_t n,
+                                  const floating *dy_tile, const Walk *dyw,
+                                  const floating *o_tile, const Activation *act,
+                                  Py_ssize_t width, floating *stage, floating *dz) noexcept nogil:
+    """dz of a run of n rows (contiguous rows of width) from dy's and y's tiles; uses the
+    first stage (dy's) and activation slot 1 (y's) when those must be staged."""
+    cdef const Walk *ow = act.output_walk
+    cdef int64_t dy_row_stride = dyw.row_stride, o_row_stride = ow.row_stride
+    cdef const floating *dy_rows
+    cdef const floating *o_rows
+    prefetch_next_run(g, runs[0], n, dy_tile, dyw, width, False)
+    prefetch_next_run(g, runs[0], n, o_tile, ow, width, False)
+    dy_rows = stage_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), &dy_row_stride,
+                         dyw.feature_stride, n, width, stage)
+    o_rows = stage_rows(o_tile + row_offset(ow, runs.ro, runs.ri), &o_row_stride,
+                        ow.feature_stride, n, width, activation_slot(g, stage, 1))
+    act_gradient_rows(dy_rows, dy_row_stride, o_rows, o_row_stride, dz, n, width, act)
+
+
+cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Walk *dyw,
+                                    const floating *x, const Walk *xw, RiItem it, double mean,
+                                    double *sum_dy, double *sum_dy_xc,
+                                    const Activation *act) noexcept nogil:
+    """ri_gradient_sums of dz: the same runs, dz formed where dy is loaded, and the same
+    loop as the composed call's on its dz (gradient_run: the SIMD one for unit steps)."""
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef const floating *o_feature = (<const floating *>act.output
+                                      + feature_offset(act.output_walk, g, it.f))
+    cdef const floating *dy_run
+    cdef const floating *x_run
+    cdef const floating *o_run
+    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = act.output_walk.row_stride
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, i
+    cdef double dz
+    sum_dy[0] = 0.0
+    sum_dy_xc[0] = 0.0
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        dy_run = dy_feature + row_offset(dyw, runs.ro, runs.ri)
+        x_run = x_feature + row_offset(xw, runs.ro, runs.ri)
+        o_run = o_feature + row_offset(act.output_walk, runs.ro, runs.ri)
+        if act.unit_dz_step and xs == 1:
+            if floating is float:
+                cbn_act_gradient_sums_run_f32(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
+                                              act.alpha, sum_dy, sum_dy_xc)
+            else:
+                cbn_act_gradient_sums_run_f64(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
+                                              act.alpha, sum_dy, sum_dy_xc)
+        else:
+            for i in range(n):
+                dz = act_gradient(dy_run[i * dys], o_run[i * os], act)
+                sum_dy[0] += dz
+                sum_dy_xc[0] += dz * (x_run[i * xs] - mean)
+        advance(g, &runs, n)
+
+
+cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                          const floating *x, const Walk *xw, floating *dx,
+                                          const Walk *dxw, Py_ssize_t item,
+                                          const GradientFactors *k,
+                                          floating *stage) noexcept nogil:
+    cdef const Activation *act = k.act
+    cdef FiItem it = fi_item(g, item)
+    cdef const floating *dy_tile = tile_of(dy, dyw, &it)
+    cdef const floating *x_tile = tile_of(x, xw, &it)
+    cdef const floating *o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
+    cdef const Walk *rw = act.residual_gradient_walk
+    cdef floating *r_tile = NULL
+    cdef floating *r_rows
+    cdef floating *dz = activation_slot(g, stage, 0)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
+    cdef Py_ssize_t n, r
+    cdef int64_t x_row_stride, dx_row_stride
+    cdef const floating *x_rows
+    cdef floating *dx_rows
+    cdef floating *dx_stage = stage + 2 * g.stage_elements
+    cdef bint dx_staged = dxw.feature_stride != 1
+    if act.residual_gradient != NULL:
+        r_tile = (<floating *>act.residual_gradient + rw.feature_offsets[it.fo]
+                  + it.fi0 * rw.feature_stride)
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        gradient_through(g, &runs, n, dy_tile, dyw, o_tile, act, it.width, stage, dz)
+        x_row_stride = xw.row_stride
+        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
+                            xw.feature_stride, n, it.width, stage + g.stage_elements)
+        dx_row_stride = dxw.row_stride
+        dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
+                              dxw.feature_stride, it.width, dx_stage)
+        input_gradient_rows(dz, it.width, x_rows, x_row_stride, dx_rows, dx_row_stride, n,
+                            it.width, k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0,
+                            k.offset + it.f0, g.stream and not dx_staged)
+        if dx_staged:
+            unstage_rows(dx_stage, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
+                         dxw.row_stride, dxw.feature_stride)
+        if r_tile != NULL:   # the residual's gradient is dz itself
+            r_rows = r_tile + row_offset(rw, runs.ro, runs.ri)
+            if rw.feature_stride != 1:
+                unstage_rows(dz, n, it.width, r_rows, rw.row_stride, rw.feature_stride)
+            elif rw.row_stride == it.width:
+                activate(dz, NULL, r_rows, n * it.width, &NO_ACTIVATION, g.stream)
+            else:
+                for r in range(n):
+                    activate(dz + r * it.width, NULL, r_rows + r * rw.row_stride, it.width,
+                             &NO_ACTIVATION,
+                             g.stream and whole_lines(r_rows + r * rw.row_stride, it.width))
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                          const floating *x, const Walk *xw, floating *dx,
+                                          const Walk *dxw, RiItem it,
+                                          const GradientFactors *k,
+                                          floating *buffer) noexcept nogil:
+    cdef const Activation *act = k.act
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef const floating *o_feature = (<const floating *>act.output
+                                      + feature_offset(act.output_walk, g, it.f))
+    cdef floating *dx_feature = dx + feature_offset(dxw, g, it.f)
+    cdef floating *r_feature = NULL
+    cdef floating *r_run
+    cdef int64_t r_step = 1
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, ACTIVATION_RUN)
+    cdef Py_ssize_t n, i
+    if act.residual_gradient != NULL:
+        r_feature = (<floating *>act.residual_gradient
+                     + feature_offset(act.residual_gradient_walk, g, it.f))
+        r_step = act.residual_gradient_walk.row_stride
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        act_gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                         o_feature + row_offset(act.output_walk, runs.ro, runs.ri),
+                         act.output_walk.row_stride, buffer, n, act)
+        input_gradient_run(buffer, 1, x_feature + row_offset(xw, runs.ro, runs.ri),
+                           xw.row_stride, dx_feature + row_offset(dxw, runs.ro, runs.ri),
+                           dxw.row_stride, n, k.mean[it.f], k.coef_dy[it.f], k.coef_xc[it.f],
+                           k.offset[it.f], g.stream)
+        if r_feature != NULL:
+            r_run = r_feature + row_offset(act.residual_gradient_walk, runs.ro, runs.ri)
+            if r_step == 1:
+                activate(buffer, NULL, r_run, n, &NO_ACTIVATION, g.stream)
+            else:
+                for i in range(n):
+                    r_run[i * r_step] = buffer[i]
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef inline void act_gradient_run(const floating *dy, int64_t dy_step, const floating *y,
+                                  int64_t y_step, floating *dz, Py_ssize_t n,
+                                  const Activation *act) noexcept nogil:
+    cdef Py_ssize_t i
+    if dy_step == 1 and y_step == 1:
+        act_gradient_rows(dy, n, y, n, dz, 1, n, act)
+    else:
+        for i in range(n):
+            dz[i] = act_gradient(dy[i * dy_step], y[i * y_step], act)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1262,7 +1714,7 @@ cdef inline void fused_backward_feature(const Grid *g, const floating *dy, const
 cdef class KernelPlan:
     """A cbn._layout.Plan unpacked into C structs; built once per layout and cached."""
     cdef Grid grid
-    cdef Walk walks[3]
+    cdef Walk walks[5]
     cdef readonly object layout     # the Plan; also keeps the offset tables alive
 
     def __cinit__(self, layout, Py_ssize_t itemsize):
@@ -1290,7 +1742,7 @@ def batch_stats(KernelPlan plan, cnp.ndarray x, cnp.ndarray mean_out, cnp.ndarra
     cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
     cdef double *var = <double *>cnp.PyArray_DATA(var_out)
     cdef bint single = is_single(x)
-    if allocate(&b, &g, 4, 0):
+    if allocate(&b, &g, 4, 0, False):
         raise MemoryError("cbn: no memory for the statistics' work buffers")
     with nogil:
         if single:
@@ -1316,13 +1768,23 @@ cdef struct Normalization:
     double *scale
     double *shift
     bint single
+    Activation act
 
 
 cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, cnp.ndarray y,
-                              gamma, beta, Py_ssize_t tile_arrays) except -1:
-    """Operands of plan: x, y. gamma and beta may be None. Free n.buffers.scratch after."""
+                              gamma, beta, Py_ssize_t tile_arrays, int activation, double alpha,
+                              residual) except -1:
+    """Operands of plan: x, y, and the residual if not None. gamma and beta may be None.
+    Free n.buffers.scratch after."""
     n.grid = plan.call_grid()
-    if allocate(&n.buffers, &n.grid, tile_arrays, 2):
+    n.act = NO_ACTIVATION
+    n.act.kind = activation
+    n.act.alpha = alpha
+    n.act.fused = activation != CBN_ACT_NONE or residual is not None
+    if residual is not None:
+        n.act.residual = cnp.PyArray_DATA(residual)
+        n.act.residual_walk = &plan.walks[2]
+    if allocate(&n.buffers, &n.grid, tile_arrays, 2, n.act.fused):
         raise MemoryError("cbn: no memory for the normalization's work buffers")
     n.x_data = cnp.PyArray_DATA(x)
     n.y_data = cnp.PyArray_DATA(y)
@@ -1335,53 +1797,57 @@ cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, 
 
 
 def batch_norm_forward(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, gamma, beta,
-                       double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out):
+                       double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out,
+                       int activation=CBN_ACT_NONE, double alpha=0.0, residual=None):
     cdef Normalization n
     cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
     cdef double *var = <double *>cnp.PyArray_DATA(var_out)
-    unpack_normalization(&n, plan, x, y, gamma, beta, 4)
+    unpack_normalization(&n, plan, x, y, gamma, beta, 4, activation, alpha, residual)
     with nogil:
         if n.single:
             forward_nogil(&n.grid, <const float *>n.x_data, &plan.walks[0], <float *>n.y_data,
                           &plan.walks[1], &n.buffers, n.gamma, n.shift, epsilon, mean, var,
-                          n.scale)
+                          n.scale, &n.act)
         else:
             forward_nogil(&n.grid, <const double *>n.x_data, &plan.walks[0],
                           <double *>n.y_data, &plan.walks[1], &n.buffers, n.gamma, n.shift,
-                          epsilon, mean, var, n.scale)
+                          epsilon, mean, var, n.scale, &n.act)
         free(n.buffers.scratch)
 
 
 def batch_norm_inference(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean,
-                         cnp.ndarray var, gamma, beta, double epsilon):
+                         cnp.ndarray var, gamma, beta, double epsilon,
+                         int activation=CBN_ACT_NONE, double alpha=0.0, residual=None):
     cdef Normalization n
     cdef double *mean_data = <double *>cnp.PyArray_DATA(mean)
     cdef double *var_data = <double *>cnp.PyArray_DATA(var)
     cdef Py_ssize_t f
-    unpack_normalization(&n, plan, x, y, gamma, beta, 0)
+    unpack_normalization(&n, plan, x, y, gamma, beta, 0, activation, alpha, residual)
     with nogil:
         for f in range(n.grid.n_features):
             normalization_factors(f, var_data, n.gamma, epsilon, n.scale)
         if n.single:
             normalize_items(&n.grid, <const float *>n.x_data, &plan.walks[0],
                             <float *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift,
-                            &n.buffers)
+                            &n.buffers, &n.act)
         else:
             normalize_items(&n.grid, <const double *>n.x_data, &plan.walks[0],
                             <double *>n.y_data, &plan.walks[1], mean_data, n.scale, n.shift,
-                            &n.buffers)
+                            &n.buffers, &n.act)
         free(n.buffers.scratch)
 
 
 cdef class Gradient:
     """The arguments of a backward call, unpacked for the nogil code.
 
-    Operands of the plan: dy, x, and dx (absent when only the sums are wanted).
+    Operands of the plan: dy, x, and dx (absent when only the sums are wanted); with an
+    activation, the forward's output y and, if not None, the residual's gradient.
     """
     cdef Grid grid
     cdef KernelPlan plan
     cdef Buffers buffers
     cdef GradientFactors factors
+    cdef Activation act
     cdef object keep_alive
     cdef void *dy_data
     cdef void *x_data
@@ -1390,14 +1856,29 @@ cdef class Gradient:
 
     def __cinit__(self, KernelPlan plan, cnp.ndarray dy, cnp.ndarray x, dx, cnp.ndarray mean,
                   cnp.ndarray var, gamma, double epsilon, cnp.ndarray sum_dy_xhat,
-                  cnp.ndarray sum_dy, Py_ssize_t count):
+                  cnp.ndarray sum_dy, Py_ssize_t count, int activation=CBN_ACT_NONE,
+                  double alpha=0.0, output=None, residual_gradient=None,
+                  bint unit_dz_step=True):
         self.buffers.scratch = NULL
         self.plan = plan
         self.grid = plan.call_grid()
-        if allocate(&self.buffers, &self.grid, 2, 3):
+        self.act = NO_ACTIVATION
+        self.act.kind = activation
+        self.act.alpha = alpha
+        self.act.fused = activation != CBN_ACT_NONE
+        self.act.unit_dz_step = unit_dz_step
+        if self.act.fused:
+            self.act.output = cnp.PyArray_DATA(output)
+            self.act.output_walk = &self.plan.walks[3]
+        if residual_gradient is not None:
+            self.act.residual_gradient = cnp.PyArray_DATA(residual_gradient)
+            self.act.residual_gradient_walk = &self.plan.walks[4]
+        self.factors.act = &self.act
+        if allocate(&self.buffers, &self.grid, 2, 3, self.act.fused):
             raise MemoryError("cbn: no memory for the backward pass' work buffers")
         # The nogil code holds raw pointers: keep every array they point into alive.
-        self.keep_alive = (dy, x, dx, mean, var, gamma, sum_dy_xhat, sum_dy)
+        self.keep_alive = (dy, x, dx, mean, var, gamma, sum_dy_xhat, sum_dy, output,
+                           residual_gradient)
         self.dy_data = cnp.PyArray_DATA(dy)
         self.x_data = cnp.PyArray_DATA(x)
         self.dx_data = NULL if dx is None else cnp.PyArray_DATA(dx)

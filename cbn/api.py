@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _checks, _kernels, _machine
 from ._layout import make_plan
+from .activation import as_activation
 
 # Streaming and serial thresholds for this machine's caches (cbn._machine).
 _machine.apply(_kernels, _machine.current())
@@ -57,6 +58,16 @@ class _Plan:
         features = _checks.feature_shape(shape, axes)
         self.permuted_shape = tuple(features[i] for i in self.order)
         self.inverse = tuple(np.argsort(self.order))
+        self._shape = (layout.n_feature_outer, layout.n_feature_inner, layout.n_row_outer,
+                       layout.n_row_inner, layout.features_inner, layout.feature_order,
+                       any(o.feature_stride != 1 for o in layout.operands))
+        self._walks = tuple((o.feature_offsets.tobytes(), o.feature_stride,
+                             o.row_offsets.tobytes(), o.row_stride) for o in layout.operands)
+
+    def work(self, operand):
+        """What decides the work split, the runs and the order in which the given operand
+        is summed: plans that agree on it sum that operand bitwise alike."""
+        return self._shape + self._walks[operand]
 
     def to_kernel(self, value):
         """A feature-shaped float64 array as the contiguous vector the kernels index."""
@@ -101,22 +112,28 @@ def _data(x, name="x", dtype=None):
 ALIGNED_MIN_BYTES = 1 << 20
 
 
-def _empty_like(x):
-    """An uninitialised array shaped and ordered like x (NumPy's order 'K').
-
-    Large ones start on a 64-byte boundary, so that every row whose length is a multiple of
-    64 bytes fills whole cache lines and the kernels can write it with streaming stores.
-    """
-    if x.nbytes < ALIGNED_MIN_BYTES:
-        return np.empty_like(x, order="K")
+def _dense_strides(x):
+    """Byte strides of a dense array of x's shape with its axes in x's memory order."""
     strides = [0] * x.ndim
     step = x.itemsize
     for axis in sorted(range(x.ndim), key=lambda a: abs(x.strides[a]), reverse=True)[::-1]:
         strides[axis] = step
         step *= x.shape[axis]
+    return tuple(strides)
+
+
+def _empty_like(x, dense=False):
+    """An uninitialised array shaped and ordered like x (NumPy's order 'K'; with ``dense``,
+    strides always _dense_strides(x), which the fused backward plans with).
+
+    Large ones start on a 64-byte boundary, so that every row whose length is a multiple of
+    64 bytes fills whole cache lines and the kernels can write it with streaming stores.
+    """
+    if x.nbytes < ALIGNED_MIN_BYTES and not dense:
+        return np.empty_like(x, order="K")
     raw = np.empty(x.nbytes + 64, np.uint8)
     offset = -raw.__array_interface__["data"][0] % 64
-    return np.ndarray(x.shape, x.dtype, raw, offset, tuple(strides))
+    return np.ndarray(x.shape, x.dtype, raw, offset, _dense_strides(x))
 
 
 def _output(x_in, x, out, *inputs):
@@ -182,15 +199,21 @@ def batch_stats(x, axis=-1):
     return plan.from_kernel(mean), plan.from_kernel(var)
 
 
-def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=None):
+def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=None,
+                       activation=None, residual=None):
     """Training-mode batch normalization.
 
     ``y = γ·(x − mean)/sqrt(var + ε) + β`` with the batch mean and biased variance of each
     feature. ``gamma``/``beta`` of feature shape, or None for no scale / no shift.
     ``out``, if given, receives y (same shape and dtype as x, any layout).
+    ``activation`` (see :mod:`cbn.activation`) and ``residual`` (x's shape and dtype, any
+    layout; ``out=residual`` allowed): y = act(BN(x) + residual) in the same pass, bitwise
+    what applying them to the plain call's y in x's dtype gives.
 
     Returns ``(y, mean, var)``; mean and var are float64.
     """
+    if activation is not None or residual is not None:
+        return _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual)
     x_in, x = _data(x)
     axes, _, features = _axes(x.shape, _axis_key(axis))
     epsilon = _checks.as_epsilon(epsilon)
@@ -205,12 +228,16 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
 
 
 def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3, *,
-                         out=None):
+                         out=None, activation=None, residual=None):
     """Inference-mode batch normalization with given (moving) statistics.
 
     ``y = γ·(x − mean)/sqrt(var + ε) + β``, computed per element as ``(x − mean)·s + β``
-    in double so a large mean does not cost accuracy.
+    in double so a large mean does not cost accuracy. ``activation`` and ``residual`` as in
+    :func:`batch_norm_forward`.
     """
+    if activation is not None or residual is not None:
+        return _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual,
+                                    (mean, var))
     x_in, x = _data(x)
     axes, _, features = _axes(x.shape, _axis_key(axis), False)   # no statistics taken
     epsilon = _checks.as_epsilon(epsilon)
@@ -225,34 +252,119 @@ def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1
     return _finish(x_in, y, out)
 
 
-def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None):
+def _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual,
+                         statistics=None):
+    """y = act(BN(x) + residual): training mode, or inference with ``statistics``."""
+    x_in, x = _data(x)
+    axes, _, features = _axes(x.shape, _axis_key(axis), statistics is None)
+    epsilon = _checks.as_epsilon(epsilon)
+    act = as_activation(activation)
+    residual_in = residual = (None if residual is None
+                              else _checks.like_x(residual, x_in, "residual"))
+    if x_in.dtype.char == "e":   # computed in float32: composed here, in float16
+        return _composed_float16(x_in, gamma, beta, axis, epsilon, out, act, residual,
+                                 statistics)
+    if residual is not None:
+        residual = _data(residual, "residual", x.dtype)[1]
+    y = _output(x_in, x, out, *(() if residual is None else (residual_in,)))
+    plain = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
+    plan = plain if residual is None else _plan(x.shape, axes, x.itemsize, x.strides,
+                                                y.strides, residual.strides)
+    kind, alpha = (0, 0.0) if act is None else (act.kind, act.alpha)
+    gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
+                              _parameter(plan, beta, "beta", features))
+    if statistics is not None:
+        mean, var = _apart_from(out, _parameter(plan, statistics[0], "mean", features, True),
+                                _parameter(plan, statistics[1], "var", features, True))
+        if x.size:
+            _kernels.batch_norm_inference(plan.kernel, x, y, mean, var, gamma, beta, epsilon,
+                                          kind, alpha, residual)
+        return _finish(x_in, y, out)
+    mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
+    if not x.size:
+        return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
+    if plan.work(0) == plain.work(0):
+        _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var, kind,
+                                    alpha, residual)
+        return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
+    # A residual laid out so that it changes the work split: the plain call's statistics
+    # (bitwise), then the normalization in the residual's plan.
+    _kernels.batch_stats(plain.kernel, x, mean, var)
+    mean, var = plain.from_kernel(mean), plain.from_kernel(var)
+    _kernels.batch_norm_inference(plan.kernel, x, y, plan.to_kernel(mean), plan.to_kernel(var),
+                                  gamma, beta, epsilon, kind, alpha, residual)
+    return _finish(x_in, y, out), mean, var
+
+
+def _composed_float16(x, gamma, beta, axis, epsilon, out, act, residual, statistics):
+    """float16 data: batch norm, then the residual and the activation in float16."""
+    if out is not None:
+        _checks.output_buffer(out, x)
+        if residual is not None:
+            _checks.no_partial_overlap(out, residual)
+    if statistics is None:
+        y, mean, var = batch_norm_forward(x, gamma, beta, axis, epsilon)
+    else:
+        y = batch_norm_inference(x, *statistics, gamma, beta, axis, epsilon)
+    if residual is not None:
+        y = y + residual
+    if act is not None:
+        y = act.apply(y)
+    y = _finish(x, y, out)
+    return y if statistics is not None else (y, mean, var)
+
+
+def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through=None):
     """Validated backward arguments bound to the kernels.
 
-    Returns (x as given, plan, kernel, dx buffer, dgamma, dbeta) where dgamma and dbeta
+    Returns (x as given, plan, kernel, dx buffer, dgamma, dbeta, dres) where dgamma and dbeta
     are the kernel-order vectors that receive Σ dy·x̂ and Σ dy.
+
+    ``through`` = (activation, the forward's y, residual): the kernel takes dz = dy·act'(z)
+    for dy, and writes dz to ``dres`` (new, _dense_strides of dy) if ``residual``, else dres
+    is None. The composed call it equals runs on a dz laid out as dres; where adding y and
+    dres to the plan would split the work unlike that call, dz is formed in dres (or a
+    temporary) first and the plain kernel runs on it: bitwise the same either way.
     """
     x_in, x = _data(x)
     axes, n, features = _axes(x.shape, _axis_key(axis))
     dy_in, dy = _data(dy, "dy", x.dtype)
     _checks.same_shape(dy_in, x_in)
     epsilon = _checks.as_epsilon(epsilon)
-    if with_dx:
-        dx = _output(x_in, x, out, dy_in)
-        plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides)
-    else:
-        dx = None
-        plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides)
+    act = y = dres = None
+    if through is not None:
+        act, y_in, residual = through
+        y_in = _checks.like_x(y_in, x_in, "y")
+        y = _data(y_in, "y", x.dtype)[1]
+        dres = _empty_like(dy, dense=True) if residual else None
+    dx = _output(x_in, x, out, dy_in, *(() if y is None else (y_in,))) if with_dx else None
+    strides = (dy.strides, x.strides) + (() if dx is None else (dx.strides,))
+    plan = _plan(x.shape, axes, x.itemsize, *strides)
+    if act is not None:
+        fused = _plan(x.shape, axes, x.itemsize, *strides, y.strides,
+                      *(() if dres is None else (dres.strides,)))
+        plain = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), *strides[1:])
+        if fused.work(1) == plain.work(1):
+            plan = fused
+        else:
+            dz = _empty_like(dy, dense=True) if dres is None else dres
+            np.copyto(dz, act.gradient(dy, y))
+            plan, dy, act, y, dres = plain, dz, None, None, (None if dres is None else dz)
     mean, var, gamma = _apart_from(
         out, _parameter(plan, mean, "mean", features, required=True),
         _parameter(plan, var, "var", features, required=True),
         _parameter(plan, gamma, "gamma", features))
     dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
+    kind, alpha = (0, 0.0) if act is None else (act.kind, act.alpha)
     kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
-                               dbeta, n) if x.size else None
-    return x_in, plan, kernel, dx, dgamma, dbeta
+                               dbeta, n, kind, alpha, y, None if act is None else dres,
+                               plain.kernel.layout.operands[0].row_stride == 1
+                               if act is not None else True) if x.size else None
+    return x_in, plan, kernel, dx, dgamma, dbeta, dres
 
 
-def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, out=None):
+def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, out=None,
+                        activation=None, y=None, residual=False):
     """Gradients of training-mode batch normalization.
 
     With ``x̂ = (x − mean)/sqrt(var + ε)`` and n elements per feature::
@@ -263,12 +375,51 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
     ``mean``/``var`` are the batch statistics returned by the forward pass. dy is used in
     x's dtype. ``out``, if given, receives dx. Returns ``(dx, dgamma, dbeta)``; dgamma and
     dbeta are float64.
+
+    After a fused forward: ``activation`` as given to it and its output ``y`` (x's shape
+    and dtype): the gradient of BN followed by the activation, i.e. the above of
+    dz = dy·act'(z) (:meth:`cbn.activation.Activation.gradient`), bitwise. ``residual=True``
+    (the forward added one) also returns the residual's gradient dz, laid out like dy:
+    ``(dx, dgamma, dbeta, dresidual)``.
     """
-    x_in, plan, kernel, dx, dgamma, dbeta = _gradient(dy, x, mean, var, gamma, axis, epsilon,
-                                                      True, out)
+    if activation is not None or y is not None or residual is not False:
+        return _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y,
+                                 residual)
+    x_in, plan, kernel, dx, dgamma, dbeta, _ = _gradient(dy, x, mean, var, gamma, axis,
+                                                         epsilon, True, out)
     if kernel is not None:
         kernel.backward()
     return _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)
+
+
+def _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y, residual):
+    """batch_norm_backward after an activation and/or a residual."""
+    if not isinstance(residual, (bool, np.bool_)):
+        raise TypeError(f"residual must be True or False (whether the forward added one), "
+                        f"got {type(residual).__name__}")
+    act = as_activation(activation)
+    if act is None:
+        if y is not None:
+            raise ValueError("y is only used with an activation; pass activation=")
+        dresidual = np.array(dy, dtype=_checks.as_data(x).dtype)   # before out=dy is written
+        return batch_norm_backward(dy, x, mean, var, gamma, axis, epsilon,
+                                   out=out) + (dresidual,)
+    if y is None:
+        raise ValueError(f"the backward of {act.name} needs the forward's output: pass y=")
+    x_in = _checks.as_data(x)
+    if x_in.dtype.char == "e":   # computed in float32: composed here, in float16
+        dy_in = _checks.as_data(dy, "dy")
+        _checks.same_shape(dy_in, x_in)
+        dz = _empty_like(dy_in, dense=True).astype(np.float16, copy=False)
+        dz[...] = act.gradient(dy_in.astype(np.float16), _checks.like_x(y, x_in, "y"))
+        grads = batch_norm_backward(dz, x_in, mean, var, gamma, axis, epsilon, out=out)
+        return grads + (dz,) if residual else grads
+    x_in, plan, kernel, dx, dgamma, dbeta, dres = _gradient(
+        dy, x_in, mean, var, gamma, axis, epsilon, True, out, (act, y, bool(residual)))
+    if kernel is not None:
+        kernel.backward()
+    grads = _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)
+    return grads + (_finish(x_in, dres, None),) if residual else grads
 
 
 def gradient_sums(dy, x, mean, var, axis=-1, epsilon=1e-3):
@@ -277,7 +428,8 @@ def gradient_sums(dy, x, mean, var, axis=-1, epsilon=1e-3):
     One read of dy and x. With ``mean``/``var`` of a larger batch these are one shard's
     share of that batch's sums (what synchronized batch norm all-reduces).
     """
-    _, plan, kernel, _, dgamma, dbeta = _gradient(dy, x, mean, var, None, axis, epsilon, False)
+    _, plan, kernel, _, dgamma, dbeta, _ = _gradient(dy, x, mean, var, None, axis, epsilon,
+                                                     False)
     if kernel is not None:
         kernel.sums()
     return plan.from_kernel(dgamma), plan.from_kernel(dbeta)
@@ -300,8 +452,8 @@ def batch_norm_backward_from_sums(dy, x, mean, var, gamma, sum_dy, sum_dy_xhat, 
         _checks.kept_axes(x.ndim, _axis_key(axis))
         _checks.same_shape(_data(dy, "dy")[0], x_in)
         return _finish(x_in, _output(x_in, x, out), out)
-    x_in, plan, kernel, dx, dgamma, dbeta = _gradient(dy, x_in, mean, var, gamma, axis, epsilon,
-                                                      True, out)
+    x_in, plan, kernel, dx, dgamma, dbeta, _ = _gradient(dy, x_in, mean, var, gamma, axis,
+                                                         epsilon, True, out)
     features = _axes(x_in.shape, _axis_key(axis))[2]
     dgamma[...] = plan.to_kernel(_checks.as_parameter(sum_dy_xhat, "sum_dy_xhat", features))
     dbeta[...] = plan.to_kernel(_checks.as_parameter(sum_dy, "sum_dy", features))

@@ -8,12 +8,17 @@ Notation: the statistics of each feature are taken over the ``n`` elements that 
 index on the feature axes ``axis``; ``x̂ = (x − mean) / sqrt(var + epsilon)`` and
 ``y = γ·x̂ + β``. ``var`` is the biased (population) variance, computed in two passes
 (never as E[x²] − E[x]², which cancels catastrophically when |mean| ≫ std).
+
+With ``activation`` and ``residual`` (see :mod:`cbn.activation`) the forward functions
+return ``act(y + residual)`` and the backward is batch norm's of ``dz = dy·act'(z)``, act'
+taken from the forward's output ``y``; all of it in float64.
 """
 import math
 
 import numpy as np
 
 from . import _checks
+from .activation import as_activation
 
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
 
@@ -86,28 +91,41 @@ def batch_stats(x, axis=-1):
     return mean.squeeze(axis=reduced), var.squeeze(axis=reduced)
 
 
-def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3):
+def _after(y64, x, activation, residual):
+    """act(y + residual) of float64 y, in x's dtype."""
+    if residual is not None:
+        y64 = y64 + _checks.like_x(residual, _checks.as_data(x), "residual").astype(np.float64)
+    activation = as_activation(activation)
+    if activation is not None:
+        y64 = activation.apply(y64)
+    return y64.astype(np.asarray(x).dtype)
+
+
+def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, activation=None,
+                       residual=None):
     """Training-mode batch norm: ``(y, mean, var)`` with the batch statistics of ``x``."""
     x64, reduced, parameter = _prepare(x, axis)
     gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
     epsilon = _checks.as_epsilon(epsilon)
     mean, var = _statistics(x64, reduced)
     y = gamma64 * (x64 - mean) / np.sqrt(var + epsilon) + beta64
-    return (y.astype(np.asarray(x).dtype), mean.squeeze(axis=reduced),
+    return (_after(y, x, activation, residual), mean.squeeze(axis=reduced),
             var.squeeze(axis=reduced))
 
 
-def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3):
+def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3, *,
+                         activation=None, residual=None):
     """Inference-mode batch norm with given (moving) statistics."""
     x64, _, parameter = _prepare(x, axis, statistics=False)
     mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
     gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
     epsilon = _checks.as_epsilon(epsilon)
     y = gamma64 * (x64 - mean64) / np.sqrt(var64 + epsilon) + beta64
-    return y.astype(np.asarray(x).dtype)
+    return _after(y, x, activation, residual)
 
 
-def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3):
+def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *,
+                        activation=None, y=None, residual=False):
     """Gradients ``(dx, dgamma, dbeta)`` of training-mode batch norm.
 
     ``mean`` and ``var`` are the batch statistics the forward pass used, so ``dx`` includes
@@ -115,11 +133,20 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3):
 
         dbeta  = Σ dy                dgamma = Σ dy·x̂
         dx     = γ / sqrt(var + ε) · (dy − dbeta/n − x̂·dgamma/n)
+
+    With ``activation`` and the forward's output ``y``, dy is first replaced by
+    ``dz = dy·act'(z)``; ``residual=True`` appends the residual's gradient, dz.
     """
     x64, reduced, parameter = _prepare(x, axis)
     dy = _checks.as_data(dy, "dy")
     _checks.same_shape(dy, x64)
     dy64 = dy.astype(np.float64)
+    activation = as_activation(activation)
+    if activation is not None:
+        if y is None:
+            raise ValueError(f"the backward of {activation.name} needs the forward's output: "
+                             f"pass y=")
+        dy64 = activation.gradient(dy64, _checks.like_x(y, _checks.as_data(x), "y"))
     mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
     gamma64 = parameter(gamma, "gamma", 1.0)
     epsilon = _checks.as_epsilon(epsilon)
@@ -129,5 +156,6 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3):
     dbeta = dy64.sum(axis=reduced, keepdims=True)
     dgamma = (dy64 * x_hat).sum(axis=reduced, keepdims=True)
     dx = gamma64 * inv_std * (dy64 - dbeta / n - x_hat * dgamma / n)
-    return (dx.astype(np.asarray(x).dtype), dgamma.squeeze(axis=reduced),
-            dbeta.squeeze(axis=reduced))
+    grads = (dx.astype(np.asarray(x).dtype), dgamma.squeeze(axis=reduced),
+             dbeta.squeeze(axis=reduced))
+    return grads + (dy64.astype(np.asarray(x).dtype),) if residual else grads

@@ -1,0 +1,252 @@
+"""Batch norm fused with an activation and a residual (issue 9 part 3).
+
+Three oracles: the reference against finite differences in float64; the kernels bitwise
+against the plain kernels composed with cbn.activation in x's dtype (what the fused calls
+promise), in every layout of every operand, with cached and streaming stores, on 1 and 2
+threads; and the kernels against the reference up to rounding.
+"""
+import math
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from threadpoolctl import threadpool_limits
+
+import cbn
+import cbn.api
+from cbn import _kernels, reference
+from cbn.activation import Activation, as_activation
+
+from layouts import assert_close, in_layout
+from numerical import finite_difference
+
+ACTIVATIONS = ("relu", "leaky_relu", "elu", ("leaky_relu", 0.01), ("elu", 0.5))
+LAYOUTS = ("C", "F", "transposed", "stepped", "reversed", "broadcast")
+OUT_LAYOUTS = ("C", "F", "transposed", "stepped", "reversed")
+
+
+# ----------------------------------------------------------------------------------------
+# The reference against finite differences
+# ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("shape,axis", [((5, 3), -1), ((2, 3, 2, 2), 1)])
+def test_reference_backward_matches_finite_differences(shape, axis, activation):
+    rng = np.random.default_rng(7)
+    x, residual, w = (rng.normal(size=shape) for _ in range(3))
+    features = (shape[axis],)
+    gamma, beta = rng.normal(size=features) + 1.5, rng.normal(size=features)
+
+    def loss():
+        y, _, _ = reference.batch_norm_forward(x, gamma, beta, axis=axis,
+                                               activation=activation, residual=residual)
+        return math.fsum((w * y).ravel().tolist())
+
+    y, mean, var = reference.batch_norm_forward(x, gamma, beta, axis=axis,
+                                                activation=activation, residual=residual)
+    dx, dgamma, dbeta, dresidual = reference.batch_norm_backward(
+        w, x, mean, var, gamma, axis=axis, activation=activation, y=y, residual=True)
+    for analytic, array in ((dx, x), (dgamma, gamma), (dbeta, beta), (dresidual, residual)):
+        numeric = finite_difference(loss, array)
+        np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7)
+    # the check sees the activation: batch norm's gradient of w itself does not pass it
+    plain = reference.batch_norm_backward(w, x, mean, var, gamma, axis=axis)[0]
+    assert not np.allclose(plain, finite_difference(loss, x), rtol=1e-6, atol=1e-7)
+
+
+def test_activation_definitions():
+    z = np.array([-2.0, -0.0, 0.0, 0.5, np.nan, -np.inf, np.inf], np.float32)
+    relu = as_activation("relu").apply(z)
+    np.testing.assert_array_equal(relu, np.maximum(z, 0))
+    assert not np.signbit(relu[:2]).any()                      # +0 where z <= 0
+    leaky = as_activation("leaky_relu").apply(z)
+    np.testing.assert_array_equal(leaky, np.where(z > 0, z, np.float32(0.2) * z))
+    elu = as_activation(("elu", 2.0)).apply(z.astype(np.float64))
+    np.testing.assert_allclose(elu[:4], [2 * math.expm1(-2.0), 0, 0, 0.5])
+    assert np.isnan(elu[4]) and elu[5] == -2.0 and elu[6] == np.inf
+    assert as_activation(("leaky_relu", 0.2)).spec == "leaky_relu"
+    assert as_activation(("elu", 0.5)).spec == ("elu", 0.5)
+
+
+# ----------------------------------------------------------------------------------------
+# The kernels: bitwise the plain kernels composed with the activation
+# ----------------------------------------------------------------------------------------
+
+@st.composite
+def fused_case(draw):
+    rank = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 9), min_size=rank, max_size=rank)))
+    kept = sorted(draw(st.lists(st.integers(0, rank - 1), min_size=1, max_size=2,
+                                unique=True)))
+    layouts = {name: draw(st.sampled_from(LAYOUTS))
+               for name in ("x", "residual", "dy", "y")}
+    layouts["out"] = draw(st.sampled_from((None,) + OUT_LAYOUTS))
+    return dict(shape=shape, axis=kept, layouts=layouts,
+                dtype=draw(st.sampled_from([np.float32, np.float64, np.float16])),
+                activation=draw(st.sampled_from((None,) + ACTIVATIONS)),
+                with_residual=draw(st.booleans()), seed=draw(st.integers(0, 2**32 - 1)))
+
+
+def arrange(values, layout, seed):
+    """values in layout; the same seed gives the same layout (transposed picks an order)."""
+    return in_layout(values.copy(), layout, np.random.default_rng(seed))
+
+
+def empty_in(layout, shape, dtype, seed):
+    return None if layout is None else arrange(np.zeros(shape, dtype), layout, seed)
+
+
+@pytest.fixture(params=[False, True], ids=["cached stores", "streaming stores"])
+def streaming(request):
+    """Streaming stores from 0 bytes on, so that small arrays take those paths too."""
+    old = _kernels.set_stream_min_bytes(0 if request.param else 1 << 62)
+    yield request.param
+    _kernels.set_stream_min_bytes(old)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])   # set once per run
+@given(case=fused_case())
+def test_fused_calls_are_the_composed_calls_bitwise(case, streaming):
+    shape, axis, dtype, layouts, seed = (case["shape"], case["axis"], case["dtype"],
+                                         case["layouts"], case["seed"])
+    act = as_activation(case["activation"])
+    rng = np.random.default_rng(seed)
+    x = arrange((rng.standard_normal(shape) * 2 + 0.5).astype(dtype), layouts["x"], seed)
+    residual = (arrange(rng.standard_normal(shape).astype(dtype), layouts["residual"], seed)
+                if case["with_residual"] else None)
+    features = tuple(shape[a] for a in axis)
+    gamma, beta = rng.standard_normal(features), rng.standard_normal(features)
+    out_layout = layouts["out"]
+
+    def then_activation(y):
+        z = y if residual is None else y + residual
+        return z if act is None else act.apply(z)
+
+    out = empty_in(out_layout, shape, dtype, seed)
+    y, mean, var = cbn.batch_norm_forward(x, gamma, beta, axis=axis, out=out,
+                                          activation=case["activation"], residual=residual)
+    plain, mean_plain, var_plain = cbn.batch_norm_forward(
+        x, gamma, beta, axis=axis, out=empty_in(out_layout, shape, dtype, seed))
+    assert y.dtype == x.dtype and (out is None or y is out)
+    assert then_activation(plain).tobytes() == np.ascontiguousarray(y).tobytes()
+    assert mean.tobytes() == mean_plain.tobytes() and var.tobytes() == var_plain.tobytes()
+
+    out = empty_in(out_layout, shape, dtype, seed)
+    inferred = cbn.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, out=out,
+                                        activation=case["activation"], residual=residual)
+    plain = cbn.batch_norm_inference(x, mean, var, gamma, beta, axis=axis)
+    assert then_activation(plain).tobytes() == np.ascontiguousarray(inferred).tobytes()
+
+    y_forward = arrange(np.asarray(y), layouts["y"], seed)
+    dy = arrange(rng.standard_normal(shape).astype(dtype), layouts["dy"], seed)
+    out = empty_in(out_layout, shape, dtype, seed)
+    grads = cbn.batch_norm_backward(
+        dy, x, mean, var, gamma, axis=axis, out=out, activation=case["activation"],
+        y=None if act is None else y_forward, residual=residual is not None)
+    dz = dy   # the dz the fused backward stands for: laid out densely like dy
+    if act is not None:
+        dz = cbn.api._empty_like(dy, dense=True)
+        dz[...] = act.gradient(dy, y_forward)
+    composed = cbn.batch_norm_backward(dz, x, mean, var, gamma, axis=axis,
+                                       out=empty_in(out_layout, shape, dtype, seed))
+    assert len(grads) == 3 + (residual is not None)
+    for fused, expected in zip(grads, composed + (dz,)):
+        assert fused.tobytes() == np.ascontiguousarray(expected).tobytes()
+
+    # ... and the reference's results up to rounding
+    y_ref = reference.batch_norm_forward(x, gamma, beta, axis=axis,
+                                         activation=case["activation"], residual=residual)[0]
+    assert_close(y, y_ref, dtype, condition=1e3)
+    grads_ref = reference.batch_norm_backward(
+        dy, x, mean, var, gamma, axis=axis, activation=case["activation"],
+        y=None if act is None else y_forward, residual=residual is not None)
+    assert_close(grads[0], grads_ref[0], dtype, condition=1e4)
+
+
+@pytest.mark.parametrize("activation", ["relu", ("elu", 0.5)])
+def test_in_place_into_the_residual_and_dy(activation):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((40, 33)).astype(np.float32)
+    residual = rng.standard_normal(x.shape).astype(np.float32)
+    expected, mean, var = cbn.batch_norm_forward(x, activation=activation,
+                                                 residual=residual.copy())
+    y = cbn.batch_norm_forward(x, activation=activation, residual=residual, out=residual)[0]
+    assert y is residual and y.tobytes() == expected.tobytes()
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    expected = cbn.batch_norm_backward(dy.copy(), x, mean, var, activation=activation, y=y)
+    dx = cbn.batch_norm_backward(dy, x, mean, var, activation=activation, y=y, out=dy)[0]
+    assert dx is dy and dx.tobytes() == expected[0].tobytes()
+
+
+@pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
+@pytest.mark.parametrize("shape,axis", [((64, 30, 40), -1), ((8, 30, 400), 1), ((3, 9000), 0)])
+def test_fused_bitwise_identical_for_one_and_two_threads(shape, axis):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(shape).astype(np.float32)
+    residual, dy = (np.asfortranarray(rng.standard_normal(shape).astype(np.float32))
+                    for _ in range(2))
+
+    def run():
+        y, mean, var = cbn.batch_norm_forward(x, axis=axis, activation="elu",
+                                              residual=residual)
+        return (y, mean, var) + cbn.batch_norm_backward(dy, x, mean, var, axis=axis,
+                                                        activation="elu", y=y, residual=True)
+    with threadpool_limits(1, user_api="openmp"):
+        serial = run()
+    with threadpool_limits(2, user_api="openmp"):
+        parallel = run()
+    for a, b in zip(serial, parallel):
+        assert a.tobytes() == b.tobytes()
+
+
+# ----------------------------------------------------------------------------------------
+# Bad arguments
+# ----------------------------------------------------------------------------------------
+
+X = np.zeros((4, 3), np.float32)
+M, V = np.zeros(3), np.ones(3)
+
+
+@pytest.mark.parametrize("activation,error,match", [
+    ("gelu", ValueError, "unknown activation 'gelu'"),
+    (("relu", 0.1), ValueError, "relu takes no alpha"),
+    (("leaky_relu", -1.0), ValueError, "alpha must be a finite number >= 0"),
+    (("elu", "one"), TypeError, "alpha must be a real number"),
+    (3, TypeError, "activation must be None, a name or a"),
+])
+def test_bad_activation(activation, error, match):
+    with pytest.raises(error, match=match):
+        cbn.batch_norm_forward(X, activation=activation)
+    with pytest.raises(error, match=match):
+        cbn.batch_norm_backward(X, X, M, V, activation=activation, y=X)
+
+
+@pytest.mark.parametrize("residual", [np.zeros((4, 2), np.float32), np.zeros((4, 3))])
+def test_bad_residual(residual):
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        cbn.batch_norm_forward(X, residual=residual)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        reference.batch_norm_inference(X, M, V, residual=residual)
+
+
+def test_bad_backward_arguments():
+    with pytest.raises(ValueError, match="needs the forward's output: pass y="):
+        cbn.batch_norm_backward(X, X, M, V, activation="relu")
+    with pytest.raises(ValueError, match="y is only used with an activation"):
+        cbn.batch_norm_backward(X, X, M, V, y=X)
+    with pytest.raises(ValueError, match="y must have x's shape"):
+        cbn.batch_norm_backward(X, X, M, V, activation="relu", y=X[:2])
+    with pytest.raises(TypeError, match="residual must be True or False"):
+        cbn.batch_norm_backward(X, X, M, V, activation="relu", y=X, residual=X)
+
+
+def test_out_partly_overlapping_the_residual_is_refused():
+    buffer = np.zeros((5, 3), np.float32)
+    with pytest.raises(ValueError, match="partly overlaps"):
+        cbn.batch_norm_forward(X, residual=buffer[1:], out=buffer[:4])
+
+
+def test_activation_objects_are_accepted():
+    act = Activation("leaky_relu", 0.3)
+    assert as_activation(act) is act
