@@ -1,8 +1,8 @@
-/* Activations fused into batch norm's write loops (cbn/_kernels.pyx, section "Activations").
+/* Activations fused into batch norm's loops (cbn/_kernels.pyx, section "Activations").
  *
- * Forward: out = act(z + residual), where z is batch norm's output already rounded to the data
- * type T, the residual is added in T and the activation computed in T, so the result is bitwise
- * what applying the activation to cbn's batch-norm output gives (cbn.activation defines it):
+ * Forward: y = act(z + residual), where z is batch norm's output rounded to the data type T,
+ * the residual is added in T and the activation computed in T, so the result is bitwise what
+ * applying the activation to cbn's batch-norm output gives (cbn.activation defines it):
  *   relu:       z if z > 0 or z is NaN, else +0   (np.maximum(z, 0))
  *   leaky_relu: z if z > 0, else (T)alpha * z
  *   elu:        z if z > 0, else (T)(alpha * expm1((double)z))   (the C library's expm1)
@@ -10,8 +10,10 @@
  * for all three, with or without a residual):
  *   relu: y > 0 ? dy : 0;  leaky_relu: y > 0 ? dy : (T)alpha * dy;
  *   elu:  y > 0 ? dy : dy * (y + (T)alpha)   (alpha * exp(z) = y + alpha, as TensorFlow).
- * Lanes are selected with bit masks (GCC vector extensions), so NaN and -0 come out exactly as
- * the scalar definitions say.
+ * Everything is formed in registers inside the plain kernels' loops (the same formulas, the
+ * same order of sums: _simd.h's bodies), so no extra pass and the same bits. Lanes are
+ * selected with bit masks (GCC vector extensions): NaN and -0 come out as the scalar
+ * definitions say. The build turns off FP contraction, so vector and scalar forms agree.
  */
 #ifndef CBN_ACTIVATION_H
 #define CBN_ACTIVATION_H
@@ -27,23 +29,34 @@
 #define CBN_ACT_LEAKY_RELU 2
 #define CBN_ACT_ELU 3
 
-typedef float cbn_act_vf32 __attribute__((vector_size(32)));
-typedef int32_t cbn_act_mf32 __attribute__((vector_size(32)));
-typedef double cbn_act_vf64 __attribute__((vector_size(32)));
-typedef int64_t cbn_act_mf64 __attribute__((vector_size(32)));
+/* 8 lanes of T, and the lane masks their comparisons give. */
+typedef int32_t cbn_m8f __attribute__((vector_size(32)));
+typedef int64_t cbn_m8d __attribute__((vector_size(64)));
+#define CBN_VEC_f32 cbn_v8f
+#define CBN_VEC_f64 cbn_v8d
+#define CBN_MASK_f32 cbn_m8f
+#define CBN_MASK_f64 cbn_m8d
 
+/* Runs that stream start their vectors on a cache line (CBN_ACT_ALIGNED) so that whole lines
+ * are streamed; a vector is streamed where it can be (CBN_ACT_STREAMABLE: 32 bytes). */
 #ifdef __AVX__
-#include <immintrin.h>
-static inline void cbn_act_stream_f32(float *p, cbn_act_vf32 v) { _mm256_stream_ps(p, (__m256)v); }
-static inline void cbn_act_stream_f64(double *p, cbn_act_vf64 v) { _mm256_stream_pd(p, (__m256d)v); }
 #define CBN_ACT_ALIGNED(p) (((uintptr_t)(p) & 63) == 0)
+#define CBN_ACT_STREAMABLE(p) (((uintptr_t)(p) & 31) == 0)
+static inline void cbn_vec_stream_f32(float *p, cbn_v8f v) { _mm256_stream_ps(p, (__m256)v); }
+static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) {
+    __m256d half[2];
+    memcpy(half, &v, sizeof v);
+    _mm256_stream_pd(p, half[0]);
+    _mm256_stream_pd(p + 4, half[1]);
+}
 #else
-static inline void cbn_act_stream_f32(float *p, cbn_act_vf32 v) { memcpy(p, &v, sizeof v); }
-static inline void cbn_act_stream_f64(double *p, cbn_act_vf64 v) { memcpy(p, &v, sizeof v); }
 #define CBN_ACT_ALIGNED(p) 1
+#define CBN_ACT_STREAMABLE(p) 0
+static inline void cbn_vec_stream_f32(float *p, cbn_v8f v) { memcpy(p, &v, sizeof v); }
+static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) { memcpy(p, &v, sizeof v); }
 #endif
 
-#define CBN_DEFINE_ACTIVATION(T, S, L)                                                       \
+#define CBN_DEFINE_ACTIVATION(T, S)                                                          \
 static inline T cbn_act_##S(T z, int kind, double alpha) {                                   \
     if (kind == CBN_ACT_RELU) return (z > 0 || z != z) ? z : (T)0;                           \
     if (kind == CBN_ACT_LEAKY_RELU) return z > 0 ? z : (T)alpha * z;                         \
@@ -55,85 +68,129 @@ static inline T cbn_act_gradient_##S(T dy, T y, int kind, double alpha) {       
     if (kind == CBN_ACT_LEAKY_RELU) return y > 0 ? dy : (T)alpha * dy;                       \
     return y > 0 ? dy : dy * (y + (T)alpha);                                                 \
 }                                                                                            \
-/* relu and leaky_relu on L lanes; elu lane by lane (expm1 has no vector form here). */      \
-static inline cbn_act_v##S cbn_act_vector_##S(cbn_act_v##S z, int kind, double alpha) {      \
-    cbn_act_v##S zero = {0};                                                                 \
-    cbn_act_m##S keep = z > zero;                                                            \
-    int q;                                                                                   \
-    if (kind == CBN_ACT_NONE) return z;                                                      \
+static inline CBN_VEC_##S cbn_vec_load_##S(const T *p, int64_t step) {                       \
+    CBN_VEC_##S v;                                                                           \
+    int k;                                                                                   \
+    if (step == 1) memcpy(&v, p, sizeof v);                                                  \
+    else for (k = 0; k < 8; k++) v[k] = p[k * step];                                         \
+    return v;                                                                                \
+}                                                                                            \
+static inline void cbn_vec_put_##S(T *p, CBN_VEC_##S v, int stream) {                        \
+    if (stream && CBN_ACT_STREAMABLE(p)) cbn_vec_stream_##S(p, v);                              \
+    else memcpy(p, &v, sizeof v);                                                            \
+}                                                                                            \
+static inline CBN_VEC_##S cbn_act8_##S(CBN_VEC_##S z, int kind, double alpha) {              \
+    CBN_VEC_##S zero = {0};                                                                  \
+    CBN_MASK_##S keep = z > zero;                                                            \
+    int k;                                                                                   \
     if (kind == CBN_ACT_RELU)                                                                \
-        return (cbn_act_v##S)((cbn_act_m##S)z & (keep | (z != z)));                          \
+        return (CBN_VEC_##S)((CBN_MASK_##S)z & (keep | (z != z)));                           \
     if (kind == CBN_ACT_LEAKY_RELU)                                                          \
-        return (cbn_act_v##S)(((cbn_act_m##S)z & keep)                                       \
-                              | ((cbn_act_m##S)(z * (T)alpha) & ~keep));                     \
-    for (q = 0; q < L; q++) z[q] = cbn_act_##S(z[q], kind, alpha);                           \
+        return (CBN_VEC_##S)(((CBN_MASK_##S)z & keep)                                        \
+                             | ((CBN_MASK_##S)(z * (T)alpha) & ~keep));                      \
+    if (kind == CBN_ACT_ELU)                                                                 \
+        for (k = 0; k < 8; k++) z[k] = cbn_act_##S(z[k], kind, alpha);                       \
     return z;                                                                                \
 }                                                                                            \
-/* out[i] = act(z[i] + residual[i]) for a contiguous run (residual may be NULL); streaming   \
- * stores where out's cache lines are whole. */                                              \
-static void cbn_activate_##S(const T *z, const T *residual, T *out, int64_t n, int kind,     \
-                             double alpha, int stream) {                                     \
-    int64_t i = 0;                                                                           \
-    cbn_act_v##S v, r;                                                                       \
-    if (stream)                                                                              \
-        for (; i < n && !CBN_ACT_ALIGNED(out + i); i++)                                      \
-            out[i] = cbn_act_##S(residual ? (T)(z[i] + residual[i]) : z[i], kind, alpha);    \
-    for (; i + L <= n; i += L) {                                                             \
-        memcpy(&v, z + i, sizeof v);                                                         \
-        if (residual) {                                                                      \
-            memcpy(&r, residual + i, sizeof r);                                              \
-            v += r;                                                                          \
-        }                                                                                    \
-        v = cbn_act_vector_##S(v, kind, alpha);                                              \
-        if (stream) cbn_act_stream_##S(out + i, v);                                          \
-        else memcpy(out + i, &v, sizeof v);                                                  \
-    }                                                                                        \
-    for (; i < n; i++)                                                                       \
-        out[i] = cbn_act_##S(residual ? (T)(z[i] + residual[i]) : z[i], kind, alpha);        \
+static inline CBN_VEC_##S cbn_dz8_##S(CBN_VEC_##S dy, CBN_VEC_##S y, int kind,               \
+                                      double alpha) {                                        \
+    CBN_VEC_##S zero = {0}, other;                                                           \
+    CBN_MASK_##S keep = y > zero;                                                            \
+    if (kind == CBN_ACT_RELU) return (CBN_VEC_##S)((CBN_MASK_##S)dy & keep);                 \
+    other = kind == CBN_ACT_LEAKY_RELU ? dy * (T)alpha : dy * (y + (T)alpha);                \
+    return (CBN_VEC_##S)(((CBN_MASK_##S)dy & keep) | ((CBN_MASK_##S)other & ~keep));         \
 }                                                                                            \
-/* dz = dy * act'(z) over n_rows rows of width elements (dz's rows contiguous). */          \
-static void cbn_act_gradient_rows_##S(const T *dy, int64_t dy_row_stride, const T *y,        \
-                                      int64_t y_row_stride, T *dz, int64_t n_rows,           \
-                                      int64_t width, int kind, double alpha) {               \
-    int64_t r, j;                                                                            \
-    for (r = 0; r < n_rows; r++) {                                                           \
-        const T *g = dy + r * dy_row_stride, *o = y + r * y_row_stride;                      \
-        T *d = dz + r * width;                                                               \
-        for (j = 0; j < width; j++) d[j] = cbn_act_gradient_##S(g[j], o[j], kind, alpha);    \
+/* y = act((T)((x - mean) * scale + shift) + residual) along a contiguous run (residual may  \
+ * be NULL; factors per element or one each, as cbn_normalize_stream). */                    \
+static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n,            \
+                                  const double *mean, const double *scale,                   \
+                                  const double *shift, int per_element, int kind,            \
+                                  double alpha, int stream) {                                \
+    int64_t i = 0, k;                                                                        \
+    T t;                                                                                     \
+    CBN_VEC_##S v;                                                                           \
+    for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++) {                                \
+        k = per_element ? i : 0;                                                             \
+        t = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                     \
+        y[i] = cbn_act_##S(residual ? (T)(t + residual[i]) : t, kind, alpha);                \
+    }                                                                                        \
+    for (; i + 8 <= n; i += 8) {                                                             \
+        v = __builtin_convertvector((cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))\
+                                    * cbn_parameter(scale, i, per_element)                   \
+                                    + cbn_parameter(shift, i, per_element), CBN_VEC_##S);    \
+        if (residual) v += cbn_vec_load_##S(residual + i, 1);                                \
+        cbn_vec_put_##S(y + i, cbn_act8_##S(v, kind, alpha), stream);                        \
+    }                                                                                        \
+    for (; i < n; i++) {                                                                     \
+        k = per_element ? i : 0;                                                             \
+        t = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                     \
+        y[i] = cbn_act_##S(residual ? (T)(t + residual[i]) : t, kind, alpha);                \
     }                                                                                        \
 }                                                                                            \
-/* sum_dy += Σ dz, sum_dy_xc += Σ dz·(x − mean) along a run of one feature (x contiguous,  \
- * dy and y dy_step and y_step apart), with dz = dy * act'(z) formed in T in registers: the   \
- * same blocks and order as cbn_gradient_sums_run (_simd.h) on a contiguous array of dz, so   \
- * the sums are bitwise those. */                                                            \
+/* dx = (T)(coef_dy * dz + coef_xc * (x - mean) + offset) and dres = dz (if not NULL), with  \
+ * dz = dy * act'(z), along a contiguous run (factors as above). */                          \
+static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *dx, T *dres,  \
+                                       int64_t n, const double *mean,                        \
+                                       const double *coef_dy, const double *coef_xc,         \
+                                       const double *offset, int per_element, int kind,      \
+                                       double alpha, int stream) {                           \
+    int64_t i = 0, k;                                                                        \
+    T dz;                                                                                    \
+    CBN_VEC_##S d;                                                                           \
+    for (; i < n && stream && !CBN_ACT_ALIGNED(dx + i); i++) {                               \
+        k = per_element ? i : 0;                                                             \
+        dz = cbn_act_gradient_##S(dy[i], y[i], kind, alpha);                                 \
+        dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);            \
+        if (dres) dres[i] = dz;                                                              \
+    }                                                                                        \
+    for (; i + 8 <= n; i += 8) {                                                             \
+        d = cbn_dz8_##S(cbn_vec_load_##S(dy + i, 1), cbn_vec_load_##S(y + i, 1), kind, alpha);\
+        cbn_vec_put_##S(dx + i, __builtin_convertvector(                                     \
+            cbn_parameter(coef_dy, i, per_element) * __builtin_convertvector(d, cbn_v8d)     \
+            + cbn_parameter(coef_xc, i, per_element)                                         \
+              * (cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))                  \
+            + cbn_parameter(offset, i, per_element), CBN_VEC_##S), stream);                  \
+        if (dres) cbn_vec_put_##S(dres + i, d, stream);                                      \
+    }                                                                                        \
+    for (; i < n; i++) {                                                                     \
+        k = per_element ? i : 0;                                                             \
+        dz = cbn_act_gradient_##S(dy[i], y[i], kind, alpha);                                 \
+        dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);            \
+        if (dres) dres[i] = dz;                                                              \
+    }                                                                                        \
+}
+
+CBN_DEFINE_ACTIVATION(float, f32)
+CBN_DEFINE_ACTIVATION(double, f64)
+
+/* The sums of batch norm's backward with dz in place of dy: _simd.h's loop bodies, dy and
+ * y read through these. Rows (FI): dy, y row strides; runs (RI): dy, y steps. */
+#define CBN_DZ(S, r, k) __builtin_convertvector(                                             \
+    cbn_dz8_##S(cbn_vec_load_##S(dy + (r) * dy_row_stride + (k), 1),                         \
+                cbn_vec_load_##S(y + (r) * y_row_stride + (k), 1), kind, alpha), cbn_v8d)
+#define CBN_DZ1(S, r, k) \
+    cbn_act_gradient_##S(dy[(r) * dy_row_stride + (k)], y[(r) * y_row_stride + (k)], kind, alpha)
+#define CBN_DZ_RUN(S, i) __builtin_convertvector(                                            \
+    cbn_dz8_##S(cbn_vec_load_##S(dy + (i) * dy_step, dy_step),                               \
+                cbn_vec_load_##S(y + (i) * y_step, y_step), kind, alpha), cbn_v8d)
+#define CBN_DZ1_RUN(S, i) cbn_act_gradient_##S(dy[(i) * dy_step], y[(i) * y_step], kind, alpha)
+
+#define CBN_DEFINE_ACTIVATION_SUMS(T, S)                                                     \
+static void cbn_act_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *y,        \
+                                      int64_t y_row_stride, const T *x, int64_t x_row_stride,\
+                                      int64_t n_rows, int64_t width, const double *mean,     \
+                                      int kind, double alpha, double *sum_dy,                \
+                                      double *sum_dy_xc) {                                   \
+    CBN_GRADIENT_SUMS_BODY(T, S, CBN_DZ, CBN_DZ1)                                            \
+}                                                                                            \
 static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T *y,          \
                                           int64_t y_step, const T *x, int64_t n,             \
                                           double mean, int kind, double alpha,               \
                                           double *sum_dy, double *sum_dy_xc) {               \
-    cbn_v8d m = {0}, a[4] = {0}, b[4] = {0}, v;                                              \
-    T dz[8];                                                                                 \
-    int64_t i = 0, q, k;                                                                     \
-    double ta = 0.0, tb = 0.0, g;                                                            \
-    m += mean;                                                                               \
-    for (; i + 32 <= n; i += 32)                                                             \
-        for (q = 0; q < 4; q++) {                                                            \
-            for (k = 0; k < 8; k++)                                                          \
-                dz[k] = cbn_act_gradient_##S(dy[(i + 8 * q + k) * dy_step],                  \
-                                             y[(i + 8 * q + k) * y_step], kind, alpha);      \
-            v = cbn_load_##S(dz);                                                            \
-            a[q] += v;                                                                       \
-            b[q] += v * (cbn_load_##S(x + i + 8 * q) - m);                                   \
-        }                                                                                    \
-    for (; i < n; i++) {                                                                     \
-        g = cbn_act_gradient_##S(dy[i * dy_step], y[i * y_step], kind, alpha);               \
-        ta += g;                                                                             \
-        tb += g * (x[i] - mean);                                                             \
-    }                                                                                        \
-    *sum_dy += cbn_reduce(a) + ta;                                                           \
-    *sum_dy_xc += cbn_reduce(b) + tb;                                                        \
+    CBN_GRADIENT_RUN_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                     \
 }
 
-CBN_DEFINE_ACTIVATION(float, f32, 8)
-CBN_DEFINE_ACTIVATION(double, f64, 4)
+CBN_DEFINE_ACTIVATION_SUMS(float, f32)
+CBN_DEFINE_ACTIVATION_SUMS(double, f64)
 
 #endif

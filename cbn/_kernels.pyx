@@ -117,16 +117,34 @@ cdef extern from "_activation.h":
     double cbn_act_f64(double z, int kind, double alpha) noexcept nogil
     float cbn_act_gradient_f32(float dy, float y, int kind, double alpha) noexcept nogil
     double cbn_act_gradient_f64(double dy, double y, int kind, double alpha) noexcept nogil
-    void cbn_activate_f32(const float *z, const float *residual, float *out, int64_t n,
-                          int kind, double alpha, int stream) noexcept nogil
-    void cbn_activate_f64(const double *z, const double *residual, double *out, int64_t n,
-                          int kind, double alpha, int stream) noexcept nogil
-    void cbn_act_gradient_rows_f32(const float *dy, int64_t dy_row_stride, const float *y,
-                                   int64_t y_row_stride, float *dz, int64_t n_rows,
-                                   int64_t width, int kind, double alpha) noexcept nogil
-    void cbn_act_gradient_rows_f64(const double *dy, int64_t dy_row_stride, const double *y,
-                                   int64_t y_row_stride, double *dz, int64_t n_rows,
-                                   int64_t width, int kind, double alpha) noexcept nogil
+    void cbn_normalize_act_f32(const float *x, const float *residual, float *y, int64_t n,
+                               const double *mean, const double *scale, const double *shift,
+                               int per_element, int kind, double alpha,
+                               int stream) noexcept nogil
+    void cbn_normalize_act_f64(const double *x, const double *residual, double *y, int64_t n,
+                               const double *mean, const double *scale, const double *shift,
+                               int per_element, int kind, double alpha,
+                               int stream) noexcept nogil
+    void cbn_act_input_gradient_f32(const float *dy, const float *y, const float *x, float *dx,
+                                    float *dres, int64_t n, const double *mean,
+                                    const double *coef_dy, const double *coef_xc,
+                                    const double *offset, int per_element, int kind,
+                                    double alpha, int stream) noexcept nogil
+    void cbn_act_input_gradient_f64(const double *dy, const double *y, const double *x,
+                                    double *dx, double *dres, int64_t n, const double *mean,
+                                    const double *coef_dy, const double *coef_xc,
+                                    const double *offset, int per_element, int kind,
+                                    double alpha, int stream) noexcept nogil
+    void cbn_act_gradient_sums_f32(const float *dy, int64_t dy_row_stride, const float *y,
+                                   int64_t y_row_stride, const float *x, int64_t x_row_stride,
+                                   int64_t n_rows, int64_t width, const double *mean, int kind,
+                                   double alpha, double *sum_dy,
+                                   double *sum_dy_xc) noexcept nogil
+    void cbn_act_gradient_sums_f64(const double *dy, int64_t dy_row_stride, const double *y,
+                                   int64_t y_row_stride, const double *x, int64_t x_row_stride,
+                                   int64_t n_rows, int64_t width, const double *mean, int kind,
+                                   double alpha, double *sum_dy,
+                                   double *sum_dy_xc) noexcept nogil
     void cbn_act_gradient_sums_run_f32(const float *dy, int64_t dy_step, const float *y,
                                        int64_t y_step, const float *x, int64_t n, double mean,
                                        int kind, double alpha, double *sum_dy,
@@ -152,7 +170,6 @@ cdef enum:
     CHUNK_BUDGET = 1 << 20      # FI: at most this many partial results per statistic
     TARGET_ITEMS = 64           # RI: split features into chunks until this many items
     MIN_CHUNK_ELEMENTS = 16384  # RI: ... but keep chunks at least this long
-    ACTIVATION_RUN = 2048       # RI with an activation: elements per run through a buffer
 
 
 # Machine-dependent thresholds, set by cbn._machine from the caches the OS reports (and a
@@ -806,12 +823,11 @@ cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
                   Py_ssize_t feature_arrays, bint activated) noexcept nogil:
     """One malloc for a call's buffers (freed with free(b.scratch)); -1 if out of memory."""
     # FI: the tile's accumulators, then up to three stages (stage_rows) of any element type,
-    # then, with an activation, the two slots of activation_slot.
+    # then, for a backward with an activation, the two slots of activation_slot.
     cdef Py_ssize_t per_thread = (tile_arrays * g.tile_width + 3 * g.stage_elements
                                   if g.features_inner else 0)
-    if activated:
-        per_thread += (2 * g.rows_per_run * g.tile_width if g.features_inner
-                       else ACTIVATION_RUN)
+    if activated and g.features_inner:
+        per_thread += 2 * g.rows_per_run * g.tile_width
     cdef Py_ssize_t partials = g.n_chunks * g.n_features
     b.scratch = <double *>malloc(sizeof(double) * (g.n_threads * per_thread + 2 * partials
                                                    + feature_arrays * g.n_features + 1))
@@ -1026,16 +1042,14 @@ cdef inline void normalize_item(const Grid *g, const floating *x, const Walk *xw
             fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift, <floating *>scratch)
     else:
         it = ri_item(g, item)
-        ri_normalize_any(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f],
-                         <floating *>scratch, act)
+        ri_normalize_any(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f], act)
 
 
 cdef inline void ri_normalize_any(const Grid *g, const floating *x, const Walk *xw, floating *y,
                                   const Walk *yw, RiItem it, double mean, double scale,
-                                  double shift, floating *buffer,
-                                  const Activation *act) noexcept nogil:
+                                  double shift, const Activation *act) noexcept nogil:
     if act.fused:
-        ri_normalize_activate_item(g, x, xw, y, yw, it, mean, scale, shift, buffer, act)
+        ri_normalize_activate_item(g, x, xw, y, yw, it, mean, scale, shift, act)
     else:
         ri_normalize_item(g, x, xw, y, yw, it, mean, scale, shift)
 
@@ -1043,31 +1057,29 @@ cdef inline void ri_normalize_any(const Grid *g, const floating *x, const Walk *
 cdef void fused_forward(const Grid *g, const floating *x, const Walk *xw, floating *y,
                         const Walk *yw, const double *gamma, const double *shift,
                         double epsilon, double *mean, double *var, double *scale,
-                        const Buffers *ws, const Activation *act) noexcept nogil:
+                        const Activation *act) noexcept nogil:
     """RI with one chunk per feature: normalize each feature right after its statistics."""
     cdef Py_ssize_t f
     if g.n_threads == 1:
         for f in range(g.n_features):
             fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f,
-                                  <floating *>ws.scratch, act)
+                                  act)
         return
     for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-        fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f,
-                              <floating *>(ws.scratch + threadid() * ws.scratch_per_thread),
-                              act)
+        fused_forward_feature(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, f, act)
 
 
 cdef inline void fused_forward_feature(const Grid *g, const floating *x, const Walk *xw,
                                        floating *y, const Walk *yw, const double *gamma,
                                        const double *shift, double epsilon, double *mean,
                                        double *var, double *scale, Py_ssize_t f,
-                                       floating *buffer, const Activation *act) noexcept nogil:
+                                       const Activation *act) noexcept nogil:
     cdef RiItem it = ri_item(g, f)
     ri_moments(g, x, xw, it, &mean[f], &var[f])
     var[f] /= g.n_rows
     settle_moments(g, x, xw, f, &mean[f], &var[f])
     normalization_factors(f, var, gamma, epsilon, scale)
-    ri_normalize_any(g, x, xw, y, yw, it, mean[f], scale[f], shift[f], buffer, act)
+    ri_normalize_any(g, x, xw, y, yw, it, mean[f], scale[f], shift[f], act)
 
 
 cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floating *y,
@@ -1076,7 +1088,7 @@ cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floati
                         const Activation *act) noexcept nogil:
     cdef Py_ssize_t f
     if not g.features_inner and g.n_chunks == 1:
-        fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, ws, act)
+        fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, act)
         return
     compute_moments(g, x, xw, ws, mean, var)
     for f in range(g.n_features):
@@ -1318,16 +1330,15 @@ cdef inline void input_gradient_item(const Grid *g, const floating *dy, const Wa
             fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy,
                                    k.coef_xc, k.offset, <floating *>scratch)
     else:
-        ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, ri_item(g, item), k,
-                              <floating *>scratch)
+        ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, ri_item(g, item), k)
 
 
 cdef inline void ri_input_gradient_any(const Grid *g, const floating *dy, const Walk *dyw,
                                        const floating *x, const Walk *xw, floating *dx,
-                                       const Walk *dxw, RiItem it, const GradientFactors *k,
-                                       floating *buffer) noexcept nogil:
+                                       const Walk *dxw, RiItem it,
+                                       const GradientFactors *k) noexcept nogil:
     if k.act.fused:
-        ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, it, k, buffer)
+        ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, it, k)
     else:
         ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f], k.coef_dy[it.f],
                                k.coef_xc[it.f], k.offset[it.f])
@@ -1342,51 +1353,39 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
         input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
     elif g.n_threads == 1:
         for f in range(g.n_features):
-            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f, <floating *>ws.scratch)
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
     else:
         for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
-            fused_backward_feature(
-                g, dy, dyw, x, xw, dx, dxw, k, f,
-                <floating *>(ws.scratch + threadid() * ws.scratch_per_thread))
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
 
 
 cdef inline void fused_backward_feature(const Grid *g, const floating *dy, const Walk *dyw,
                                         const floating *x, const Walk *xw, floating *dx,
                                         const Walk *dxw, GradientFactors *k,
-                                        Py_ssize_t f, floating *buffer) noexcept nogil:
+                                        Py_ssize_t f) noexcept nogil:
     """One chunk per feature: its input gradient follows its sums while x, dy are in cache."""
     cdef RiItem it = ri_item(g, f)
     ri_gradient_sums_any(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f],
                          k.act)
     scale_to_xhat(f, k)
     gradient_factors(f, k)
-    ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, it, k, buffer)
+    ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, it, k)
 
 
 # ---------------------------------------------------------------------------------------
-# Activations (and a residual) fused into the write loops
+# Activations (and a residual) fused into the loops
 # ---------------------------------------------------------------------------------------
-# Forward: batch norm writes a run of rows into an L1-sized slot with the plain loops, and
-# act(slot + residual) goes to y, streamed where y's are (cbn/_activation.h). Backward: dz =
-# dy·act'(z) of a run goes into a slot and the plain loops take it for dy. So y, dx and the
-# residual's gradient are each written once and no full-size temporary exists; the slot
-# traffic stays in L1. Work split, runs and summation order are the plain kernels' own,
-# which makes the results bitwise those of batch norm composed with the activation. The RI
-# sums form dz in registers instead (cbn_act_gradient_sums_run), since a run through a
-# buffer would split the plain loop's run and change its summation order.
+# Forward: the normalization of a row or run, plus the residual, plus the activation, in
+# registers before the one store of y (cbn/_activation.h). Backward: dz = dy·act'(z) is
+# formed in registers where the plain loops load dy, in their sums and in the dx loop,
+# which also stores dz as the residual's gradient. Work split, runs and summation order
+# are the plain kernels' own, so the results are bitwise batch norm composed with the
+# activation. Operands whose features are not adjacent are staged as in the plain loops.
 
 cdef inline floating *activation_slot(const Grid *g, floating *stage, int k) noexcept nogil:
-    """FI: slot k (0 or 1) of rows_per_run x tile_width elements after the three stages."""
+    """FI backward: slot k (0 or 1) of rows_per_run x tile_width elements after the three
+    stages (y's and the residual gradient's rows)."""
     return stage + 3 * g.stage_elements + k * g.rows_per_run * g.tile_width
-
-
-cdef inline void activate(const floating *z, const floating *residual, floating *out,
-                          Py_ssize_t n, const Activation *act, bint stream) noexcept nogil:
-    """out = act(z + residual) along contiguous runs (residual may be NULL)."""
-    if floating is float:
-        cbn_activate_f32(z, residual, out, n, act.kind, act.alpha, stream)
-    else:
-        cbn_activate_f64(z, residual, out, n, act.kind, act.alpha, stream)
 
 
 cdef inline floating act_scalar(floating z, const Activation *act) noexcept nogil:
@@ -1403,21 +1402,45 @@ cdef inline floating act_gradient(floating dy, floating y, const Activation *act
         return cbn_act_gradient_f64(dy, y, act.kind, act.alpha)
 
 
-cdef inline void act_gradient_rows(const floating *dy, int64_t dy_row_stride, const floating *y,
-                                   int64_t y_row_stride, floating *dz, Py_ssize_t n_rows,
-                                   Py_ssize_t width, const Activation *act) noexcept nogil:
-    """dz (rows of width, contiguous) = dy·act'(z) from rows of adjacent features."""
+cdef inline void normalize_act(const floating *x, const floating *residual, floating *y,
+                               Py_ssize_t n, const double *mean, const double *scale,
+                               const double *shift, bint per_element, const Activation *act,
+                               bint stream) noexcept nogil:
     if floating is float:
-        cbn_act_gradient_rows_f32(dy, dy_row_stride, y, y_row_stride, dz, n_rows, width,
-                                  act.kind, act.alpha)
+        cbn_normalize_act_f32(x, residual, y, n, mean, scale, shift, per_element, act.kind,
+                              act.alpha, stream)
     else:
-        cbn_act_gradient_rows_f64(dy, dy_row_stride, y, y_row_stride, dz, n_rows, width,
-                                  act.kind, act.alpha)
+        cbn_normalize_act_f64(x, residual, y, n, mean, scale, shift, per_element, act.kind,
+                              act.alpha, stream)
+
+
+cdef inline void act_input_gradient(const floating *dy, const floating *y, const floating *x,
+                                    floating *dx, floating *dres, Py_ssize_t n,
+                                    const double *mean, const double *coef_dy,
+                                    const double *coef_xc, const double *offset,
+                                    bint per_element, const Activation *act,
+                                    bint stream) noexcept nogil:
+    if floating is float:
+        cbn_act_input_gradient_f32(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc, offset,
+                                   per_element, act.kind, act.alpha, stream)
+    else:
+        cbn_act_input_gradient_f64(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc, offset,
+                                   per_element, act.kind, act.alpha, stream)
 
 
 cdef inline const floating *tile_of(const floating *base, const Walk *w,
                                     const FiItem *it) noexcept nogil:
     return base + w.feature_offsets[it.fo] + it.fi0 * w.feature_stride
+
+
+cdef inline const floating *rows_of(const Grid *g, const floating *tile, const Walk *w,
+                                    const Runs *runs, Py_ssize_t n, Py_ssize_t width,
+                                    int64_t *row_stride, floating *stage) noexcept nogil:
+    """The run's rows of a tile as rows of adjacent features (staged if need be)."""
+    prefetch_next_run(g, runs[0], n, tile, w, width, False)
+    row_stride[0] = w.row_stride
+    return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride, w.feature_stride, n,
+                      width, stage)
 
 
 cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
@@ -1428,43 +1451,31 @@ cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Wal
     cdef FiItem it = fi_item(g, item)
     cdef const floating *x_tile = tile_of(x, xw, &it)
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
-    cdef const Walk *rw = act.residual_walk
     cdef const floating *r_tile = NULL
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t n, r
-    cdef int64_t x_row_stride, y_row_stride, r_row_stride = it.width
+    cdef int64_t x_row_stride, y_row_stride, r_row_stride = 0
     cdef const floating *x_rows
     cdef const floating *r_rows = NULL
     cdef floating *y_rows
-    cdef floating *z = activation_slot(g, stage, 0)
     cdef bint y_staged = yw.feature_stride != 1
+    cdef bint stream = g.stream and not y_staged
     if act.residual != NULL:
-        r_tile = tile_of(<const floating *>act.residual, rw, &it)
+        r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
-        x_row_stride = xw.row_stride
-        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
-                            xw.feature_stride, n, it.width, stage)
-        normalize_rows(x_rows, x_row_stride, z, it.width, n, it.width, mean + it.f0,
-                       scale + it.f0, shift + it.f0, False)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride, stage)
         if r_tile != NULL:
-            prefetch_next_run(g, runs, n, r_tile, rw, it.width, False)
-            r_row_stride = rw.row_stride
-            r_rows = stage_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
-                                rw.feature_stride, n, it.width,
-                                activation_slot(g, stage, 1))
+            r_rows = rows_of(g, r_tile, act.residual_walk, &runs, n, it.width, &r_row_stride,
+                             stage + 2 * g.stage_elements)
         y_row_stride = yw.row_stride
         y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
                              yw.feature_stride, it.width, stage + g.stage_elements)
-        if y_row_stride == it.width and r_row_stride == it.width:   # one run of n rows
-            activate(z, r_rows, y_rows, n * it.width, act, g.stream and not y_staged)
-        else:
-            for r in range(n):
-                activate(z + r * it.width, NULL if r_rows == NULL else r_rows + r * r_row_stride,
-                         y_rows + r * y_row_stride, it.width, act,
-                         g.stream and not y_staged and whole_lines(y_rows + r * y_row_stride,
-                                                                   it.width))
+        for r in range(n):
+            normalize_act(x_rows + r * x_row_stride,
+                          NULL if r_rows == NULL else r_rows + r * r_row_stride,
+                          y_rows + r * y_row_stride, it.width, mean + it.f0, scale + it.f0,
+                          shift + it.f0, True, act, stream)
         if y_staged:
             unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
                          yw.row_stride, yw.feature_stride)
@@ -1475,35 +1486,35 @@ cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Wal
 
 cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
                                      floating *y, const Walk *yw, RiItem it, double mean,
-                                     double scale, double shift, floating *buffer,
+                                     double scale, double shift,
                                      const Activation *act) noexcept nogil:
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
     cdef floating *y_feature = y + feature_offset(yw, g, it.f)
     cdef const floating *r_feature = NULL
+    cdef const floating *x_run
     cdef const floating *r_run = NULL
     cdef floating *y_run
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, ACTIVATION_RUN)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, i
-    cdef int64_t r_step = 1
+    cdef int64_t xs = xw.row_stride, ys = yw.row_stride, rs = 1
+    cdef floating z
     if act.residual != NULL:
         r_feature = <const floating *>act.residual + feature_offset(act.residual_walk, g, it.f)
-        r_step = act.residual_walk.row_stride
+        rs = act.residual_walk.row_stride
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        normalize_run(x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, buffer, 1,
-                      n, mean, scale, shift, False)
+        x_run = x_feature + row_offset(xw, runs.ro, runs.ri)
         y_run = y_feature + row_offset(yw, runs.ro, runs.ri)
         if r_feature != NULL:
             r_run = r_feature + row_offset(act.residual_walk, runs.ro, runs.ri)
-        if r_step == 1 and yw.row_stride == 1:
-            activate(buffer, r_run, y_run, n, act, g.stream)
-        elif r_run == NULL:
-            for i in range(n):
-                y_run[i * yw.row_stride] = act_scalar(buffer[i], act)
+        if xs == 1 and ys == 1 and rs == 1:
+            normalize_act(x_run, r_run, y_run, n, &mean, &scale, &shift, False, act, g.stream)
         else:
             for i in range(n):
-                y_run[i * yw.row_stride] = act_scalar(<floating>(buffer[i] + r_run[i * r_step]),
-                                                      act)
+                z = <floating>((x_run[i * xs] - mean) * scale + shift)
+                if r_run != NULL:
+                    z = <floating>(z + r_run[i * rs])
+                y_run[i * ys] = act_scalar(z, act)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
@@ -1518,10 +1529,13 @@ cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, cons
     cdef double *acc_dy = scratch
     cdef double *acc_dy_xc = scratch + g.tile_width
     cdef floating *stage = <floating *>(scratch + 2 * g.tile_width)
-    cdef floating *dz = activation_slot(g, stage, 0)
     cdef const floating *dy_tile = tile_of(dy, dyw, &it)
     cdef const floating *x_tile = tile_of(x, xw, &it)
     cdef const floating *o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
+    cdef const floating *o_rows
+    cdef int64_t dy_row_stride, x_row_stride, o_row_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t j, n
     for j in range(it.width):
@@ -1529,34 +1543,23 @@ cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, cons
         acc_dy_xc[j] = 0.0
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
-        gradient_through(g, &runs, n, dy_tile, dyw, o_tile, act, it.width, stage, dz)
-        add_gradient_rows(dz, it.width, 1, x_tile + row_offset(xw, runs.ro, runs.ri),
-                          xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
-                          acc_dy, acc_dy_xc, stage, stage + g.stage_elements)
+        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                         stage + g.stage_elements)
+        o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                         stage + 2 * g.stage_elements)
+        if floating is float:
+            cbn_act_gradient_sums_f32(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
+                                      x_row_stride, n, it.width, mean + it.f0, act.kind,
+                                      act.alpha, acc_dy, acc_dy_xc)
+        else:
+            cbn_act_gradient_sums_f64(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
+                                      x_row_stride, n, it.width, mean + it.f0, act.kind,
+                                      act.alpha, acc_dy, acc_dy_xc)
         advance(g, &runs, n)
     for j in range(it.width):
         chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
         chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
-
-
-cdef inline void gradient_through(const Grid *g, const Runs *runs, Py_ssize_t n,
-                                  const floating *dy_tile, const Walk *dyw,
-                                  const floating *o_tile, const Activation *act,
-                                  Py_ssize_t width, floating *stage, floating *dz) noexcept nogil:
-    """dz of a run of n rows (contiguous rows of width) from dy's and y's tiles; uses the
-    first stage (dy's) and activation slot 1 (y's) when those must be staged."""
-    cdef const Walk *ow = act.output_walk
-    cdef int64_t dy_row_stride = dyw.row_stride, o_row_stride = ow.row_stride
-    cdef const floating *dy_rows
-    cdef const floating *o_rows
-    prefetch_next_run(g, runs[0], n, dy_tile, dyw, width, False)
-    prefetch_next_run(g, runs[0], n, o_tile, ow, width, False)
-    dy_rows = stage_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), &dy_row_stride,
-                         dyw.feature_stride, n, width, stage)
-    o_rows = stage_rows(o_tile + row_offset(ow, runs.ro, runs.ri), &o_row_stride,
-                        ow.feature_stride, n, width, activation_slot(g, stage, 1))
-    act_gradient_rows(dy_rows, dy_row_stride, o_rows, o_row_stride, dz, n, width, act)
 
 
 cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Walk *dyw,
@@ -1611,45 +1614,48 @@ cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, con
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
     cdef const Walk *rw = act.residual_gradient_walk
     cdef floating *r_tile = NULL
-    cdef floating *r_rows
-    cdef floating *dz = activation_slot(g, stage, 0)
+    cdef floating *r_rows = NULL
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t n, r
-    cdef int64_t x_row_stride, dx_row_stride
+    cdef int64_t dy_row_stride, x_row_stride, o_row_stride, dx_row_stride, r_row_stride = 0
+    cdef const floating *dy_rows
     cdef const floating *x_rows
+    cdef const floating *o_rows
     cdef floating *dx_rows
-    cdef floating *dx_stage = stage + 2 * g.stage_elements
     cdef bint dx_staged = dxw.feature_stride != 1
+    cdef bint r_staged = False
+    cdef bint stream
     if act.residual_gradient != NULL:
         r_tile = (<floating *>act.residual_gradient + rw.feature_offsets[it.fo]
                   + it.fi0 * rw.feature_stride)
+        r_staged = rw.feature_stride != 1
+    stream = g.stream and not dx_staged and not r_staged
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
-        gradient_through(g, &runs, n, dy_tile, dyw, o_tile, act, it.width, stage, dz)
-        x_row_stride = xw.row_stride
-        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
-                            xw.feature_stride, n, it.width, stage + g.stage_elements)
+        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                         stage + g.stage_elements)
+        o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                         activation_slot(g, stage, 0))
         dx_row_stride = dxw.row_stride
         dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
-                              dxw.feature_stride, it.width, dx_stage)
-        input_gradient_rows(dz, it.width, x_rows, x_row_stride, dx_rows, dx_row_stride, n,
-                            it.width, k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0,
-                            k.offset + it.f0, g.stream and not dx_staged)
+                              dxw.feature_stride, it.width, stage + 2 * g.stage_elements)
+        if r_tile != NULL:
+            r_row_stride = rw.row_stride
+            r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
+                                 rw.feature_stride, it.width, activation_slot(g, stage, 1))
+        for r in range(n):
+            act_input_gradient(dy_rows + r * dy_row_stride, o_rows + r * o_row_stride,
+                               x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
+                               NULL if r_rows == NULL else r_rows + r * r_row_stride,
+                               it.width, k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0,
+                               k.offset + it.f0, True, act, stream)
         if dx_staged:
-            unstage_rows(dx_stage, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
+            unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
                          dxw.row_stride, dxw.feature_stride)
-        if r_tile != NULL:   # the residual's gradient is dz itself
-            r_rows = r_tile + row_offset(rw, runs.ro, runs.ri)
-            if rw.feature_stride != 1:
-                unstage_rows(dz, n, it.width, r_rows, rw.row_stride, rw.feature_stride)
-            elif rw.row_stride == it.width:
-                activate(dz, NULL, r_rows, n * it.width, &NO_ACTIVATION, g.stream)
-            else:
-                for r in range(n):
-                    activate(dz + r * it.width, NULL, r_rows + r * rw.row_stride, it.width,
-                             &NO_ACTIVATION,
-                             g.stream and whole_lines(r_rows + r * rw.row_stride, it.width))
+        if r_staged:
+            unstage_rows(r_rows, n, it.width, r_tile + row_offset(rw, runs.ro, runs.ri),
+                         rw.row_stride, rw.feature_stride)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
@@ -1658,53 +1664,47 @@ cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, con
 cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
                                           const floating *x, const Walk *xw, floating *dx,
                                           const Walk *dxw, RiItem it,
-                                          const GradientFactors *k,
-                                          floating *buffer) noexcept nogil:
+                                          const GradientFactors *k) noexcept nogil:
     cdef const Activation *act = k.act
-    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
-    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
-    cdef const floating *o_feature = (<const floating *>act.output
-                                      + feature_offset(act.output_walk, g, it.f))
-    cdef floating *dx_feature = dx + feature_offset(dxw, g, it.f)
-    cdef floating *r_feature = NULL
-    cdef floating *r_run
-    cdef int64_t r_step = 1
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, ACTIVATION_RUN)
-    cdef Py_ssize_t n, i
+    cdef const Walk *ow = act.output_walk
+    cdef const Walk *rw = act.residual_gradient_walk
+    cdef const floating *dy_run = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_run = x + feature_offset(xw, g, it.f)
+    cdef const floating *o_run = <const floating *>act.output + feature_offset(ow, g, it.f)
+    cdef floating *dx_run = dx + feature_offset(dxw, g, it.f)
+    cdef floating *r_run = NULL
+    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = ow.row_stride
+    cdef int64_t dxs = dxw.row_stride, rs = 1
+    cdef double mean = k.mean[it.f], coef_dy = k.coef_dy[it.f], coef_xc = k.coef_xc[it.f]
+    cdef double offset = k.offset[it.f]
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, i, at
+    cdef floating dz
     if act.residual_gradient != NULL:
-        r_feature = (<floating *>act.residual_gradient
-                     + feature_offset(act.residual_gradient_walk, g, it.f))
-        r_step = act.residual_gradient_walk.row_stride
+        r_run = <floating *>act.residual_gradient + feature_offset(rw, g, it.f)
+        rs = rw.row_stride
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        act_gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
-                         o_feature + row_offset(act.output_walk, runs.ro, runs.ri),
-                         act.output_walk.row_stride, buffer, n, act)
-        input_gradient_run(buffer, 1, x_feature + row_offset(xw, runs.ro, runs.ri),
-                           xw.row_stride, dx_feature + row_offset(dxw, runs.ro, runs.ri),
-                           dxw.row_stride, n, k.mean[it.f], k.coef_dy[it.f], k.coef_xc[it.f],
-                           k.offset[it.f], g.stream)
-        if r_feature != NULL:
-            r_run = r_feature + row_offset(act.residual_gradient_walk, runs.ro, runs.ri)
-            if r_step == 1:
-                activate(buffer, NULL, r_run, n, &NO_ACTIVATION, g.stream)
-            else:
-                for i in range(n):
-                    r_run[i * r_step] = buffer[i]
+        if dys == 1 and xs == 1 and os == 1 and dxs == 1 and rs == 1:
+            act_input_gradient(dy_run + row_offset(dyw, runs.ro, runs.ri),
+                               o_run + row_offset(ow, runs.ro, runs.ri),
+                               x_run + row_offset(xw, runs.ro, runs.ri),
+                               dx_run + row_offset(dxw, runs.ro, runs.ri),
+                               NULL if r_run == NULL else r_run + row_offset(rw, runs.ro, runs.ri),
+                               n, &mean, &coef_dy, &coef_xc, &offset, False, act, g.stream)
+        else:
+            for i in range(n):
+                at = runs.ri + i
+                dz = act_gradient(dy_run[row_offset(dyw, runs.ro, at)],
+                                  o_run[row_offset(ow, runs.ro, at)], act)
+                dx_run[row_offset(dxw, runs.ro, at)] = <floating>(
+                    coef_dy * dz + coef_xc * (x_run[row_offset(xw, runs.ro, at)] - mean)
+                    + offset)
+                if r_run != NULL:
+                    r_run[row_offset(rw, runs.ro, at)] = dz
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
-
-
-cdef inline void act_gradient_run(const floating *dy, int64_t dy_step, const floating *y,
-                                  int64_t y_step, floating *dz, Py_ssize_t n,
-                                  const Activation *act) noexcept nogil:
-    cdef Py_ssize_t i
-    if dy_step == 1 and y_step == 1:
-        act_gradient_rows(dy, n, y, n, dz, 1, n, act)
-    else:
-        for i in range(n):
-            dz[i] = act_gradient(dy[i * dy_step], y[i * y_step], act)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1784,7 +1784,7 @@ cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, 
     if residual is not None:
         n.act.residual = cnp.PyArray_DATA(residual)
         n.act.residual_walk = &plan.walks[2]
-    if allocate(&n.buffers, &n.grid, tile_arrays, 2, n.act.fused):
+    if allocate(&n.buffers, &n.grid, tile_arrays, 2, False):
         raise MemoryError("cbn: no memory for the normalization's work buffers")
     n.x_data = cnp.PyArray_DATA(x)
     n.y_data = cnp.PyArray_DATA(y)

@@ -105,24 +105,24 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
     }                                                                                        \
 }
 
-/* sum_dy[j] += sum_r dy[r][j] and sum_dy_xc[j] += sum_r dy[r][j] * (x[r][j] - mean[j]). */
-#define CBN_DEFINE_GRADIENT_SUMS(T, S)                                                       \
-static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x,            \
-                                  int64_t x_row_stride, int64_t n_rows, int64_t width,       \
-                                  const double *mean, double *sum_dy, double *sum_dy_xc) {   \
+/* sum_dy[j] += sum_r dy[r][j] and sum_dy_xc[j] += sum_r dy[r][j] * (x[r][j] - mean[j]).
+ * The body reads dy only through DY(S, r, k) (8 values of row r from feature k on, as
+ * doubles) and DY1(S, r, k) (one), so that _activation.h sums dz = dy * act'(z) formed in
+ * registers with the same loops, hence bitwise alike. */
+#define CBN_GRADIENT_SUMS_BODY(T, S, DY, DY1)                                                \
     int64_t j = 0, r, q;                                                                     \
-    for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                                       \
-        cbn_v8d m[CBN_VECTORS], a[CBN_VECTORS] = {0}, b[CBN_VECTORS] = {0};                                                \
-        for (q = 0; q < CBN_VECTORS; q++) m[q] = cbn_load_f64(mean + j + 8 * q);                       \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                         \
+        cbn_v8d m[CBN_VECTORS], a[CBN_VECTORS] = {0}, b[CBN_VECTORS] = {0};                  \
+        for (q = 0; q < CBN_VECTORS; q++) m[q] = cbn_load_f64(mean + j + 8 * q);             \
         for (r = 0; r < n_rows; r++) {                                                       \
-            const T *dy_row = dy + r * dy_row_stride + j, *x_row = x + r * x_row_stride + j; \
-            for (q = 0; q < CBN_VECTORS; q++) {                                                        \
-                cbn_v8d g = cbn_load_##S(dy_row + 8 * q);                                    \
+            const T *x_row = x + r * x_row_stride + j;                                       \
+            for (q = 0; q < CBN_VECTORS; q++) {                                              \
+                cbn_v8d g = DY(S, r, j + 8 * q);                                             \
                 a[q] += g;                                                                   \
                 b[q] += g * (cbn_load_##S(x_row + 8 * q) - m[q]);                            \
             }                                                                                \
         }                                                                                    \
-        for (q = 0; q < CBN_VECTORS; q++) {                                                            \
+        for (q = 0; q < CBN_VECTORS; q++) {                                                  \
             cbn_add_to(sum_dy + j + 8 * q, a[q]);                                            \
             cbn_add_to(sum_dy_xc + j + 8 * q, b[q]);                                         \
         }                                                                                    \
@@ -130,7 +130,7 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
     for (; j + 8 <= width; j += 8) {                                                         \
         cbn_v8d m = cbn_load_f64(mean + j), a = {0}, b = {0};                                \
         for (r = 0; r < n_rows; r++) {                                                       \
-            cbn_v8d g = cbn_load_##S(dy + r * dy_row_stride + j);                            \
+            cbn_v8d g = DY(S, r, j);                                                         \
             a += g;                                                                          \
             b += g * (cbn_load_##S(x + r * x_row_stride + j) - m);                           \
         }                                                                                    \
@@ -140,17 +140,47 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, g;                                                          \
         for (r = 0; r < n_rows; r++) {                                                       \
-            g = dy[r * dy_row_stride + j];                                                   \
+            g = DY1(S, r, j);                                                                \
             a += g;                                                                          \
             b += g * (x[r * x_row_stride + j] - mean[j]);                                    \
         }                                                                                    \
         sum_dy[j] += a;                                                                      \
         sum_dy_xc[j] += b;                                                                   \
-    }                                                                                        \
+    }
+
+#define CBN_DY(S, r, k) cbn_load_##S(dy + (r) * dy_row_stride + (k))
+#define CBN_DY1(S, r, k) dy[(r) * dy_row_stride + (k)]
+#define CBN_DEFINE_GRADIENT_SUMS(T, S)                                                       \
+static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x,            \
+                                  int64_t x_row_stride, int64_t n_rows, int64_t width,       \
+                                  const double *mean, double *sum_dy, double *sum_dy_xc) {   \
+    CBN_GRADIENT_SUMS_BODY(T, S, CBN_DY, CBN_DY1)                                            \
 }
 
 /* The same two reductions along one contiguous run of a single feature (the RI loop
- * order): four vector accumulators per sum keep the additions independent. */
+ * order): four vector accumulators per sum keep the additions independent. dy is read
+ * through DY(S, i) and DY1(S, i), as in CBN_GRADIENT_SUMS_BODY. */
+#define CBN_GRADIENT_RUN_BODY(T, S, DY, DY1)                                                 \
+    cbn_v8d m = {0}, a[4] = {0}, b[4] = {0};                                                 \
+    int64_t i = 0, q;                                                                        \
+    double ta = 0.0, tb = 0.0, g;                                                            \
+    m += mean;                                                                               \
+    for (; i + 32 <= n; i += 32)                                                             \
+        for (q = 0; q < 4; q++) {                                                            \
+            cbn_v8d v = DY(S, i + 8 * q);                                                    \
+            a[q] += v;                                                                       \
+            b[q] += v * (cbn_load_##S(x + i + 8 * q) - m);                                   \
+        }                                                                                    \
+    for (; i < n; i++) {                                                                     \
+        g = DY1(S, i);                                                                       \
+        ta += g;                                                                             \
+        tb += g * (x[i] - mean);                                                             \
+    }                                                                                        \
+    *sum_dy += cbn_reduce(a) + ta;                                                           \
+    *sum_dy_xc += cbn_reduce(b) + tb;
+
+#define CBN_DY_RUN(S, i) cbn_load_##S(dy + (i))
+#define CBN_DY1_RUN(S, i) dy[i]
 #define CBN_DEFINE_RUN_SUMS(T, S)                                                            \
 static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double *s1,        \
                                      double *s2) {                                           \
@@ -174,23 +204,7 @@ static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double
 }                                                                                            \
 static void cbn_gradient_sums_run_##S(const T *dy, const T *x, int64_t n, double mean,       \
                                       double *sum_dy, double *sum_dy_xc) {                   \
-    cbn_v8d m = {0}, a[4] = {0}, b[4] = {0};                                                 \
-    int64_t i = 0, q;                                                                        \
-    double ta = 0.0, tb = 0.0, g;                                                            \
-    m += mean;                                                                               \
-    for (; i + 32 <= n; i += 32)                                                             \
-        for (q = 0; q < 4; q++) {                                                            \
-            cbn_v8d v = cbn_load_##S(dy + i + 8 * q);                                        \
-            a[q] += v;                                                                       \
-            b[q] += v * (cbn_load_##S(x + i + 8 * q) - m);                                   \
-        }                                                                                    \
-    for (; i < n; i++) {                                                                     \
-        g = dy[i];                                                                           \
-        ta += g;                                                                             \
-        tb += g * (x[i] - mean);                                                             \
-    }                                                                                        \
-    *sum_dy += cbn_reduce(a) + ta;                                                           \
-    *sum_dy_xc += cbn_reduce(b) + tb;                                                        \
+    CBN_GRADIENT_RUN_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN)                                     \
 }
 
 /* Sum of four vectors' lanes in a fixed order. */

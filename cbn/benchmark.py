@@ -272,10 +272,16 @@ def main(argv=None):
     parser.add_argument("--cold", action="store_true",
                         help="arrays >= 4x the last-level cache, in GB/s and %% of STREAM "
                              "(cbn.coldbench)")
+    parser.add_argument("--fused", action="store_true",
+                        help="batch norm fused with relu (and a residual) against batch norm "
+                             "alone and followed by NumPy, 1 thread (cbn.fusedbench)")
     args = parser.parse_args(argv)
     if args.cold:
         from . import coldbench
         return coldbench.main(args)
+    if args.fused:
+        from . import fusedbench
+        return fusedbench.main(args)
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]

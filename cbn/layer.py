@@ -32,6 +32,7 @@ import numpy as np
 
 import cbn
 from . import _checks
+from .activation import as_activation
 
 __all__ = ["BatchNormalization", "LocalStatistics", "SynchronizedStatistics", "unique_name"]
 
@@ -49,17 +50,22 @@ class LocalStatistics:
     """The core functions the layer calls, in one place.
 
     Statistics are those of the local batch. A synchronized variant (statistics reduced
-    across processes) only needs to provide the same three methods.
+    across processes) only needs to provide the same three methods. ``activation`` (a
+    :class:`cbn.activation.Activation` or None) is fused into the calls; the backward takes
+    it with the forward's output ``y``.
     """
 
-    def forward(self, x, gamma, beta, axis, epsilon):
-        return cbn.batch_norm_forward(x, gamma, beta, axis=axis, epsilon=epsilon)
+    def forward(self, x, gamma, beta, axis, epsilon, activation=None):
+        return cbn.batch_norm_forward(x, gamma, beta, axis=axis, epsilon=epsilon,
+                                      activation=activation)
 
-    def inference(self, x, mean, var, gamma, beta, axis, epsilon):
-        return cbn.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, epsilon=epsilon)
+    def inference(self, x, mean, var, gamma, beta, axis, epsilon, activation=None):
+        return cbn.batch_norm_inference(x, mean, var, gamma, beta, axis=axis, epsilon=epsilon,
+                                        activation=activation)
 
-    def backward(self, dy, x, mean, var, gamma, axis, epsilon):
-        return cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis, epsilon=epsilon)
+    def backward(self, dy, x, mean, var, gamma, axis, epsilon, activation=None, y=None):
+        return cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis, epsilon=epsilon,
+                                       activation=activation, y=y)
 
     def sum_gradients(self, gradients):
         """Parameter gradients summed over the batch: here the local batch is the batch."""
@@ -92,19 +98,24 @@ class SynchronizedStatistics(LocalStatistics):
         self._mpi = mpi
         self.comm = comm
 
-    def forward(self, x, gamma, beta, axis, epsilon):
-        return self._mpi.batch_norm_forward(x, gamma, beta, axis=axis, epsilon=epsilon,
-                                            comm=self.comm)
+    def forward(self, x, gamma, beta, axis, epsilon, activation=None):
+        """cbn.mpi has no fused activation: it is applied after, in x's dtype (the same
+        values as the fused call's)."""
+        y, mean, var = self._mpi.batch_norm_forward(x, gamma, beta, axis=axis, epsilon=epsilon,
+                                                    comm=self.comm)
+        return (y if activation is None else activation.apply(y)), mean, var
 
-    def inference(self, x, mean, var, gamma, beta, axis, epsilon):
+    def inference(self, x, mean, var, gamma, beta, axis, epsilon, activation=None):
         """Local: the moving statistics are the same on every rank. A rank may hold an empty
         shard (as in training-mode calls); it gets an empty result."""
         if np.asarray(x).size == 0:
             x = _checks.as_data(x)
             return np.empty(x.shape, dtype=x.dtype)
-        return super().inference(x, mean, var, gamma, beta, axis, epsilon)
+        return super().inference(x, mean, var, gamma, beta, axis, epsilon, activation)
 
-    def backward(self, dy, x, mean, var, gamma, axis, epsilon):
+    def backward(self, dy, x, mean, var, gamma, axis, epsilon, activation=None, y=None):
+        if activation is not None:
+            dy = activation.gradient(dy, y)
         return self._mpi.batch_norm_backward(dy, x, mean, var, gamma, axis=axis,
                                              epsilon=epsilon, comm=self.comm)
 
@@ -240,12 +251,16 @@ class BatchNormalization:
     comm : mpi4py communicator, optional
         With ``synchronized=True``: the processes that share the batch; ``None`` means
         ``MPI.COMM_WORLD``. Not part of :meth:`get_config`.
+    activation : None, "relu", "leaky_relu", "elu" or (name, alpha)
+        A cbn extension (Keras' layer has none): the activation that follows the
+        normalization, fused into the same pass (:mod:`cbn.activation`); ``backward`` then
+        differentiates both, using the output of the last call (do not modify it in place).
     """
 
     def __init__(self, axis=-1, momentum=0.99, epsilon=1e-3, center=True, scale=True,
                  beta_initializer="zeros", gamma_initializer="ones",
                  moving_mean_initializer="zeros", moving_variance_initializer="ones",
-                 trainable=True, name=None, synchronized=False, comm=None):
+                 trainable=True, name=None, synchronized=False, comm=None, activation=None):
         self.axis = _spelled_axis(axis)
         self.momentum = float(momentum)
         if not 0.0 <= self.momentum <= 1.0:
@@ -265,6 +280,7 @@ class BatchNormalization:
         if comm is not None and not self.synchronized:
             raise ValueError("comm is only used with synchronized=True")
         self.comm = comm
+        self.activation = as_activation(activation)
         self.statistics = self._statistics()
         self._unbuild()
 
@@ -334,15 +350,20 @@ class BatchNormalization:
 
         A call that fails leaves the layer as it was, unbuilt if it was.
         """
+        return self._call_then(x, training, self.activation)
+
+    def _call_then(self, x, training, activation):
+        """The call followed by ``activation`` (cbn.nn's Sequential fuses a following
+        Activation layer this way)."""
         built_here = not self.built
         try:
-            return self._normalize(x, training and self.trainable)
+            return self._normalize(x, training and self.trainable, activation)
         except BaseException:
             if built_here:
                 self._unbuild()
             raise
 
-    def _normalize(self, x, training):
+    def _normalize(self, x, training, activation):
         with self._checks("batch_norm_forward", collective=training):
             x = np.asarray(x)
             if not self.built:
@@ -350,15 +371,18 @@ class BatchNormalization:
             self._check_input(x)
         if training:
             y, mean, var = self.statistics.forward(x, self.gamma, self.beta, self.axes,
-                                                   self.epsilon)
+                                                   self.epsilon, activation)
+            output = None if activation is None else y      # what act' is taken from
             m = self.momentum
             self.moving_mean[...] = self.moving_mean * m + mean * (1.0 - m)
             self.moving_variance[...] = self.moving_variance * m + var * (1.0 - m)
-            self._last_call = ("training", x, mean, var)
+            self._last_call = ("training", x, mean, var, activation, output)
         else:
             y = self.statistics.inference(x, self.moving_mean, self.moving_variance,
-                                          self.gamma, self.beta, self.axes, self.epsilon)
-            self._last_call = ("inference", x, None, None)
+                                          self.gamma, self.beta, self.axes, self.epsilon,
+                                          activation)
+            output = None if activation is None else y
+            self._last_call = ("inference", x, None, None, activation, output)
         return y
 
     def backward(self, dy):
@@ -374,7 +398,7 @@ class BatchNormalization:
         with self._checks("batch_norm_backward", collective=self.trainable):
             if self._last_call is None:
                 raise RuntimeError(f"layer {self.name!r}: call the layer before backward")
-            mode, x, mean, var = self._last_call
+            mode, x, mean, var, activation, y = self._last_call
             dy = np.asarray(dy)
             if dy.shape != x.shape:
                 raise ValueError(f"dy has shape {dy.shape} but the last input had shape "
@@ -383,10 +407,12 @@ class BatchNormalization:
                 raise TypeError(f"dy must be a floating array, got dtype {dy.dtype}")
             dy = dy.astype(x.dtype, copy=False)
             if mode == "inference":
+                if activation is not None:
+                    dy = activation.gradient(dy, y)
                 dx, dgamma, dbeta = self._inference_gradients(dy, x)
         if mode == "training":
             dx, dgamma, dbeta = self.statistics.backward(dy, x, mean, var, self.gamma,
-                                                         self.axes, self.epsilon)
+                                                         self.axes, self.epsilon, activation, y)
         elif self.trainable:
             # As after a training-mode call: sums over the whole (all-rank) batch.
             dgamma, dbeta = self.statistics.sum_gradients([dgamma, dbeta])
@@ -471,6 +497,7 @@ class BatchNormalization:
             "moving_mean_initializer": _jsonable(self.moving_mean_initializer),
             "moving_variance_initializer": _jsonable(self.moving_variance_initializer),
             "trainable": self.trainable, "synchronized": self.synchronized,
+            "activation": None if self.activation is None else self.activation.spec,
         }
 
     @classmethod
@@ -539,4 +566,6 @@ class BatchNormalization:
         return (f"BatchNormalization(name={self.name!r}, axis={self.axis!r}, "
                 f"momentum={self.momentum}, epsilon={self.epsilon}, center={self.center}, "
                 f"scale={self.scale}, trainable={self.trainable}, "
-                f"{'synchronized=True, ' if self.synchronized else ''}built={self.built})")
+                f"{'synchronized=True, ' if self.synchronized else ''}"
+                f"{'' if self.activation is None else f'activation={self.activation.spec!r}, '}"
+                f"built={self.built})")

@@ -10,6 +10,8 @@ Each BN (with one feature axis, the last) is folded into a neighbouring Dense la
   right after the input and the chapter's "BN after each hidden layer" model, where a
   nonlinearity stands between the BN and the preceding Dense.
 
+A BN with an activation of its own (``BatchNormalization(activation=...)``) folds only into
+the preceding Dense, which takes over the activation if cbn.nn has it (relu, elu with alpha 1).
 A BN that fits neither pattern is kept (in inference mode it is still correct).
 """
 from .. import fold
@@ -22,6 +24,13 @@ __all__ = ["fold_batch_norm"]
 
 def _is_last_axis_bn(layer, ndim):
     return isinstance(layer, BatchNormalization) and layer.axes == (ndim - 1,)
+
+
+def _activation_after_folding(bn):
+    """The Dense activation that replaces ``bn``'s own, or None if there is none."""
+    if bn.activation is None:
+        return "linear"
+    return bn.activation.spec if bn.activation.spec in ("relu", "elu") else None
 
 
 def _copy(layer):
@@ -47,19 +56,22 @@ def fold_batch_norm(model):
     pending_bn = None    # a BN to fold into the Dense that comes next
     for layer, in_shape in zip(model.layers, shapes):
         bn_here = _is_last_axis_bn(layer, len(in_shape))
+        plain_bn = bn_here and layer.activation is None
         previous = kept[-1] if kept else None
         if bn_here and previous is not None and isinstance(previous[0], Dense) \
-                and previous[0].activation == "linear" and pending_bn is None:
+                and previous[0].activation == "linear" and pending_bn is None \
+                and _activation_after_folding(layer) is not None:
             dense, (kernel, *bias) = previous
             W2, b2 = fold.fold_dense(kernel, bias[0] if bias else None, layer.gamma,
                                      layer.beta, layer.moving_mean, layer.moving_variance,
                                      epsilon=layer.epsilon)
             config = dense.get_config()
             config["use_bias"] = True
+            config["activation"] = _activation_after_folding(layer)
             kept[-1] = (Dense.from_config(config), [W2.astype(dense.dtype),
                                                     b2.astype(dense.dtype)])
             continue
-        if bn_here and pending_bn is None:
+        if plain_bn and pending_bn is None:
             pending_bn = layer
             continue
         if pending_bn is not None:
@@ -78,7 +90,7 @@ def fold_batch_norm(model):
                 continue
             kept.append((_copy(pending_bn), pending_bn.get_weights()))
             pending_bn = None
-            if _is_last_axis_bn(layer, len(in_shape)):
+            if plain_bn:
                 pending_bn = layer
                 continue
         kept.append((_copy(layer), layer.get_weights()))

@@ -4,15 +4,18 @@ Back-propagation walks the layers in reverse calling ``backward``; each layer le
 gradients of its trainable weights in ``layer.gradients``. When the model ends in a softmax
 and the loss is sparse categorical cross-entropy on probabilities, the two are
 differentiated together from the logits (as TensorFlow does), which stays exact when a
-probability underflows.
+probability underflows. A BatchNormalization followed by ``Activation("relu")`` or
+``Activation("elu")`` runs as one fused cbn call (:mod:`cbn.activation`), forward and backward.
 """
 import numbers
 import time
 
 import numpy as np
 
-from ..layer import unique_name
+from ..activation import as_activation
+from ..layer import BatchNormalization, unique_name
 from . import config, losses, optimizers
+from .layers import Activation
 from .progress import EpochProgress, resolve_verbose
 
 __all__ = ["Sequential", "History"]
@@ -52,6 +55,12 @@ def _format_shape(shape):
         ("," if len(shape) == 1 else "") + ")"
 
 
+def _fusable(layer, following):
+    """A BN without an activation of its own, then an Activation cbn can fuse."""
+    return (isinstance(layer, BatchNormalization) and layer.activation is None
+            and type(following) is Activation and following.activation in ("relu", "elu"))
+
+
 class Sequential:
     """A linear stack of layers, built when its input shape is known.
 
@@ -66,6 +75,7 @@ class Sequential:
         self.input_shape = None
         self.optimizer = self.loss = None
         self.metrics = []
+        self._fused = set()
         for layer in layers or []:
             self.add(layer)
 
@@ -157,9 +167,32 @@ class Sequential:
     # --------------------------------------------------------------- forward & backward
     def __call__(self, x, training=False):
         x = self._checked_input(x)
-        for layer in self.layers:
-            x = layer(x, training=training)
+        self._fused = set()      # indices of BNs that ran with the next Activation fused in
+        i = 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            following = self.layers[i + 1] if i + 1 < len(self.layers) else None
+            if _fusable(layer, following):
+                x = layer._call_then(x, training, as_activation(following.activation))
+                following._cache = None          # its backward runs inside the BN's
+                self._fused.add(i)
+                i += 2
+            else:
+                x = layer(x, training=training)
+                i += 1
         return x
+
+    def _backward_layers(self, layers, dy):
+        """Back-propagate through ``layers`` (a prefix of self.layers), fused pairs as one."""
+        i = len(layers) - 1
+        while i >= 0:
+            if i - 1 in self._fused:
+                dy = layers[i - 1].backward(dy)
+                i -= 2
+            else:
+                dy = layers[i].backward(dy)
+                i -= 1
+        return dy
 
     def _checked_input(self, x):
         x = np.asarray(x)
@@ -181,9 +214,7 @@ class Sequential:
 
     def backward(self, dy):
         """Back-propagate dL/d(output) through every layer; returns dL/d(input)."""
-        for layer in reversed(self.layers):
-            dy = layer.backward(dy)
-        return dy
+        return self._backward_layers(self.layers, dy)
 
     def _logits(self):
         last = self.layers[-1]
@@ -200,8 +231,7 @@ class Sequential:
             last = self.layers[-1]
             dy = (last.backward(dz, wrt_preactivation=True) if hasattr(last, "units")
                   else dz)
-            for layer in reversed(self.layers[:-1]):
-                dy = layer.backward(dy)
+            self._backward_layers(self.layers[:-1], dy)
         else:
             loss = self.loss(y, output)
             self.backward(self.loss.gradient(y, output))
