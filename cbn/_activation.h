@@ -102,18 +102,22 @@ static inline CBN_VEC_##S cbn_dz8_##S(CBN_VEC_##S dy, CBN_VEC_##S y, int kind,  
 }                                                                                            \
 /* y = act((T)((x - mean) * scale + shift) + residual) along a contiguous run (residual may  \
  * be NULL; factors per element or one each, as cbn_normalize_stream). */                    \
+static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y, int64_t i, \
+                                             int64_t k, const double *mean,                  \
+                                             const double *scale, const double *shift,       \
+                                             int kind, double alpha) {                       \
+    T t = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                       \
+    y[i] = cbn_act_##S(residual ? (T)(t + residual[i]) : t, kind, alpha);                    \
+}                                                                                            \
 static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n,            \
                                   const double *mean, const double *scale,                   \
                                   const double *shift, int per_element, int kind,            \
                                   double alpha, int stream) {                                \
-    int64_t i = 0, k;                                                                        \
-    T t;                                                                                     \
+    int64_t i = 0;                                                                           \
     CBN_VEC_##S v;                                                                           \
-    for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++) {                                \
-        k = per_element ? i : 0;                                                             \
-        t = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                     \
-        y[i] = cbn_act_##S(residual ? (T)(t + residual[i]) : t, kind, alpha);                \
-    }                                                                                        \
+    for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++)                                  \
+        cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
+                                  kind, alpha);                                              \
     for (; i + 8 <= n; i += 8) {                                                             \
         v = __builtin_convertvector((cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))\
                                     * cbn_parameter(scale, i, per_element)                   \
@@ -121,28 +125,32 @@ static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n
         if (residual) v += cbn_vec_load_##S(residual + i, 1);                                \
         cbn_vec_put_##S(y + i, cbn_act8_##S(v, kind, alpha), stream);                        \
     }                                                                                        \
-    for (; i < n; i++) {                                                                     \
-        k = per_element ? i : 0;                                                             \
-        t = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                     \
-        y[i] = cbn_act_##S(residual ? (T)(t + residual[i]) : t, kind, alpha);                \
-    }                                                                                        \
+    for (; i < n; i++)                                                                       \
+        cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
+                                  kind, alpha);                                              \
 }                                                                                            \
 /* dx = (T)(coef_dy * dz + coef_xc * (x - mean) + offset) and dres = dz (if not NULL), with  \
  * dz = dy * act'(z), along a contiguous run (factors as above). */                          \
+static inline void cbn_act_input_gradient_one_##S(const T *dy, const T *y, const T *x, T *dx,\
+                                                  T *dres, int64_t i, int64_t k,             \
+                                                  const double *mean, const double *coef_dy, \
+                                                  const double *coef_xc,                     \
+                                                  const double *offset, int kind,            \
+                                                  double alpha) {                            \
+    T dz = cbn_act_gradient_##S(dy[i], y[i], kind, alpha);                                   \
+    dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);                \
+    if (dres) dres[i] = dz;                                                                  \
+}                                                                                            \
 static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *dx, T *dres,  \
                                        int64_t n, const double *mean,                        \
                                        const double *coef_dy, const double *coef_xc,         \
                                        const double *offset, int per_element, int kind,      \
                                        double alpha, int stream) {                           \
-    int64_t i = 0, k;                                                                        \
-    T dz;                                                                                    \
+    int64_t i = 0;                                                                           \
     CBN_VEC_##S d;                                                                           \
-    for (; i < n && stream && !CBN_ACT_ALIGNED(dx + i); i++) {                               \
-        k = per_element ? i : 0;                                                             \
-        dz = cbn_act_gradient_##S(dy[i], y[i], kind, alpha);                                 \
-        dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);            \
-        if (dres) dres[i] = dz;                                                              \
-    }                                                                                        \
+    for (; i < n && stream && !CBN_ACT_ALIGNED(dx + i); i++)                                 \
+        cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
+                                       coef_dy, coef_xc, offset, kind, alpha);               \
     for (; i + 8 <= n; i += 8) {                                                             \
         d = cbn_dz8_##S(cbn_vec_load_##S(dy + i, 1), cbn_vec_load_##S(y + i, 1), kind, alpha);\
         cbn_vec_put_##S(dx + i, __builtin_convertvector(                                     \
@@ -152,12 +160,9 @@ static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *d
             + cbn_parameter(offset, i, per_element), CBN_VEC_##S), stream);                  \
         if (dres) cbn_vec_put_##S(dres + i, d, stream);                                      \
     }                                                                                        \
-    for (; i < n; i++) {                                                                     \
-        k = per_element ? i : 0;                                                             \
-        dz = cbn_act_gradient_##S(dy[i], y[i], kind, alpha);                                 \
-        dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);            \
-        if (dres) dres[i] = dz;                                                              \
-    }                                                                                        \
+    for (; i < n; i++)                                                                       \
+        cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
+                                       coef_dy, coef_xc, offset, kind, alpha);               \
 }
 
 CBN_DEFINE_ACTIVATION(float, f32)

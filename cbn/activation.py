@@ -77,6 +77,8 @@ def as_activation(activation):
     """None, or the Activation an ``activation=`` argument names (ValueError/TypeError)."""
     if activation is None or isinstance(activation, Activation):
         return activation
+    if isinstance(activation, str) and activation in _BY_NAME:   # the common call, cheaply
+        return _BY_NAME[activation]
     if isinstance(activation, str):
         name, alpha = activation, None
     elif isinstance(activation, (tuple, list)) and len(activation) == 2:
@@ -95,3 +97,7 @@ def as_activation(activation):
     if not (alpha >= 0 and math.isfinite(alpha)):
         raise ValueError(f"{name}'s alpha must be a finite number >= 0, got {alpha!r}")
     return Activation(name, float(alpha))
+
+
+_BY_NAME = {name: Activation(name, 0.0 if default is None else default)
+            for name, (_, default) in _KINDS.items()}

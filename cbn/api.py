@@ -331,19 +331,24 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
     dy_in, dy = _data(dy, "dy", x.dtype)
     _checks.same_shape(dy_in, x_in)
     epsilon = _checks.as_epsilon(epsilon)
-    act = y = dres = None
-    if through is not None:
+    act = dres = None
+    if through is not None:   # (always with dx)
         act, y_in, residual = through
         y_in = _checks.like_x(y_in, x_in, "y")
         y = _data(y_in, "y", x.dtype)[1]
         dres = _empty_like(dy, dense=True) if residual else None
-    dx = _output(x_in, x, out, dy_in, *(() if y is None else (y_in,))) if with_dx else None
-    strides = (dy.strides, x.strides) + (() if dx is None else (dx.strides,))
-    plan = _plan(x.shape, axes, x.itemsize, *strides)
+        dx = _output(x_in, x, out, dy_in, y_in)
+    elif with_dx:
+        dx = _output(x_in, x, out, dy_in)
+    if with_dx:
+        plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides)
+    else:
+        dx = None
+        plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides)
     if act is not None:
-        fused = _plan(x.shape, axes, x.itemsize, *strides, y.strides,
+        fused = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides, y.strides,
                       *(() if dres is None else (dres.strides,)))
-        plain = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), *strides[1:])
+        plain = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), x.strides, dx.strides)
         if fused.work(1) == plain.work(1):
             plan = fused
         else:
@@ -355,11 +360,15 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
         _parameter(plan, var, "var", features, required=True),
         _parameter(plan, gamma, "gamma", features))
     dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
-    kind, alpha = (0, 0.0) if act is None else (act.kind, act.alpha)
-    kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
-                               dbeta, n, kind, alpha, y, None if act is None else dres,
-                               plain.kernel.layout.operands[0].row_stride == 1
-                               if act is not None else True) if x.size else None
+    if not x.size:
+        kernel = None
+    elif act is None:
+        kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
+                                   dbeta, n)
+    else:
+        kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
+                                   dbeta, n, act.kind, act.alpha, y, dres,
+                                   plain.kernel.layout.operands[0].row_stride == 1)
     return x_in, plan, kernel, dx, dgamma, dbeta, dres
 
 
