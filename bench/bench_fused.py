@@ -17,7 +17,7 @@ def case_calls(residual):
 
 @pytest.mark.parametrize("residual", [False, True], ids=["no residual", "residual"])
 @pytest.mark.parametrize("operation", ["forward", "backward"])
-@pytest.mark.parametrize("variant", ["BN", "fused", "BN + NumPy"])
+@pytest.mark.parametrize("variant", ["BN", "fused", "fused, y", "BN + NumPy"])
 def bench_fused(benchmark, operation, variant, residual):
     benchmark.group = f"fused {operation}|{CASE.name}|{'x'.join(map(str, CASE.shape))}|" \
                       f"float32|{'residual' if residual else 'no residual'}"

@@ -10,6 +10,9 @@
  * for all three, with or without a residual):
  *   relu: y > 0 ? dy : 0;  leaky_relu: y > 0 ? dy : (T)alpha * dy;
  *   elu:  y > 0 ? dy : dy * (y + (T)alpha)   (alpha * exp(z) = y + alpha, as TensorFlow).
+ * The mask: instead of y, the backward of relu and leaky_relu can take one bit per element
+ * (bit b of byte b >> 3, np.packbits' "little" bit order; the kernels address it like any
+ * operand, b being the element's index in x's logical C order), which the forward writes.
  * Everything is formed in registers inside the plain kernels' loops (the same formulas, the
  * same order of sums: _simd.h's bodies), so no extra pass and the same bits. Lanes are
  * selected with bit masks (GCC vector extensions): NaN and -0 come out as the scalar
@@ -56,6 +59,60 @@ static inline void cbn_vec_stream_f32(float *p, cbn_v8f v) { memcpy(p, &v, sizeo
 static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) { memcpy(p, &v, sizeof v); }
 #endif
 
+/* Whether element b's bit is set. */
+static inline int cbn_get_bit(const uint8_t *mask, int64_t b) { return (mask[b >> 3] >> (b & 7)) & 1; }
+
+/* Set element b's bit where set: atomically, since a byte may hold elements of other threads'
+ * work items (the mask starts zeroed). */
+static inline void cbn_set_bit(uint8_t *mask, int64_t b, int set) {
+    if (set) __atomic_fetch_or(mask + (b >> 3), (uint8_t)(1u << (b & 7)), __ATOMIC_RELAXED);
+}
+
+/* Set bits [b, b + n) (n <= 8) from the low bits of `bits`; bytes wholly inside [lo, hi), the
+ * bits of the calling run, belong to it alone and take a plain OR. */
+static inline void cbn_set_bits(uint8_t *mask, int64_t b, uint32_t bits, int n, int64_t lo,
+                                int64_t hi) {
+    while (n > 0) {
+        int64_t byte = b >> 3;
+        int shift = (int)(b & 7), take = 8 - shift < n ? 8 - shift : n;
+        uint8_t part = (uint8_t)((bits & ((1u << take) - 1)) << shift);
+        if (byte * 8 >= lo && byte * 8 + 8 <= hi) mask[byte] |= part;
+        else if (part) __atomic_fetch_or(mask + byte, part, __ATOMIC_RELAXED);
+        bits >>= take;
+        b += take;
+        n -= take;
+    }
+}
+
+/* Bits [b, b + 8) as the low byte. */
+static inline uint32_t cbn_get_bits8(const uint8_t *mask, int64_t b) {
+    int shift = (int)(b & 7);
+    uint32_t v = mask[b >> 3] >> shift;
+    if (shift) v |= (uint32_t)mask[(b >> 3) + 1] << (8 - shift);
+    return v & 0xFF;
+}
+
+/* The lanes' bit weights, and the 8 lane signs as a byte (lane k is bit k). */
+static const cbn_m8f cbn_lane_bits_f32 = {1, 2, 4, 8, 16, 32, 64, 128};
+static const cbn_m8d cbn_lane_bits_f64 = {1, 2, 4, 8, 16, 32, 64, 128};
+#ifdef __AVX__
+static inline uint32_t cbn_signs_f32(cbn_m8f m) { return (uint32_t)_mm256_movemask_ps((__m256)m); }
+static inline uint32_t cbn_signs_f64(cbn_m8d m) {
+    __m256d half[2];
+    memcpy(half, &m, sizeof m);
+    return (uint32_t)(_mm256_movemask_pd(half[0]) | (_mm256_movemask_pd(half[1]) << 4));
+}
+#else
+static inline uint32_t cbn_signs_f32(cbn_m8f m) {
+    cbn_m8f t = m & cbn_lane_bits_f32;
+    return (uint32_t)(t[0] | t[1] | t[2] | t[3] | t[4] | t[5] | t[6] | t[7]);
+}
+static inline uint32_t cbn_signs_f64(cbn_m8d m) {
+    cbn_m8d t = m & cbn_lane_bits_f64;
+    return (uint32_t)(t[0] | t[1] | t[2] | t[3] | t[4] | t[5] | t[6] | t[7]);
+}
+#endif
+
 #define CBN_DEFINE_ACTIVATION(T, S)                                                          \
 static inline T cbn_act_##S(T z, int kind, double alpha) {                                   \
     if (kind == CBN_ACT_RELU) return (z > 0 || z != z) ? z : (T)0;                           \
@@ -63,10 +120,18 @@ static inline T cbn_act_##S(T z, int kind, double alpha) {                      
     if (kind == CBN_ACT_ELU) return z > 0 ? z : (T)(alpha * expm1((double)z));               \
     return z;                                                                                \
 }                                                                                            \
-static inline T cbn_act_gradient_##S(T dy, T y, int kind, double alpha) {                    \
-    if (kind == CBN_ACT_RELU) return y > 0 ? dy : (T)0;                                      \
-    if (kind == CBN_ACT_LEAKY_RELU) return y > 0 ? dy : (T)alpha * dy;                       \
-    return y > 0 ? dy : dy * (y + (T)alpha);                                                 \
+static inline T cbn_act_gradient_##S(T dy, T y, int keep, int kind, double alpha) {         \
+    if (kind == CBN_ACT_RELU) return keep ? dy : (T)0;                                       \
+    if (kind == CBN_ACT_LEAKY_RELU) return keep ? dy : (T)alpha * dy;                        \
+    return keep ? dy : dy * (y + (T)alpha);                                                  \
+}                                                                                            \
+/* act' at element i of a run: from y (y[i * y_step] > 0), or from the mask (bit b + i *     \
+ * bit_step) when there is one. */                                                           \
+static inline T cbn_dz1_##S(T dy, const T *y, int64_t y_step, const uint8_t *mask, int64_t b,\
+                            int64_t bit_step, int64_t i, int kind, double alpha) {           \
+    if (mask) return cbn_act_gradient_##S(dy, 0, cbn_get_bit(mask, b + i * bit_step), kind,  \
+                                          alpha);                                            \
+    return cbn_act_gradient_##S(dy, y[i * y_step], y[i * y_step] > 0, kind, alpha);          \
 }                                                                                            \
 static inline CBN_VEC_##S cbn_vec_load_##S(const T *p, int64_t step) {                       \
     CBN_VEC_##S v;                                                                           \
@@ -92,52 +157,84 @@ static inline CBN_VEC_##S cbn_act8_##S(CBN_VEC_##S z, int kind, double alpha) { 
         for (k = 0; k < 8; k++) z[k] = cbn_act_##S(z[k], kind, alpha);                       \
     return z;                                                                                \
 }                                                                                            \
-static inline CBN_VEC_##S cbn_dz8_##S(CBN_VEC_##S dy, CBN_VEC_##S y, int kind,               \
-                                      double alpha) {                                        \
-    CBN_VEC_##S zero = {0}, other;                                                           \
-    CBN_MASK_##S keep = y > zero;                                                            \
-    if (kind == CBN_ACT_RELU) return (CBN_VEC_##S)((CBN_MASK_##S)dy & keep);                 \
-    other = kind == CBN_ACT_LEAKY_RELU ? dy * (T)alpha : dy * (y + (T)alpha);                \
-    return (CBN_VEC_##S)(((CBN_MASK_##S)dy & keep) | ((CBN_MASK_##S)other & ~keep));         \
+/* dz of 8 elements from i on (dy y_step or 1 apart as for cbn_dz1). */                     \
+static inline CBN_VEC_##S cbn_dz8_##S(const T *dy, int64_t dy_step, const T *y,             \
+                                      int64_t y_step, const uint8_t *mask, int64_t b,        \
+                                      int64_t bit_step, int64_t i, int kind, double alpha) { \
+    CBN_VEC_##S zero = {0}, other, d = cbn_vec_load_##S(dy + i * dy_step, dy_step), v = zero;\
+    CBN_MASK_##S keep;                                                                       \
+    int k;                                                                                   \
+    if (mask && bit_step == 1) {                                                             \
+        keep = ((CBN_MASK_##S){0} + (int32_t)cbn_get_bits8(mask, b + i)) & cbn_lane_bits_##S;\
+        keep = keep != (CBN_MASK_##S){0};                                                    \
+    } else if (mask) {                                                                       \
+        for (k = 0; k < 8; k++) keep[k] = -cbn_get_bit(mask, b + (i + k) * bit_step);        \
+    } else {                                                                                 \
+        v = cbn_vec_load_##S(y + i * y_step, y_step);                                        \
+        keep = v > zero;                                                                     \
+    }                                                                                        \
+    if (kind == CBN_ACT_RELU) return (CBN_VEC_##S)((CBN_MASK_##S)d & keep);                  \
+    other = kind == CBN_ACT_LEAKY_RELU ? d * (T)alpha : d * (v + (T)alpha);                  \
+    return (CBN_VEC_##S)(((CBN_MASK_##S)d & keep) | ((CBN_MASK_##S)other & ~keep));          \
 }                                                                                            \
 /* y = act((T)((x - mean) * scale + shift) + residual) along a contiguous run (residual may  \
  * be NULL; factors per element or one each, as cbn_normalize_stream). */                    \
 static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y, int64_t i, \
                                              int64_t k, const double *mean,                  \
                                              const double *scale, const double *shift,       \
-                                             int kind, double alpha) {                       \
+                                             int kind, double alpha, uint8_t *mask,          \
+                                             int64_t b, int64_t bit_step) {                  \
     T t = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                       \
     y[i] = cbn_act_##S(residual ? (T)(t + residual[i]) : t, kind, alpha);                    \
+    if (mask) cbn_set_bit(mask, b + i * bit_step, y[i] > 0);                                 \
 }                                                                                            \
+/* ... and with a mask, bit b + i * bit_step = (y[i] > 0), i.e. z > 0. */                    \
 static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n,            \
                                   const double *mean, const double *scale,                   \
                                   const double *shift, int per_element, int kind,            \
-                                  double alpha, int stream) {                                \
+                                  double alpha, int stream, uint8_t *mask, int64_t b,        \
+                                  int64_t bit_step) {                                        \
     int64_t i = 0;                                                                           \
-    CBN_VEC_##S v;                                                                           \
+    uint32_t bits;                                                                           \
+    int k;                                                                                   \
+    CBN_VEC_##S v, zero = {0};                                                               \
+    CBN_MASK_##S positive;                                                                   \
     for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++)                                  \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
-                                  kind, alpha);                                              \
+                                  kind, alpha, mask, b, bit_step);                           \
     for (; i + 8 <= n; i += 8) {                                                             \
         v = __builtin_convertvector((cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))\
                                     * cbn_parameter(scale, i, per_element)                   \
                                     + cbn_parameter(shift, i, per_element), CBN_VEC_##S);    \
         if (residual) v += cbn_vec_load_##S(residual + i, 1);                                \
-        cbn_vec_put_##S(y + i, cbn_act8_##S(v, kind, alpha), stream);                        \
+        v = cbn_act8_##S(v, kind, alpha);                                                    \
+        cbn_vec_put_##S(y + i, v, stream);                                                   \
+        if (mask) {                                                                          \
+            positive = v > zero;                                                             \
+            if (bit_step == 1) {                                                             \
+                bits = cbn_signs_##S(positive);                                              \
+                cbn_set_bits(mask, b + i, bits, 8, b, b + n);                                \
+            } else {                                                                         \
+                for (k = 0; k < 8; k++)                                                      \
+                    cbn_set_bit(mask, b + (i + k) * bit_step, positive[k] & 1);              \
+            }                                                                                \
+        }                                                                                    \
     }                                                                                        \
     for (; i < n; i++)                                                                       \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
-                                  kind, alpha);                                              \
+                                  kind, alpha, mask, b, bit_step);                           \
 }                                                                                            \
 /* dx = (T)(coef_dy * dz + coef_xc * (x - mean) + offset) and dres = dz (if not NULL), with  \
- * dz = dy * act'(z), along a contiguous run (factors as above). */                          \
+ * dz = dy * act'(z) (from y, or from the mask if not NULL), along a contiguous run (factors  \
+ * as above). */                                                                             \
 static inline void cbn_act_input_gradient_one_##S(const T *dy, const T *y, const T *x, T *dx,\
                                                   T *dres, int64_t i, int64_t k,             \
                                                   const double *mean, const double *coef_dy, \
                                                   const double *coef_xc,                     \
                                                   const double *offset, int kind,            \
-                                                  double alpha) {                            \
-    T dz = cbn_act_gradient_##S(dy[i], y[i], kind, alpha);                                   \
+                                                  double alpha, const uint8_t *mask,         \
+                                                  int64_t b, int64_t bit_step) {             \
+    T dz = cbn_dz1_##S(dy[i], y, 1, mask, b, bit_step, i, kind, alpha);                      \
     dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);                \
     if (dres) dres[i] = dz;                                                                  \
 }                                                                                            \
@@ -145,14 +242,16 @@ static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *d
                                        int64_t n, const double *mean,                        \
                                        const double *coef_dy, const double *coef_xc,         \
                                        const double *offset, int per_element, int kind,      \
-                                       double alpha, int stream) {                           \
+                                       double alpha, int stream, const uint8_t *mask,        \
+                                       int64_t b, int64_t bit_step) {                        \
     int64_t i = 0;                                                                           \
     CBN_VEC_##S d;                                                                           \
     for (; i < n && stream && !CBN_ACT_ALIGNED(dx + i); i++)                                 \
         cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
-                                       coef_dy, coef_xc, offset, kind, alpha);               \
+                                       coef_dy, coef_xc, offset, kind, alpha, mask, b,       \
+                                       bit_step);                                            \
     for (; i + 8 <= n; i += 8) {                                                             \
-        d = cbn_dz8_##S(cbn_vec_load_##S(dy + i, 1), cbn_vec_load_##S(y + i, 1), kind, alpha);\
+        d = cbn_dz8_##S(dy, 1, y, 1, mask, b, bit_step, i, kind, alpha);                     \
         cbn_vec_put_##S(dx + i, __builtin_convertvector(                                     \
             cbn_parameter(coef_dy, i, per_element) * __builtin_convertvector(d, cbn_v8d)     \
             + cbn_parameter(coef_xc, i, per_element)                                         \
@@ -162,36 +261,42 @@ static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *d
     }                                                                                        \
     for (; i < n; i++)                                                                       \
         cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
-                                       coef_dy, coef_xc, offset, kind, alpha);               \
+                                       coef_dy, coef_xc, offset, kind, alpha, mask, b,       \
+                                       bit_step);                                            \
 }
 
 CBN_DEFINE_ACTIVATION(float, f32)
 CBN_DEFINE_ACTIVATION(double, f64)
 
 /* The sums of batch norm's backward with dz in place of dy: _simd.h's loop bodies, dy and
- * y read through these. Rows (FI): dy, y row strides; runs (RI): dy, y steps. */
+ * y (or the mask) read through these. Rows (FI): row strides, and the mask's bit step
+ * between features; runs (RI): steps. (y + r * stride is only formed without a mask.) */
+#define CBN_ROW_Y(r) (mask ? y : y + (r) * y_row_stride)
 #define CBN_DZ(S, r, k) __builtin_convertvector(                                             \
-    cbn_dz8_##S(cbn_vec_load_##S(dy + (r) * dy_row_stride + (k), 1),                         \
-                cbn_vec_load_##S(y + (r) * y_row_stride + (k), 1), kind, alpha), cbn_v8d)
-#define CBN_DZ1(S, r, k) \
-    cbn_act_gradient_##S(dy[(r) * dy_row_stride + (k)], y[(r) * y_row_stride + (k)], kind, alpha)
+    cbn_dz8_##S(dy + (r) * dy_row_stride, 1, CBN_ROW_Y(r), 1, mask,                          \
+                bit0 + (r) * mask_row_stride, bit_step, (k), kind, alpha), cbn_v8d)
+#define CBN_DZ1(S, r, k) cbn_dz1_##S(dy[(r) * dy_row_stride + (k)], CBN_ROW_Y(r), 1, mask,      \
+                                     bit0 + (r) * mask_row_stride, bit_step, (k), kind, alpha)
 #define CBN_DZ_RUN(S, i) __builtin_convertvector(                                            \
-    cbn_dz8_##S(cbn_vec_load_##S(dy + (i) * dy_step, dy_step),                               \
-                cbn_vec_load_##S(y + (i) * y_step, y_step), kind, alpha), cbn_v8d)
-#define CBN_DZ1_RUN(S, i) cbn_act_gradient_##S(dy[(i) * dy_step], y[(i) * y_step], kind, alpha)
+    cbn_dz8_##S(dy, dy_step, y, y_step, mask, bit0, bit_step, (i), kind, alpha), cbn_v8d)
+#define CBN_DZ1_RUN(S, i) cbn_dz1_##S(dy[(i) * dy_step], y, y_step, mask, bit0, bit_step, (i),    \
+                                      kind, alpha)
 
 #define CBN_DEFINE_ACTIVATION_SUMS(T, S)                                                     \
 static void cbn_act_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *y,        \
                                       int64_t y_row_stride, const T *x, int64_t x_row_stride,\
                                       int64_t n_rows, int64_t width, const double *mean,     \
                                       int kind, double alpha, double *sum_dy,                \
-                                      double *sum_dy_xc) {                                   \
+                                      double *sum_dy_xc, const uint8_t *mask, int64_t bit0,  \
+                                      int64_t mask_row_stride, int64_t bit_step) {           \
     CBN_GRADIENT_SUMS_BODY(T, S, CBN_DZ, CBN_DZ1)                                            \
 }                                                                                            \
 static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T *y,          \
                                           int64_t y_step, const T *x, int64_t n,             \
                                           double mean, int kind, double alpha,               \
-                                          double *sum_dy, double *sum_dy_xc) {               \
+                                          double *sum_dy, double *sum_dy_xc,                 \
+                                          const uint8_t *mask, int64_t bit0,                  \
+                                          int64_t bit_step) {                                \
     CBN_GRADIENT_RUN_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                     \
 }
 

@@ -197,3 +197,14 @@ def like_x(value, x, name):
         raise ValueError(f"{name} must have x's shape {x.shape} and dtype {x.dtype}, got "
                          f"{value.shape} {value.dtype}")
     return value
+
+
+def mask_of(mask, x):
+    """A mask of z > 0 for an x of this shape: uint8, one bit per element."""
+    refuse_masked(mask, "mask")
+    mask = np.asarray(mask)
+    n_bytes = (math.prod(x.shape) + 7) // 8
+    if mask.dtype != np.uint8 or mask.shape != (n_bytes,):
+        raise ValueError(f"mask must be a uint8 array of shape ({n_bytes},) (one bit per "
+                         f"element of x), got {mask.shape} {mask.dtype}")
+    return mask

@@ -115,44 +115,55 @@ cdef extern from "_activation.h":
         CBN_ACT_ELU
     float cbn_act_f32(float z, int kind, double alpha) noexcept nogil
     double cbn_act_f64(double z, int kind, double alpha) noexcept nogil
-    float cbn_act_gradient_f32(float dy, float y, int kind, double alpha) noexcept nogil
-    double cbn_act_gradient_f64(double dy, double y, int kind, double alpha) noexcept nogil
+    float cbn_dz1_f32(float dy, const float *y, int64_t y_step, const unsigned char *mask,
+                      int64_t b, int64_t bit_step, int64_t i, int kind,
+                      double alpha) noexcept nogil
+    double cbn_dz1_f64(double dy, const double *y, int64_t y_step, const unsigned char *mask,
+                       int64_t b, int64_t bit_step, int64_t i, int kind,
+                       double alpha) noexcept nogil
+    void cbn_set_bit(unsigned char *mask, int64_t b, int value) noexcept nogil
     void cbn_normalize_act_f32(const float *x, const float *residual, float *y, int64_t n,
                                const double *mean, const double *scale, const double *shift,
-                               int per_element, int kind, double alpha,
-                               int stream) noexcept nogil
+                               int per_element, int kind, double alpha, int stream,
+                               unsigned char *mask, int64_t b, int64_t bit_step) noexcept nogil
     void cbn_normalize_act_f64(const double *x, const double *residual, double *y, int64_t n,
                                const double *mean, const double *scale, const double *shift,
-                               int per_element, int kind, double alpha,
-                               int stream) noexcept nogil
+                               int per_element, int kind, double alpha, int stream,
+                               unsigned char *mask, int64_t b, int64_t bit_step) noexcept nogil
     void cbn_act_input_gradient_f32(const float *dy, const float *y, const float *x, float *dx,
                                     float *dres, int64_t n, const double *mean,
                                     const double *coef_dy, const double *coef_xc,
                                     const double *offset, int per_element, int kind,
-                                    double alpha, int stream) noexcept nogil
+                                    double alpha, int stream, const unsigned char *mask,
+                                    int64_t b, int64_t bit_step) noexcept nogil
     void cbn_act_input_gradient_f64(const double *dy, const double *y, const double *x,
                                     double *dx, double *dres, int64_t n, const double *mean,
                                     const double *coef_dy, const double *coef_xc,
                                     const double *offset, int per_element, int kind,
-                                    double alpha, int stream) noexcept nogil
+                                    double alpha, int stream, const unsigned char *mask,
+                                    int64_t b, int64_t bit_step) noexcept nogil
     void cbn_act_gradient_sums_f32(const float *dy, int64_t dy_row_stride, const float *y,
                                    int64_t y_row_stride, const float *x, int64_t x_row_stride,
                                    int64_t n_rows, int64_t width, const double *mean, int kind,
-                                   double alpha, double *sum_dy,
-                                   double *sum_dy_xc) noexcept nogil
+                                   double alpha, double *sum_dy, double *sum_dy_xc,
+                                   const unsigned char *mask, int64_t b,
+                                   int64_t mask_row_stride, int64_t bit_step) noexcept nogil
     void cbn_act_gradient_sums_f64(const double *dy, int64_t dy_row_stride, const double *y,
                                    int64_t y_row_stride, const double *x, int64_t x_row_stride,
                                    int64_t n_rows, int64_t width, const double *mean, int kind,
-                                   double alpha, double *sum_dy,
-                                   double *sum_dy_xc) noexcept nogil
+                                   double alpha, double *sum_dy, double *sum_dy_xc,
+                                   const unsigned char *mask, int64_t b,
+                                   int64_t mask_row_stride, int64_t bit_step) noexcept nogil
     void cbn_act_gradient_sums_run_f32(const float *dy, int64_t dy_step, const float *y,
                                        int64_t y_step, const float *x, int64_t n, double mean,
                                        int kind, double alpha, double *sum_dy,
-                                       double *sum_dy_xc) noexcept nogil
+                                       double *sum_dy_xc, const unsigned char *mask, int64_t b,
+                                       int64_t bit_step) noexcept nogil
     void cbn_act_gradient_sums_run_f64(const double *dy, int64_t dy_step, const double *y,
                                        int64_t y_step, const double *x, int64_t n,
                                        double mean, int kind, double alpha, double *sum_dy,
-                                       double *sum_dy_xc) noexcept nogil
+                                       double *sum_dy_xc, const unsigned char *mask, int64_t b,
+                                       int64_t bit_step) noexcept nogil
 
 cdef extern from "_platform.h":
     int cbn_openmp_enabled() noexcept nogil
@@ -259,6 +270,10 @@ cdef struct Activation:
     const Walk *output_walk
     void *residual_gradient         # backward: receives dz, or NULL
     const Walk *residual_gradient_walk
+    # One bit per element (z > 0), addressed in bits by its walk: written by the forward
+    # (zeroed before), read by the backward instead of y (output NULL then); or NULL.
+    unsigned char *mask
+    const Walk *mask_walk
     bint unit_dz_step   # backward: the composed call's dz steps by 1 along reduced runs
 
 
@@ -1395,37 +1410,49 @@ cdef inline floating act_scalar(floating z, const Activation *act) noexcept nogi
         return cbn_act_f64(z, act.kind, act.alpha)
 
 
-cdef inline floating act_gradient(floating dy, floating y, const Activation *act) noexcept nogil:
+cdef inline floating dz_at(floating dy, const floating *y, int64_t y_step, int64_t b,
+                          int64_t bit_step, Py_ssize_t i, const Activation *act) noexcept nogil:
+    """dz of element i of a run: act' from y[i * y_step], or from bit b + i * bit_step."""
     if floating is float:
-        return cbn_act_gradient_f32(dy, y, act.kind, act.alpha)
+        return cbn_dz1_f32(dy, y, y_step, act.mask, b, bit_step, i, act.kind, act.alpha)
     else:
-        return cbn_act_gradient_f64(dy, y, act.kind, act.alpha)
+        return cbn_dz1_f64(dy, y, y_step, act.mask, b, bit_step, i, act.kind, act.alpha)
+
+
+cdef inline int64_t mask_bit(const Activation *act, const Grid *g, Py_ssize_t f, Py_ssize_t ro,
+                             Py_ssize_t ri) noexcept nogil:
+    """The mask bit of feature f's element (ro, ri); 0 without a mask."""
+    if act.mask == NULL:
+        return 0
+    return feature_offset(act.mask_walk, g, f) + row_offset(act.mask_walk, ro, ri)
 
 
 cdef inline void normalize_act(const floating *x, const floating *residual, floating *y,
                                Py_ssize_t n, const double *mean, const double *scale,
                                const double *shift, bint per_element, const Activation *act,
-                               bint stream) noexcept nogil:
+                               bint stream, int64_t b, int64_t bit_step) noexcept nogil:
     if floating is float:
         cbn_normalize_act_f32(x, residual, y, n, mean, scale, shift, per_element, act.kind,
-                              act.alpha, stream)
+                              act.alpha, stream, act.mask, b, bit_step)
     else:
         cbn_normalize_act_f64(x, residual, y, n, mean, scale, shift, per_element, act.kind,
-                              act.alpha, stream)
+                              act.alpha, stream, act.mask, b, bit_step)
 
 
 cdef inline void act_input_gradient(const floating *dy, const floating *y, const floating *x,
                                     floating *dx, floating *dres, Py_ssize_t n,
                                     const double *mean, const double *coef_dy,
                                     const double *coef_xc, const double *offset,
-                                    bint per_element, const Activation *act,
-                                    bint stream) noexcept nogil:
+                                    bint per_element, const Activation *act, bint stream,
+                                    int64_t b, int64_t bit_step) noexcept nogil:
     if floating is float:
         cbn_act_input_gradient_f32(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc, offset,
-                                   per_element, act.kind, act.alpha, stream)
+                                   per_element, act.kind, act.alpha, stream, act.mask, b,
+                                   bit_step)
     else:
         cbn_act_input_gradient_f64(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc, offset,
-                                   per_element, act.kind, act.alpha, stream)
+                                   per_element, act.kind, act.alpha, stream, act.mask, b,
+                                   bit_step)
 
 
 cdef inline const floating *tile_of(const floating *base, const Walk *w,
@@ -1460,6 +1487,9 @@ cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Wal
     cdef floating *y_rows
     cdef bint y_staged = yw.feature_stride != 1
     cdef bint stream = g.stream and not y_staged
+    cdef int64_t b, bit_row_stride = 0, bit_step = 0
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
     if act.residual != NULL:
         r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
     while runs.r < runs.end:
@@ -1471,11 +1501,12 @@ cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Wal
         y_row_stride = yw.row_stride
         y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
                              yw.feature_stride, it.width, stage + g.stage_elements)
+        b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
         for r in range(n):
             normalize_act(x_rows + r * x_row_stride,
                           NULL if r_rows == NULL else r_rows + r * r_row_stride,
                           y_rows + r * y_row_stride, it.width, mean + it.f0, scale + it.f0,
-                          shift + it.f0, True, act, stream)
+                          shift + it.f0, True, act, stream, b + r * bit_row_stride, bit_step)
         if y_staged:
             unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
                          yw.row_stride, yw.feature_stride)
@@ -1496,7 +1527,8 @@ cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Wal
     cdef floating *y_run
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, i
-    cdef int64_t xs = xw.row_stride, ys = yw.row_stride, rs = 1
+    cdef int64_t xs = xw.row_stride, ys = yw.row_stride, rs = 1, b
+    cdef int64_t bit_step = 0 if act.mask == NULL else act.mask_walk.row_stride
     cdef floating z
     if act.residual != NULL:
         r_feature = <const floating *>act.residual + feature_offset(act.residual_walk, g, it.f)
@@ -1507,14 +1539,19 @@ cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Wal
         y_run = y_feature + row_offset(yw, runs.ro, runs.ri)
         if r_feature != NULL:
             r_run = r_feature + row_offset(act.residual_walk, runs.ro, runs.ri)
+        b = mask_bit(act, g, it.f, runs.ro, runs.ri)
         if xs == 1 and ys == 1 and rs == 1:
-            normalize_act(x_run, r_run, y_run, n, &mean, &scale, &shift, False, act, g.stream)
+            normalize_act(x_run, r_run, y_run, n, &mean, &scale, &shift, False, act, g.stream,
+                          b, bit_step)
         else:
             for i in range(n):
                 z = <floating>((x_run[i * xs] - mean) * scale + shift)
                 if r_run != NULL:
                     z = <floating>(z + r_run[i * rs])
-                y_run[i * ys] = act_scalar(z, act)
+                z = act_scalar(z, act)
+                y_run[i * ys] = z
+                if act.mask != NULL:
+                    cbn_set_bit(act.mask, b + i * bit_step, z > 0)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
@@ -1531,13 +1568,17 @@ cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, cons
     cdef floating *stage = <floating *>(scratch + 2 * g.tile_width)
     cdef const floating *dy_tile = tile_of(dy, dyw, &it)
     cdef const floating *x_tile = tile_of(x, xw, &it)
-    cdef const floating *o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    cdef const floating *o_tile = NULL
     cdef const floating *dy_rows
     cdef const floating *x_rows
-    cdef const floating *o_rows
-    cdef int64_t dy_row_stride, x_row_stride, o_row_stride
+    cdef const floating *o_rows = NULL
+    cdef int64_t dy_row_stride, x_row_stride, o_row_stride = 0, bit_row_stride = 0, bit_step = 0
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t j, n
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+    else:
+        o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
     for j in range(it.width):
         acc_dy[j] = 0.0
         acc_dy_xc[j] = 0.0
@@ -1546,16 +1587,21 @@ cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, cons
         dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
         x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
                          stage + g.stage_elements)
-        o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
-                         stage + 2 * g.stage_elements)
+        if o_tile != NULL:
+            o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                             stage + 2 * g.stage_elements)
         if floating is float:
             cbn_act_gradient_sums_f32(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
                                       x_row_stride, n, it.width, mean + it.f0, act.kind,
-                                      act.alpha, acc_dy, acc_dy_xc)
+                                      act.alpha, acc_dy, acc_dy_xc, act.mask,
+                                      mask_bit(act, g, it.f0, runs.ro, runs.ri),
+                                      bit_row_stride, bit_step)
         else:
             cbn_act_gradient_sums_f64(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
                                       x_row_stride, n, it.width, mean + it.f0, act.kind,
-                                      act.alpha, acc_dy, acc_dy_xc)
+                                      act.alpha, acc_dy, acc_dy_xc, act.mask,
+                                      mask_bit(act, g, it.f0, runs.ro, runs.ri),
+                                      bit_row_stride, bit_step)
         advance(g, &runs, n)
     for j in range(it.width):
         chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
@@ -1570,32 +1616,39 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
     loop as the composed call's on its dz (gradient_run: the SIMD one for unit steps)."""
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
-    cdef const floating *o_feature = (<const floating *>act.output
-                                      + feature_offset(act.output_walk, g, it.f))
+    cdef const floating *o_run = NULL
     cdef const floating *dy_run
     cdef const floating *x_run
-    cdef const floating *o_run
-    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = act.output_walk.row_stride
+    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = 0, b, bit_step = 0
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n, i
     cdef double dz
+    if act.mask != NULL:
+        bit_step = act.mask_walk.row_stride
+    else:
+        os = act.output_walk.row_stride
     sum_dy[0] = 0.0
     sum_dy_xc[0] = 0.0
     while runs.r < runs.end:
         n = run_length(g, &runs)
         dy_run = dy_feature + row_offset(dyw, runs.ro, runs.ri)
         x_run = x_feature + row_offset(xw, runs.ro, runs.ri)
-        o_run = o_feature + row_offset(act.output_walk, runs.ro, runs.ri)
+        if act.mask == NULL:
+            o_run = (<const floating *>act.output + feature_offset(act.output_walk, g, it.f)
+                     + row_offset(act.output_walk, runs.ro, runs.ri))
+        b = mask_bit(act, g, it.f, runs.ro, runs.ri)
         if act.unit_dz_step and xs == 1:
             if floating is float:
                 cbn_act_gradient_sums_run_f32(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
-                                              act.alpha, sum_dy, sum_dy_xc)
+                                              act.alpha, sum_dy, sum_dy_xc, act.mask, b,
+                                              bit_step)
             else:
                 cbn_act_gradient_sums_run_f64(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
-                                              act.alpha, sum_dy, sum_dy_xc)
+                                              act.alpha, sum_dy, sum_dy_xc, act.mask, b,
+                                              bit_step)
         else:
             for i in range(n):
-                dz = act_gradient(dy_run[i * dys], o_run[i * os], act)
+                dz = dz_at(dy_run[i * dys], o_run, os, b, bit_step, i, act)
                 sum_dy[0] += dz
                 sum_dy_xc[0] += dz * (x_run[i * xs] - mean)
         advance(g, &runs, n)
@@ -1610,7 +1663,7 @@ cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, con
     cdef FiItem it = fi_item(g, item)
     cdef const floating *dy_tile = tile_of(dy, dyw, &it)
     cdef const floating *x_tile = tile_of(x, xw, &it)
-    cdef const floating *o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    cdef const floating *o_tile = NULL
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
     cdef const Walk *rw = act.residual_gradient_walk
     cdef floating *r_tile = NULL
@@ -1620,8 +1673,9 @@ cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, con
     cdef int64_t dy_row_stride, x_row_stride, o_row_stride, dx_row_stride, r_row_stride = 0
     cdef const floating *dy_rows
     cdef const floating *x_rows
-    cdef const floating *o_rows
+    cdef const floating *o_rows = NULL
     cdef floating *dx_rows
+    cdef int64_t b, bit_row_stride = 0, bit_step = 0
     cdef bint dx_staged = dxw.feature_stride != 1
     cdef bint r_staged = False
     cdef bint stream
@@ -1630,13 +1684,19 @@ cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, con
                   + it.fi0 * rw.feature_stride)
         r_staged = rw.feature_stride != 1
     stream = g.stream and not dx_staged and not r_staged
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+    else:
+        o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+        o_row_stride = 0
     while runs.r < runs.end:
         n = run_length(g, &runs)
         dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
         x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
                          stage + g.stage_elements)
-        o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
-                         activation_slot(g, stage, 0))
+        if o_tile != NULL:
+            o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                             activation_slot(g, stage, 0))
         dx_row_stride = dxw.row_stride
         dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
                               dxw.feature_stride, it.width, stage + 2 * g.stage_elements)
@@ -1644,12 +1704,15 @@ cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, con
             r_row_stride = rw.row_stride
             r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
                                  rw.feature_stride, it.width, activation_slot(g, stage, 1))
+        b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
         for r in range(n):
-            act_input_gradient(dy_rows + r * dy_row_stride, o_rows + r * o_row_stride,
+            act_input_gradient(dy_rows + r * dy_row_stride,
+                               NULL if o_rows == NULL else o_rows + r * o_row_stride,
                                x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
                                NULL if r_rows == NULL else r_rows + r * r_row_stride,
                                it.width, k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0,
-                               k.offset + it.f0, True, act, stream)
+                               k.offset + it.f0, True, act, stream, b + r * bit_row_stride,
+                               bit_step)
         if dx_staged:
             unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
                          dxw.row_stride, dxw.feature_stride)
@@ -1670,11 +1733,11 @@ cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, con
     cdef const Walk *rw = act.residual_gradient_walk
     cdef const floating *dy_run = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_run = x + feature_offset(xw, g, it.f)
-    cdef const floating *o_run = <const floating *>act.output + feature_offset(ow, g, it.f)
+    cdef const floating *o_run = NULL
     cdef floating *dx_run = dx + feature_offset(dxw, g, it.f)
     cdef floating *r_run = NULL
-    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = ow.row_stride
-    cdef int64_t dxs = dxw.row_stride, rs = 1
+    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = 1
+    cdef int64_t dxs = dxw.row_stride, rs = 1, b, bit_step = 0
     cdef double mean = k.mean[it.f], coef_dy = k.coef_dy[it.f], coef_xc = k.coef_xc[it.f]
     cdef double offset = k.offset[it.f]
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
@@ -1683,20 +1746,28 @@ cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, con
     if act.residual_gradient != NULL:
         r_run = <floating *>act.residual_gradient + feature_offset(rw, g, it.f)
         rs = rw.row_stride
+    if act.mask != NULL:
+        bit_step = act.mask_walk.row_stride
+    else:
+        o_run = <const floating *>act.output + feature_offset(ow, g, it.f)
+        os = ow.row_stride
     while runs.r < runs.end:
         n = run_length(g, &runs)
+        b = mask_bit(act, g, it.f, runs.ro, runs.ri)
         if dys == 1 and xs == 1 and os == 1 and dxs == 1 and rs == 1:
             act_input_gradient(dy_run + row_offset(dyw, runs.ro, runs.ri),
-                               o_run + row_offset(ow, runs.ro, runs.ri),
+                               NULL if o_run == NULL else o_run + row_offset(ow, runs.ro, runs.ri),
                                x_run + row_offset(xw, runs.ro, runs.ri),
                                dx_run + row_offset(dxw, runs.ro, runs.ri),
                                NULL if r_run == NULL else r_run + row_offset(rw, runs.ro, runs.ri),
-                               n, &mean, &coef_dy, &coef_xc, &offset, False, act, g.stream)
+                               n, &mean, &coef_dy, &coef_xc, &offset, False, act, g.stream, b,
+                               bit_step)
         else:
             for i in range(n):
                 at = runs.ri + i
-                dz = act_gradient(dy_run[row_offset(dyw, runs.ro, at)],
-                                  o_run[row_offset(ow, runs.ro, at)], act)
+                dz = dz_at(dy_run[row_offset(dyw, runs.ro, at)],
+                           NULL if o_run == NULL else o_run + row_offset(ow, runs.ro, at), 0,
+                           b, bit_step, i, act)
                 dx_run[row_offset(dxw, runs.ro, at)] = <floating>(
                     coef_dy * dz + coef_xc * (x_run[row_offset(xw, runs.ro, at)] - mean)
                     + offset)
@@ -1773,9 +1844,9 @@ cdef struct Normalization:
 
 cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, cnp.ndarray y,
                               gamma, beta, Py_ssize_t tile_arrays, int activation, double alpha,
-                              residual) except -1:
-    """Operands of plan: x, y, and the residual if not None. gamma and beta may be None.
-    Free n.buffers.scratch after."""
+                              residual, mask) except -1:
+    """Operands of plan: x, y, then the residual and the mask (uint8, zeroed) if not None.
+    gamma and beta may be None. Free n.buffers.scratch after."""
     n.grid = plan.call_grid()
     n.act = NO_ACTIVATION
     n.act.kind = activation
@@ -1784,6 +1855,9 @@ cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, 
     if residual is not None:
         n.act.residual = cnp.PyArray_DATA(residual)
         n.act.residual_walk = &plan.walks[2]
+    if mask is not None:
+        n.act.mask = <unsigned char *>cnp.PyArray_DATA(mask)
+        n.act.mask_walk = &plan.walks[2 if residual is None else 3]
     if allocate(&n.buffers, &n.grid, tile_arrays, 2, False):
         raise MemoryError("cbn: no memory for the normalization's work buffers")
     n.x_data = cnp.PyArray_DATA(x)
@@ -1798,11 +1872,12 @@ cdef int unpack_normalization(Normalization *n, KernelPlan plan, cnp.ndarray x, 
 
 def batch_norm_forward(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, gamma, beta,
                        double epsilon, cnp.ndarray mean_out, cnp.ndarray var_out,
-                       int activation=CBN_ACT_NONE, double alpha=0.0, residual=None):
+                       int activation=CBN_ACT_NONE, double alpha=0.0, residual=None,
+                       mask=None):
     cdef Normalization n
     cdef double *mean = <double *>cnp.PyArray_DATA(mean_out)
     cdef double *var = <double *>cnp.PyArray_DATA(var_out)
-    unpack_normalization(&n, plan, x, y, gamma, beta, 4, activation, alpha, residual)
+    unpack_normalization(&n, plan, x, y, gamma, beta, 4, activation, alpha, residual, mask)
     with nogil:
         if n.single:
             forward_nogil(&n.grid, <const float *>n.x_data, &plan.walks[0], <float *>n.y_data,
@@ -1817,12 +1892,13 @@ def batch_norm_forward(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, gamma, bet
 
 def batch_norm_inference(KernelPlan plan, cnp.ndarray x, cnp.ndarray y, cnp.ndarray mean,
                          cnp.ndarray var, gamma, beta, double epsilon,
-                         int activation=CBN_ACT_NONE, double alpha=0.0, residual=None):
+                         int activation=CBN_ACT_NONE, double alpha=0.0, residual=None,
+                         mask=None):
     cdef Normalization n
     cdef double *mean_data = <double *>cnp.PyArray_DATA(mean)
     cdef double *var_data = <double *>cnp.PyArray_DATA(var)
     cdef Py_ssize_t f
-    unpack_normalization(&n, plan, x, y, gamma, beta, 0, activation, alpha, residual)
+    unpack_normalization(&n, plan, x, y, gamma, beta, 0, activation, alpha, residual, mask)
     with nogil:
         for f in range(n.grid.n_features):
             normalization_factors(f, var_data, n.gamma, epsilon, n.scale)
@@ -1841,7 +1917,8 @@ cdef class Gradient:
     """The arguments of a backward call, unpacked for the nogil code.
 
     Operands of the plan: dy, x, and dx (absent when only the sums are wanted); with an
-    activation, the forward's output y and, if not None, the residual's gradient.
+    activation, the forward's output y or else its mask (uint8), then, if not None, the
+    residual's gradient.
     """
     cdef Grid grid
     cdef KernelPlan plan
@@ -1858,7 +1935,7 @@ cdef class Gradient:
                   cnp.ndarray var, gamma, double epsilon, cnp.ndarray sum_dy_xhat,
                   cnp.ndarray sum_dy, Py_ssize_t count, int activation=CBN_ACT_NONE,
                   double alpha=0.0, output=None, residual_gradient=None,
-                  bint unit_dz_step=True):
+                  bint unit_dz_step=True, mask=None):
         self.buffers.scratch = NULL
         self.plan = plan
         self.grid = plan.call_grid()
@@ -1867,7 +1944,10 @@ cdef class Gradient:
         self.act.alpha = alpha
         self.act.fused = activation != CBN_ACT_NONE
         self.act.unit_dz_step = unit_dz_step
-        if self.act.fused:
+        if mask is not None:
+            self.act.mask = <unsigned char *>cnp.PyArray_DATA(mask)
+            self.act.mask_walk = &self.plan.walks[3]
+        elif self.act.fused:
             self.act.output = cnp.PyArray_DATA(output)
             self.act.output_walk = &self.plan.walks[3]
         if residual_gradient is not None:
@@ -1878,7 +1958,7 @@ cdef class Gradient:
             raise MemoryError("cbn: no memory for the backward pass' work buffers")
         # The nogil code holds raw pointers: keep every array they point into alive.
         self.keep_alive = (dy, x, dx, mean, var, gamma, sum_dy_xhat, sum_dy, output,
-                           residual_gradient)
+                           residual_gradient, mask)
         self.dy_data = cnp.PyArray_DATA(dy)
         self.x_data = cnp.PyArray_DATA(x)
         self.dx_data = NULL if dx is None else cnp.PyArray_DATA(dx)

@@ -15,6 +15,9 @@ Their derivatives are taken from the output ``y = act(z)``, whose sign is z's fo
 * relu: ``dy`` where ``y > 0``, else 0;  leaky_relu: ``dy`` where ``y > 0``, else ``T(alpha)·dy``
 * elu:  ``dy`` where ``y > 0``, else ``dy·(y + T(alpha))``  (``alpha·exp(z) = y + alpha``)
 
+For relu and leaky_relu the sign of z is all the derivative needs: the forward can return it
+as a mask of one bit per element (:func:`pack_mask`), which the backward takes instead of y.
+
 The kernels (cbn/_activation.h) compute exactly these, so a fused call is bitwise the plain
 one followed by :meth:`Activation.apply` (or preceded by :meth:`Activation.gradient`).
 """
@@ -25,7 +28,8 @@ import numpy as np
 
 from . import _checks
 
-__all__ = ["Activation", "as_activation"]
+__all__ = ["Activation", "as_activation", "pack_mask", "unpack_mask"]
+MASKABLE = ("relu", "leaky_relu")   # whose derivative the sign of z alone gives
 
 # name -> (kernel code, default alpha); the codes are cbn/_activation.h's CBN_ACT_*.
 _KINDS = {"relu": (1, None), "leaky_relu": (2, 0.2), "elu": (3, 1.0)}
@@ -62,15 +66,17 @@ class Activation:
         negative = (self.alpha * _expm1(np.minimum(z.astype(np.float64), 0.0))).astype(z.dtype)
         return np.where(z > 0, z, negative)
 
-    def gradient(self, dy, y):
-        """dz = dy·act'(z) from the output y = act(z), in dy's dtype."""
-        dy, y = np.asarray(dy), np.asarray(y)
+    def gradient(self, dy, y=None, mask=None):
+        """dz = dy·act'(z) from the output y = act(z), or from the mask of z > 0 (relu and
+        leaky_relu), in dy's dtype."""
+        dy = np.asarray(dy)
         t = dy.dtype.type
+        positive = np.asarray(y) > 0 if mask is None else unpack_mask(mask, dy.shape)
         if self.name == "relu":
-            return np.where(y > 0, dy, t(0))
+            return np.where(positive, dy, t(0))
         if self.name == "leaky_relu":
-            return np.where(y > 0, dy, t(self.alpha) * dy)
-        return np.where(y > 0, dy, dy * (y.astype(dy.dtype) + t(self.alpha)))
+            return np.where(positive, dy, t(self.alpha) * dy)
+        return np.where(positive, dy, dy * (np.asarray(y).astype(dy.dtype) + t(self.alpha)))
 
 
 def as_activation(activation):
@@ -101,3 +107,15 @@ def as_activation(activation):
 
 _BY_NAME = {name: Activation(name, 0.0 if default is None else default)
             for name, (_, default) in _KINDS.items()}
+
+
+def pack_mask(positive):
+    """One bit per element of a boolean array, in its logical C order: bit k of byte i is
+    element 8i + k (``np.packbits(..., bitorder="little")``)."""
+    return np.packbits(np.asarray(positive, bool), axis=None, bitorder="little")
+
+
+def unpack_mask(mask, shape):
+    """The boolean array of ``shape`` that :func:`pack_mask` packed."""
+    size = int(np.prod(shape, dtype=np.int64))
+    return np.unpackbits(mask, count=size, bitorder="little").reshape(shape).astype(bool)

@@ -14,7 +14,7 @@ import numpy as np
 
 from . import _checks, _kernels, _machine
 from ._layout import make_plan
-from .activation import as_activation
+from .activation import MASKABLE, as_activation, pack_mask
 
 # Streaming and serial thresholds for this machine's caches (cbn._machine).
 _machine.apply(_kernels, _machine.current())
@@ -122,6 +122,16 @@ def _dense_strides(x):
     return tuple(strides)
 
 
+def _bit_strides(shape, itemsize):
+    """Byte strides (itemsize per element) of a C-ordered array of shape: the plan's walk of
+    a mask then counts bits, element i of x's logical C order being bit i."""
+    strides, step = [], itemsize
+    for n in reversed(shape):
+        strides.append(step)
+        step *= n
+    return tuple(reversed(strides))
+
+
 def _empty_like(x, dense=False):
     """An uninitialised array shaped and ordered like x (NumPy's order 'K'; with ``dense``,
     strides always _dense_strides(x), which the fused backward plans with).
@@ -200,7 +210,7 @@ def batch_stats(x, axis=-1):
 
 
 def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=None,
-                       activation=None, residual=None):
+                       activation=None, residual=None, return_mask=False):
     """Training-mode batch normalization.
 
     ``y = γ·(x − mean)/sqrt(var + ε) + β`` with the batch mean and biased variance of each
@@ -208,12 +218,15 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
     ``out``, if given, receives y (same shape and dtype as x, any layout).
     ``activation`` (see :mod:`cbn.activation`) and ``residual`` (x's shape and dtype, any
     layout; ``out=residual`` allowed): y = act(BN(x) + residual) in the same pass, bitwise
-    what applying them to the plain call's y in x's dtype gives.
+    what applying them to the plain call's y in x's dtype gives. ``return_mask`` (relu and
+    leaky_relu) also returns z > 0 as one bit per element (:func:`cbn.activation.pack_mask`),
+    for the backward's ``mask=``.
 
-    Returns ``(y, mean, var)``; mean and var are float64.
+    Returns ``(y, mean, var)`` (and the mask); mean and var are float64.
     """
-    if activation is not None or residual is not None:
-        return _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual)
+    if activation is not None or residual is not None or return_mask:
+        return _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual,
+                                    return_mask=return_mask)
     x_in, x = _data(x)
     axes, _, features = _axes(x.shape, _axis_key(axis))
     epsilon = _checks.as_epsilon(epsilon)
@@ -228,16 +241,16 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
 
 
 def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3, *,
-                         out=None, activation=None, residual=None):
+                         out=None, activation=None, residual=None, return_mask=False):
     """Inference-mode batch normalization with given (moving) statistics.
 
     ``y = γ·(x − mean)/sqrt(var + ε) + β``, computed per element as ``(x − mean)·s + β``
-    in double so a large mean does not cost accuracy. ``activation`` and ``residual`` as in
-    :func:`batch_norm_forward`.
+    in double so a large mean does not cost accuracy. ``activation``, ``residual`` and
+    ``return_mask`` as in :func:`batch_norm_forward` (returns ``(y, mask)`` with the mask).
     """
-    if activation is not None or residual is not None:
+    if activation is not None or residual is not None or return_mask:
         return _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual,
-                                    (mean, var))
+                                    (mean, var), return_mask)
     x_in, x = _data(x)
     axes, _, features = _axes(x.shape, _axis_key(axis), False)   # no statistics taken
     epsilon = _checks.as_epsilon(epsilon)
@@ -253,24 +266,31 @@ def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1
 
 
 def _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residual,
-                         statistics=None):
-    """y = act(BN(x) + residual): training mode, or inference with ``statistics``."""
+                         statistics=None, return_mask=False):
+    """y = act(BN(x) + residual): training mode, or inference with ``statistics``; with
+    ``return_mask``, the mask of z > 0 is returned last."""
     x_in, x = _data(x)
     axes, _, features = _axes(x.shape, _axis_key(axis), statistics is None)
     epsilon = _checks.as_epsilon(epsilon)
     act = as_activation(activation)
+    if return_mask and (act is None or act.name not in MASKABLE):
+        raise ValueError(f"return_mask needs activation relu or leaky_relu, got "
+                         f"{None if act is None else act.name} (elu's derivative needs y)")
     residual_in = residual = (None if residual is None
                               else _checks.like_x(residual, x_in, "residual"))
     if x_in.dtype.char == "e":   # computed in float32: composed here, in float16
         return _composed_float16(x_in, gamma, beta, axis, epsilon, out, act, residual,
-                                 statistics)
+                                 statistics, return_mask)
     if residual is not None:
         residual = _data(residual, "residual", x.dtype)[1]
     y = _output(x_in, x, out, *(() if residual is None else (residual_in,)))
+    mask = np.zeros((x.size + 7) // 8, np.uint8) if return_mask else None
+    extra = (() if residual is None else (residual.strides,)) + (
+        () if mask is None else (_bit_strides(x.shape, x.itemsize),))
     plain = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
-    plan = plain if residual is None else _plan(x.shape, axes, x.itemsize, x.strides,
-                                                y.strides, residual.strides)
+    plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides, *extra) if extra else plain
     kind, alpha = (0, 0.0) if act is None else (act.kind, act.alpha)
+    masked = () if mask is None else (mask,)
     gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
                               _parameter(plan, beta, "beta", features))
     if statistics is not None:
@@ -278,25 +298,26 @@ def _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residua
                                 _parameter(plan, statistics[1], "var", features, True))
         if x.size:
             _kernels.batch_norm_inference(plan.kernel, x, y, mean, var, gamma, beta, epsilon,
-                                          kind, alpha, residual)
-        return _finish(x_in, y, out)
+                                          kind, alpha, residual, mask)
+        return (_finish(x_in, y, out),) + masked if masked else _finish(x_in, y, out)
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if not x.size:
-        return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
+        return (_finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)) + masked
     if plan.work(0) == plain.work(0):
         _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var, kind,
-                                    alpha, residual)
-        return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
-    # A residual laid out so that it changes the work split: the plain call's statistics
-    # (bitwise), then the normalization in the residual's plan.
+                                    alpha, residual, mask)
+        return (_finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)) + masked
+    # A residual or mask laid out so that it changes the work split: the plain call's
+    # statistics (bitwise), then the normalization in the fused plan.
     _kernels.batch_stats(plain.kernel, x, mean, var)
     mean, var = plain.from_kernel(mean), plain.from_kernel(var)
     _kernels.batch_norm_inference(plan.kernel, x, y, plan.to_kernel(mean), plan.to_kernel(var),
-                                  gamma, beta, epsilon, kind, alpha, residual)
-    return _finish(x_in, y, out), mean, var
+                                  gamma, beta, epsilon, kind, alpha, residual, mask)
+    return (_finish(x_in, y, out), mean, var) + masked
 
 
-def _composed_float16(x, gamma, beta, axis, epsilon, out, act, residual, statistics):
+def _composed_float16(x, gamma, beta, axis, epsilon, out, act, residual, statistics,
+                      return_mask):
     """float16 data: batch norm, then the residual and the activation in float16."""
     if out is not None:
         _checks.output_buffer(out, x)
@@ -311,7 +332,10 @@ def _composed_float16(x, gamma, beta, axis, epsilon, out, act, residual, statist
     if act is not None:
         y = act.apply(y)
     y = _finish(x, y, out)
-    return y if statistics is not None else (y, mean, var)
+    masked = (pack_mask(y > 0),) if return_mask else ()
+    if statistics is not None:
+        return (y,) + masked if masked else y
+    return (y, mean, var) + masked
 
 
 def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through=None):
@@ -320,9 +344,9 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
     Returns (x as given, plan, kernel, dx buffer, dgamma, dbeta, dres) where dgamma and dbeta
     are the kernel-order vectors that receive Σ dy·x̂ and Σ dy.
 
-    ``through`` = (activation, the forward's y, residual): the kernel takes dz = dy·act'(z)
-    for dy, and writes dz to ``dres`` (new, _dense_strides of dy) if ``residual``, else dres
-    is None. The composed call it equals runs on a dz laid out as dres; where adding y and
+    ``through`` = (activation, the forward's y, residual, mask): the kernel takes dz =
+    dy·act'(z) for dy, act' from y or else from the mask, and writes dz to ``dres`` (new,
+    _dense_strides of dy) if ``residual``, else dres is None. The composed call it equals runs on a dz laid out as dres; where adding y and
     dres to the plan would split the work unlike that call, dz is formed in dres (or a
     temporary) first and the plain kernel runs on it: bitwise the same either way.
     """
@@ -333,11 +357,17 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
     epsilon = _checks.as_epsilon(epsilon)
     act = dres = None
     if through is not None:   # (always with dx)
-        act, y_in, residual = through
-        y_in = _checks.like_x(y_in, x_in, "y")
-        y = _data(y_in, "y", x.dtype)[1]
+        act, y_in, residual, mask = through
+        if mask is None:
+            y_in = _checks.like_x(y_in, x_in, "y")
+            y = _data(y_in, "y", x.dtype)[1]
+            sign_strides = y.strides
+            dx = _output(x_in, x, out, dy_in, y_in)
+        else:
+            mask, y = _checks.mask_of(mask, x_in), None
+            sign_strides = _bit_strides(x.shape, x.itemsize)
+            dx = _output(x_in, x, out, dy_in)
         dres = _empty_like(dy, dense=True) if residual else None
-        dx = _output(x_in, x, out, dy_in, y_in)
     elif with_dx:
         dx = _output(x_in, x, out, dy_in)
     if with_dx:
@@ -346,14 +376,14 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
         dx = None
         plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides)
     if act is not None:
-        fused = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides, y.strides,
-                      *(() if dres is None else (dres.strides,)))
+        fused = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides,
+                      sign_strides, *(() if dres is None else (dres.strides,)))
         plain = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), x.strides, dx.strides)
         if fused.work(1) == plain.work(1):
             plan = fused
         else:
             dz = _empty_like(dy, dense=True) if dres is None else dres
-            np.copyto(dz, act.gradient(dy, y))
+            np.copyto(dz, act.gradient(dy, y, mask))
             plan, dy, act, y, dres = plain, dz, None, None, (None if dres is None else dz)
     mean, var, gamma = _apart_from(
         out, _parameter(plan, mean, "mean", features, required=True),
@@ -368,12 +398,12 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
     else:
         kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
                                    dbeta, n, act.kind, act.alpha, y, dres,
-                                   plain.kernel.layout.operands[0].row_stride == 1)
+                                   plain.kernel.layout.operands[0].row_stride == 1, mask)
     return x_in, plan, kernel, dx, dgamma, dbeta, dres
 
 
 def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, out=None,
-                        activation=None, y=None, residual=False):
+                        activation=None, y=None, residual=False, mask=None):
     """Gradients of training-mode batch normalization.
 
     With ``x̂ = (x − mean)/sqrt(var + ε)`` and n elements per feature::
@@ -387,13 +417,14 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
 
     After a fused forward: ``activation`` as given to it and its output ``y`` (x's shape
     and dtype): the gradient of BN followed by the activation, i.e. the above of
-    dz = dy·act'(z) (:meth:`cbn.activation.Activation.gradient`), bitwise. ``residual=True``
+    dz = dy·act'(z) (:meth:`cbn.activation.Activation.gradient`), bitwise; for relu and
+    leaky_relu the forward's ``mask`` (``return_mask=True``) can stand for y. ``residual=True``
     (the forward added one) also returns the residual's gradient dz, laid out like dy:
     ``(dx, dgamma, dbeta, dresidual)``.
     """
-    if activation is not None or y is not None or residual is not False:
+    if activation is not None or y is not None or residual is not False or mask is not None:
         return _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y,
-                                 residual)
+                                 residual, mask)
     x_in, plan, kernel, dx, dgamma, dbeta, _ = _gradient(dy, x, mean, var, gamma, axis,
                                                          epsilon, True, out)
     if kernel is not None:
@@ -401,30 +432,39 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
     return _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)
 
 
-def _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y, residual):
+def _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y, residual,
+                      mask):
     """batch_norm_backward after an activation and/or a residual."""
     if not isinstance(residual, (bool, np.bool_)):
         raise TypeError(f"residual must be True or False (whether the forward added one), "
                         f"got {type(residual).__name__}")
     act = as_activation(activation)
     if act is None:
-        if y is not None:
-            raise ValueError("y is only used with an activation; pass activation=")
+        if y is not None or mask is not None:
+            raise ValueError("y and mask are only used with an activation; pass activation=")
         dresidual = np.array(dy, dtype=_checks.as_data(x).dtype)   # before out=dy is written
         return batch_norm_backward(dy, x, mean, var, gamma, axis, epsilon,
                                    out=out) + (dresidual,)
-    if y is None:
-        raise ValueError(f"the backward of {act.name} needs the forward's output: pass y=")
+    if y is not None and mask is not None:
+        raise ValueError("pass y or mask, not both")
+    if mask is not None and act.name not in MASKABLE:
+        raise ValueError(f"{act.name}'s derivative needs y; a mask serves relu and "
+                         f"leaky_relu only")
+    if y is None and mask is None:
+        raise ValueError(f"the backward of {act.name} needs the forward's output: pass y= "
+                         f"(or the mask it returned)")
     x_in = _checks.as_data(x)
     if x_in.dtype.char == "e":   # computed in float32: composed here, in float16
         dy_in = _checks.as_data(dy, "dy")
         _checks.same_shape(dy_in, x_in)
         dz = _empty_like(dy_in, dense=True).astype(np.float16, copy=False)
-        dz[...] = act.gradient(dy_in.astype(np.float16), _checks.like_x(y, x_in, "y"))
+        dz[...] = act.gradient(dy_in.astype(np.float16),
+                               None if y is None else _checks.like_x(y, x_in, "y"),
+                               None if mask is None else _checks.mask_of(mask, x_in))
         grads = batch_norm_backward(dz, x_in, mean, var, gamma, axis, epsilon, out=out)
         return grads + (dz,) if residual else grads
     x_in, plan, kernel, dx, dgamma, dbeta, dres = _gradient(
-        dy, x_in, mean, var, gamma, axis, epsilon, True, out, (act, y, bool(residual)))
+        dy, x_in, mean, var, gamma, axis, epsilon, True, out, (act, y, bool(residual), mask))
     if kernel is not None:
         kernel.backward()
     grads = _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)

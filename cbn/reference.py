@@ -18,7 +18,7 @@ import math
 import numpy as np
 
 from . import _checks
-from .activation import as_activation
+from .activation import MASKABLE, as_activation, pack_mask
 
 __all__ = ["batch_stats", "batch_norm_forward", "batch_norm_inference", "batch_norm_backward"]
 
@@ -91,41 +91,47 @@ def batch_stats(x, axis=-1):
     return mean.squeeze(axis=reduced), var.squeeze(axis=reduced)
 
 
-def _after(y64, x, activation, residual):
-    """act(y + residual) of float64 y, in x's dtype."""
+def _after(y64, x, activation, residual, return_mask):
+    """act(y + residual) of float64 y, in x's dtype, and with ``return_mask`` the mask of
+    z > 0 (a tuple then)."""
     if residual is not None:
         y64 = y64 + _checks.like_x(residual, _checks.as_data(x), "residual").astype(np.float64)
     activation = as_activation(activation)
+    if return_mask and (activation is None or activation.name not in MASKABLE):
+        raise ValueError("return_mask needs activation relu or leaky_relu")
+    mask = pack_mask(y64 > 0) if return_mask else None
     if activation is not None:
         y64 = activation.apply(y64)
-    return y64.astype(np.asarray(x).dtype)
+    y = y64.astype(np.asarray(x).dtype)
+    return (y, mask) if return_mask else y
 
 
 def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, activation=None,
-                       residual=None):
+                       residual=None, return_mask=False):
     """Training-mode batch norm: ``(y, mean, var)`` with the batch statistics of ``x``."""
     x64, reduced, parameter = _prepare(x, axis)
     gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
     epsilon = _checks.as_epsilon(epsilon)
     mean, var = _statistics(x64, reduced)
     y = gamma64 * (x64 - mean) / np.sqrt(var + epsilon) + beta64
-    return (_after(y, x, activation, residual), mean.squeeze(axis=reduced),
-            var.squeeze(axis=reduced))
+    y = _after(y, x, activation, residual, return_mask)
+    statistics = mean.squeeze(axis=reduced), var.squeeze(axis=reduced)
+    return (y[0],) + statistics + (y[1],) if return_mask else (y,) + statistics
 
 
 def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3, *,
-                         activation=None, residual=None):
+                         activation=None, residual=None, return_mask=False):
     """Inference-mode batch norm with given (moving) statistics."""
     x64, _, parameter = _prepare(x, axis, statistics=False)
     mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
     gamma64, beta64 = parameter(gamma, "gamma", 1.0), parameter(beta, "beta", 0.0)
     epsilon = _checks.as_epsilon(epsilon)
     y = gamma64 * (x64 - mean64) / np.sqrt(var64 + epsilon) + beta64
-    return _after(y, x, activation, residual)
+    return _after(y, x, activation, residual, return_mask)
 
 
 def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *,
-                        activation=None, y=None, residual=False):
+                        activation=None, y=None, residual=False, mask=None):
     """Gradients ``(dx, dgamma, dbeta)`` of training-mode batch norm.
 
     ``mean`` and ``var`` are the batch statistics the forward pass used, so ``dx`` includes
@@ -134,8 +140,8 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *,
         dbeta  = Σ dy                dgamma = Σ dy·x̂
         dx     = γ / sqrt(var + ε) · (dy − dbeta/n − x̂·dgamma/n)
 
-    With ``activation`` and the forward's output ``y``, dy is first replaced by
-    ``dz = dy·act'(z)``; ``residual=True`` appends the residual's gradient, dz.
+    With ``activation`` and the forward's output ``y`` (or its ``mask``), dy is first
+    replaced by ``dz = dy·act'(z)``; ``residual=True`` appends the residual's gradient, dz.
     """
     x64, reduced, parameter = _prepare(x, axis)
     dy = _checks.as_data(dy, "dy")
@@ -143,10 +149,12 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *,
     dy64 = dy.astype(np.float64)
     activation = as_activation(activation)
     if activation is not None:
-        if y is None:
+        if y is None and mask is None:
             raise ValueError(f"the backward of {activation.name} needs the forward's output: "
-                             f"pass y=")
-        dy64 = activation.gradient(dy64, _checks.like_x(y, _checks.as_data(x), "y"))
+                             f"pass y= (or the mask it returned)")
+        x_data = _checks.as_data(x)
+        dy64 = activation.gradient(dy64, None if y is None else _checks.like_x(y, x_data, "y"),
+                                   None if mask is None else _checks.mask_of(mask, x_data))
     mean64, var64 = parameter(mean, "mean"), parameter(var, "var")
     gamma64 = parameter(gamma, "gamma", 1.0)
     epsilon = _checks.as_epsilon(epsilon)

@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 import cbn
 import cbn.api
 from cbn import _kernels, reference
-from cbn.activation import Activation, as_activation
+from cbn.activation import MASKABLE, Activation, as_activation, pack_mask
 
 from layouts import assert_close, in_layout
 from numerical import finite_difference
@@ -46,6 +46,12 @@ def test_reference_backward_matches_finite_differences(shape, axis, activation):
                                                 activation=activation, residual=residual)
     dx, dgamma, dbeta, dresidual = reference.batch_norm_backward(
         w, x, mean, var, gamma, axis=axis, activation=activation, y=y, residual=True)
+    if as_activation(activation).name in MASKABLE:
+        *_, mask = reference.batch_norm_forward(x, gamma, beta, axis=axis, activation=activation,
+                                                residual=residual, return_mask=True)
+        through_mask = reference.batch_norm_backward(w, x, mean, var, gamma, axis=axis,
+                                                     activation=activation, mask=mask)
+        np.testing.assert_array_equal(through_mask[0], dx)
     for analytic, array in ((dx, x), (dgamma, gamma), (dbeta, beta), (dresidual, residual)):
         numeric = finite_difference(loss, array)
         np.testing.assert_allclose(analytic, numeric, rtol=1e-6, atol=1e-7)
@@ -154,6 +160,23 @@ def test_fused_calls_are_the_composed_calls_bitwise(case, streaming):
     for fused, expected in zip(grads, composed + (dz,)):
         assert fused.tobytes() == np.ascontiguousarray(expected).tobytes()
 
+    if act is not None and act.name in MASKABLE:   # the mask stands for y, bit for bit
+        *forward, mask = cbn.batch_norm_forward(
+            x, gamma, beta, axis=axis, out=empty_in(out_layout, shape, dtype, seed),
+            activation=case["activation"], residual=residual, return_mask=True)
+        assert forward[0].tobytes() == y.tobytes()
+        assert mask.tobytes() == pack_mask(np.asarray(y) > 0).tobytes()
+        inferred, mask_inferred = cbn.batch_norm_inference(
+            x, mean, var, gamma, beta, axis=axis, activation=case["activation"],
+            residual=residual, return_mask=True)
+        assert mask_inferred.tobytes() == pack_mask(inferred > 0).tobytes()
+        through_mask = cbn.batch_norm_backward(
+            dy, x, mean, var, gamma, axis=axis, out=empty_in(out_layout, shape, dtype, seed),
+            activation=case["activation"], mask=pack_mask(y_forward > 0),
+            residual=residual is not None)
+        for fused, expected in zip(through_mask, grads):
+            assert fused.tobytes() == expected.tobytes()
+
     # ... and the reference's results up to rounding
     y_ref = reference.batch_norm_forward(x, gamma, beta, axis=axis,
                                          activation=case["activation"], residual=residual)[0]
@@ -190,8 +213,12 @@ def test_fused_bitwise_identical_for_one_and_two_threads(shape, axis):
     def run():
         y, mean, var = cbn.batch_norm_forward(x, axis=axis, activation="elu",
                                               residual=residual)
-        return (y, mean, var) + cbn.batch_norm_backward(dy, x, mean, var, axis=axis,
-                                                        activation="elu", y=y, residual=True)
+        masked = cbn.batch_norm_forward(x, axis=axis, activation="relu", residual=residual,
+                                        return_mask=True)
+        return (y, mean, var) + cbn.batch_norm_backward(
+            dy, x, mean, var, axis=axis, activation="elu", y=y, residual=True) + masked + \
+            cbn.batch_norm_backward(dy, x, mean, var, axis=axis, activation="relu",
+                                    mask=masked[-1])
     with threadpool_limits(1, user_api="openmp"):
         serial = run()
     with threadpool_limits(2, user_api="openmp"):
@@ -233,8 +260,20 @@ def test_bad_residual(residual):
 def test_bad_backward_arguments():
     with pytest.raises(ValueError, match="needs the forward's output: pass y="):
         cbn.batch_norm_backward(X, X, M, V, activation="relu")
-    with pytest.raises(ValueError, match="y is only used with an activation"):
+    with pytest.raises(ValueError, match="y and mask are only used with an activation"):
         cbn.batch_norm_backward(X, X, M, V, y=X)
+    mask = pack_mask(X > 0)
+    with pytest.raises(ValueError, match="pass y or mask, not both"):
+        cbn.batch_norm_backward(X, X, M, V, activation="relu", y=X, mask=mask)
+    with pytest.raises(ValueError, match="elu's derivative needs y"):
+        cbn.batch_norm_backward(X, X, M, V, activation="elu", mask=mask)
+    for bad in (mask[:1], mask.astype(np.int8), np.zeros(12, np.uint8)):
+        with pytest.raises(ValueError, match=r"mask must be a uint8 array of shape \(2,\)"):
+            cbn.batch_norm_backward(X, X, M, V, activation="relu", mask=bad)
+    with pytest.raises(ValueError, match="return_mask needs activation relu or leaky_relu"):
+        cbn.batch_norm_forward(X, activation="elu", return_mask=True)
+    with pytest.raises(ValueError, match="return_mask needs activation relu or leaky_relu"):
+        cbn.batch_norm_inference(X, M, V, return_mask=True)
     with pytest.raises(ValueError, match="y must have x's shape"):
         cbn.batch_norm_backward(X, X, M, V, activation="relu", y=X[:2])
     with pytest.raises(TypeError, match="residual must be True or False"):

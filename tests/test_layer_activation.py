@@ -66,13 +66,13 @@ def _model(bn_activation=None, then=("relu",)):
 
 
 @pytest.mark.parametrize("activation", ["relu", "elu"])
-def test_sequential_fuses_bn_and_activation(activation):
+def test_sequential_fuses_bn_and_relu(activation):
     rng = np.random.default_rng(1)
     x, labels = rng.standard_normal((16, 5)), rng.integers(0, 3, 16)
     model = _model(then=(activation,))
     model.compile(loss="sparse_categorical_crossentropy")
     loss, gradients = model.loss_and_gradients(x, labels)
-    assert model._fused == {1}
+    assert model._fused == ({1} if activation == "relu" else set())
 
     # the same model run layer by layer, unfused
     fused_output = model(x, training=True)
