@@ -997,7 +997,7 @@ cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floa
                           const Activation *act) noexcept nogil:
     cdef Py_ssize_t item
     if not g.features_inner and g.n_ro >= PLANE_ORDER_MIN_OUTER:
-        normalize_planes(g, x, xw, y, yw, mean, scale, shift)
+        normalize_planes(g, x, xw, y, yw, mean, scale, shift, act)
         return
     if g.n_threads == 1:
         for item in range(g.n_items):
@@ -1020,22 +1020,29 @@ cdef enum:
 
 cdef void normalize_planes(const Grid *g, const floating *x, const Walk *xw, floating *y,
                            const Walk *yw, const double *mean, const double *scale,
-                           const double *shift) noexcept nogil:
+                           const double *shift, const Activation *act) noexcept nogil:
     cdef Py_ssize_t ro
     if g.n_threads == 1:
         for ro in range(g.n_ro):
-            normalize_outer_row(g, x, xw, y, yw, ro, mean, scale, shift)
+            normalize_outer_row(g, x, xw, y, yw, ro, mean, scale, shift, act)
         return
     for ro in prange(g.n_ro, num_threads=g.n_threads, schedule="dynamic"):
-        normalize_outer_row(g, x, xw, y, yw, ro, mean, scale, shift)
+        normalize_outer_row(g, x, xw, y, yw, ro, mean, scale, shift, act)
 
 
 cdef inline void normalize_outer_row(const Grid *g, const floating *x, const Walk *xw,
                                      floating *y, const Walk *yw, Py_ssize_t ro,
                                      const double *mean, const double *scale,
-                                     const double *shift) noexcept nogil:
+                                     const double *shift, const Activation *act) noexcept nogil:
     """Every feature's run of n_ri elements in outer row ro."""
     cdef Py_ssize_t f
+    cdef RiItem plane
+    if act.fused:
+        plane.r_begin, plane.r_end = ro * g.n_ri, (ro + 1) * g.n_ri
+        for f in range(g.n_features):
+            plane.f = f
+            ri_normalize_activate_item(g, x, xw, y, yw, plane, mean[f], scale[f], shift[f], act)
+        return
     for f in range(g.n_features):
         normalize_run(x + feature_offset(xw, g, f) + row_offset(xw, ro, 0), xw.row_stride,
                       y + feature_offset(yw, g, f) + row_offset(yw, ro, 0), yw.row_stride,
