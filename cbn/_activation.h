@@ -72,6 +72,10 @@ static inline void cbn_set_bit(uint8_t *mask, int64_t b, int set) {
  * bits of the calling run, belong to it alone and take a plain OR. */
 static inline void cbn_set_bits(uint8_t *mask, int64_t b, uint32_t bits, int n, int64_t lo,
                                 int64_t hi) {
+    if (n == 8 && (b & 7) == 0 && b >= lo && b + 8 <= hi) {   /* a whole byte of its own */
+        mask[b >> 3] |= (uint8_t)bits;
+        return;
+    }
     while (n > 0) {
         int64_t byte = b >> 3;
         int shift = (int)(b & 7), take = 8 - shift < n ? 8 - shift : n;
@@ -83,6 +87,15 @@ static inline void cbn_set_bits(uint8_t *mask, int64_t b, uint32_t bits, int n, 
         n -= take;
     }
 }
+
+/* CALL (which names the activation K) with K each activation the kernels know, as a
+ * constant: the always-inlined loops then hold that activation's code only. */
+#define CBN_BY_KIND(CALL)                                                                    \
+    switch (kind) {                                                                          \
+    case CBN_ACT_RELU: { const int K = CBN_ACT_RELU; CALL; break; }                          \
+    case CBN_ACT_LEAKY_RELU: { const int K = CBN_ACT_LEAKY_RELU; CALL; break; }              \
+    default: { const int K = kind; CALL; }                                                   \
+    }
 
 /* Bits [b, b + 8) as the low byte. */
 static inline uint32_t cbn_get_bits8(const uint8_t *mask, int64_t b) {
@@ -189,19 +202,16 @@ static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y
     if (mask) cbn_set_bit(mask, b + i * bit_step, y[i] > 0);                                 \
 }                                                                                            \
 /* ... and with a mask, bit b + i * bit_step = (y[i] > 0), i.e. z > 0. */                    \
-static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n,            \
-                                  const double *mean, const double *scale,                   \
-                                  const double *shift, int per_element, int kind,            \
-                                  double alpha, int stream, uint8_t *mask, int64_t b,        \
-                                  int64_t bit_step) {                                        \
-    int64_t i = 0;                                                                           \
+/* The vector part from i on; returns where it stopped. Always inlined, so that a constant  \
+ * kind (cbn_normalize_act's switch) leaves one activation's code in the loop. */            \
+static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_##S(          \
+        const T *x, const T *residual, T *y, int64_t i, int64_t n, const double *mean,       \
+        const double *scale, const double *shift, int per_element, int kind, double alpha,   \
+        int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
     uint32_t bits;                                                                           \
     int k;                                                                                   \
     CBN_VEC_##S v, zero = {0};                                                               \
     CBN_MASK_##S positive;                                                                   \
-    for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++)                                  \
-        cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
-                                  kind, alpha, mask, b, bit_step);                           \
     for (; i + 8 <= n; i += 8) {                                                             \
         v = __builtin_convertvector((cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))\
                                     * cbn_parameter(scale, i, per_element)                   \
@@ -220,6 +230,20 @@ static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
+    return i;                                                                                \
+}                                                                                            \
+static void cbn_normalize_act_##S(const T *x, const T *residual, T *y, int64_t n,            \
+                                  const double *mean, const double *scale,                   \
+                                  const double *shift, int per_element, int kind,            \
+                                  double alpha, int stream, uint8_t *mask, int64_t b,        \
+                                  int64_t bit_step) {                                        \
+    int64_t i = 0;                                                                           \
+    for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++)                                  \
+        cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
+                                  kind, alpha, mask, b, bit_step);                           \
+    CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale, shift,  \
+                                                  per_element, K, alpha, stream, mask, b,    \
+                                                  bit_step))                                 \
     for (; i < n; i++)                                                                       \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
                                   kind, alpha, mask, b, bit_step);                           \
@@ -238,12 +262,11 @@ static inline void cbn_act_input_gradient_one_##S(const T *dy, const T *y, const
     dx[i] = (T)(coef_dy[k] * dz + coef_xc[k] * (x[i] - mean[k]) + offset[k]);                \
     if (dres) dres[i] = dz;                                                                  \
 }                                                                                            \
-static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *dx, T *dres,  \
-                                       int64_t n, const double *mean,                        \
-                                       const double *coef_dy, const double *coef_xc,         \
-                                       const double *offset, int per_element, int kind,      \
-                                       double alpha, int stream, const uint8_t *mask,        \
-                                       int64_t b, int64_t bit_step) {                        \
+static inline __attribute__((always_inline)) void cbn_act_input_gradient_k_##S(           \
+        const T *dy, const T *y, const T *x, T *dx, T *dres, int64_t n, const double *mean,  \
+        const double *coef_dy, const double *coef_xc, const double *offset, int per_element, \
+        int kind, double alpha, int stream, const uint8_t *mask, int64_t b,                  \
+        int64_t bit_step) {                                                                  \
     int64_t i = 0;                                                                           \
     CBN_VEC_##S d;                                                                           \
     for (; i < n && stream && !CBN_ACT_ALIGNED(dx + i); i++)                                 \
@@ -283,21 +306,49 @@ CBN_DEFINE_ACTIVATION(double, f64)
                                       kind, alpha)
 
 #define CBN_DEFINE_ACTIVATION_SUMS(T, S)                                                     \
+static inline __attribute__((always_inline)) void cbn_act_gradient_sums_k_##S(            \
+        const T *dy, int64_t dy_row_stride, const T *y, int64_t y_row_stride, const T *x,    \
+        int64_t x_row_stride, int64_t n_rows, int64_t width, const double *mean, int kind,   \
+        double alpha, double *sum_dy, double *sum_dy_xc, const uint8_t *mask, int64_t bit0,  \
+        int64_t mask_row_stride, int64_t bit_step) {                                         \
+    CBN_GRADIENT_SUMS_BODY(T, S, CBN_DZ, CBN_DZ1)                                            \
+}                                                                                            \
+static inline __attribute__((always_inline)) void cbn_act_gradient_sums_run_k_##S(        \
+        const T *dy, int64_t dy_step, const T *y, int64_t y_step, const T *x, int64_t n,     \
+        double mean, int kind, double alpha, double *sum_dy, double *sum_dy_xc,              \
+        const uint8_t *mask, int64_t bit0, int64_t bit_step) {                               \
+    CBN_GRADIENT_RUN_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                     \
+}                                                                                            \
+/* The three above with the activation a constant in the loops (CBN_BY_KIND). */             \
+static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *dx, T *dres,  \
+                                       int64_t n, const double *mean,                        \
+                                       const double *coef_dy, const double *coef_xc,         \
+                                       const double *offset, int per_element, int kind,      \
+                                       double alpha, int stream, const uint8_t *mask,        \
+                                       int64_t b, int64_t bit_step) {                        \
+    CBN_BY_KIND(cbn_act_input_gradient_k_##S(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc,  \
+                                             offset, per_element, K, alpha, stream, mask, b, \
+                                             bit_step))                                      \
+}                                                                                            \
 static void cbn_act_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *y,        \
                                       int64_t y_row_stride, const T *x, int64_t x_row_stride,\
                                       int64_t n_rows, int64_t width, const double *mean,     \
                                       int kind, double alpha, double *sum_dy,                \
                                       double *sum_dy_xc, const uint8_t *mask, int64_t bit0,  \
                                       int64_t mask_row_stride, int64_t bit_step) {           \
-    CBN_GRADIENT_SUMS_BODY(T, S, CBN_DZ, CBN_DZ1)                                            \
+    CBN_BY_KIND(cbn_act_gradient_sums_k_##S(dy, dy_row_stride, y, y_row_stride, x,           \
+                                            x_row_stride, n_rows, width, mean, K, alpha,     \
+                                            sum_dy, sum_dy_xc, mask, bit0, mask_row_stride,  \
+                                            bit_step))                                       \
 }                                                                                            \
 static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T *y,          \
                                           int64_t y_step, const T *x, int64_t n,             \
                                           double mean, int kind, double alpha,               \
                                           double *sum_dy, double *sum_dy_xc,                 \
-                                          const uint8_t *mask, int64_t bit0,                  \
+                                          const uint8_t *mask, int64_t bit0,                 \
                                           int64_t bit_step) {                                \
-    CBN_GRADIENT_RUN_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                     \
+    CBN_BY_KIND(cbn_act_gradient_sums_run_k_##S(dy, dy_step, y, y_step, x, n, mean, K, alpha,\
+                                                sum_dy, sum_dy_xc, mask, bit0, bit_step))    \
 }
 
 CBN_DEFINE_ACTIVATION_SUMS(float, f32)
