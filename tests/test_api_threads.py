@@ -29,7 +29,8 @@ CASES = {
     # name: (shape, axis, layouts of x and dy) -- which kernel path each exercises
     "features inner, many chunks": ((20000, 64), -1, "CC"),
     "features inner, feature tiles": ((64, 3000), -1, "CC"),
-    "rows inner, fused per feature": ((8, 64, 32, 32), 1, "CC"),
+    "rows inner, planes in memory order": ((8, 64, 32, 32), 1, "CC"),   # 8 chunks of images
+    "rows inner, fused per feature": ((4, 64, 64, 64), 1, "CC"),       # under 8 images
     "rows inner, chunked features": ((4, 3, 256, 256), 1, "CC"),
     "rows inner, streaming stores": ((8, 16, 200, 260), 1, "CC"),   # output over 16 MB
     "features inner, streaming stores": ((60000, 75), -1, "CC"),    # rows wrap mid-vector
