@@ -262,3 +262,11 @@ def test_core_never_imports_torch():
     result = subprocess.run([sys.executable, "-c", code], env=environment(), text=True,
                             capture_output=True, timeout=120)
     assert result.stdout.strip() == "False", result.stdout + result.stderr
+
+
+def test_missing_torch_gives_a_clear_import_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)            # import torch fails
+    for name in [n for n in sys.modules if n == "cbn.torch" or n.startswith("cbn.torch.")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ImportError, match=r'pip install -e "\.\[torch\]"'):
+        import cbn.torch  # noqa: F401

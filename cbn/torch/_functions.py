@@ -61,8 +61,12 @@ def array(t):
 
 
 def vector(t):
-    """A per-channel parameter or statistic as a float64 array (None stays None)."""
-    return None if t is None else t.detach().to(torch.float64).numpy()
+    """A per-channel parameter or statistic as a NumPy array (None stays None), which the
+    core API uses in float64; only bfloat16, which NumPy lacks, is converted here."""
+    if t is None:
+        return None
+    t = t.detach()
+    return (t.double() if t.dtype == torch.bfloat16 else t).numpy()
 
 
 def delivered(result, like):
@@ -163,7 +167,9 @@ class Inference(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, var, epsilon):
-        mean, var = vector(mean), vector(var)
+        # float64 copies: the backward must see the statistics the forward used, even if
+        # the module's buffers change in between.
+        mean, var = np.array(vector(mean), np.float64), np.array(vector(var), np.float64)
         remember(ctx, x, weight, bias, mean, var, epsilon)
         return normalized(x, mean, var, weight, bias, epsilon)
 

@@ -1,18 +1,21 @@
 """``python -m cbn bench --torch``: cbn.torch against PyTorch's own CPU batch norm.
 
 Two measurements, each interleaved call by call in one process (so a noisy neighbour slows
-both alike), reported as medians and ratios:
+both alike, and the order alternates), reported as medians and as the median of the rounds'
+ratios:
 
 - the layer: one training-mode forward + backward of ``cbn.torch.BatchNorm2d`` and of
   ``torch.nn.BatchNorm2d`` on the same tensor, NCHW and channels_last, at each thread count;
 - a whole training step (forward, cross-entropy, backward, SGD) of a small ResNet-style CNN
-  (conv–BN–ReLU blocks with residual connections, batch 32, 56×56 images), as built and
-  after ``cbn.torch.convert``.
+  (conv–BN–ReLU blocks with residual connections, batch 32, 56×56 images), as built, after
+  ``cbn.torch.convert``, and with its BN layers removed (what the rest of the step costs).
 
 Threads: ``torch.set_num_threads`` and threadpoolctl's limit (cbn's OpenMP) together.
 """
 import argparse
 import copy
+import statistics
+import time
 
 import torch
 
@@ -77,22 +80,47 @@ def training_step(model, x, target):
 
 
 def step_calls(batch, size, memory_format, seed=0):
+    """The step with torch's BN, after ``convert`` (cbn's), and with every BN an Identity
+    (what the rest of the step costs, to tell the BN layers' share)."""
     torch.manual_seed(seed)
     model = small_resnet().to(memory_format=memory_format)
-    converted = convert(copy.deepcopy(model))
+    without = copy.deepcopy(model)
+    for name, module in list(without.named_modules()):
+        if isinstance(module, torch.nn.BatchNorm2d):
+            parent, _, child = name.rpartition(".")
+            setattr(without.get_submodule(parent) if parent else without, child,
+                    torch.nn.Identity())
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
     target = torch.randint(0, 10, (batch,))
-    return {"cbn": training_step(converted, x, target),
-            "torch": training_step(model, x, target)}
+    return {"cbn": training_step(convert(copy.deepcopy(model)), x, target),
+            "torch": training_step(model, x, target),
+            "no BN": training_step(without, x, target)}
 
 
-def measure(calls, repeats):
+def measure(calls, repeats, clock=time.perf_counter):
+    """Interleaved rounds, the order reversed every other round; the median seconds of each
+    call, and the median over the rounds of torch's time over cbn's in the same round.
+
+    ``clock`` may be ``time.thread_time`` for one thread: the CPU time of the calling thread,
+    which a busy machine's other processes inflate less than the wall-clock time (they
+    still compete for memory bandwidth)."""
     for call in calls.values():   # warm-up: plans, allocator, OpenMP teams
         call()
-    return benchmark._median_seconds(calls, repeats)
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for round_ in range(repeats):
+        for name in (names if round_ % 2 == 0 else names[::-1]):
+            start = clock()
+            calls[name]()
+            times[name].append(clock() - start)
+    row = {name: statistics.median(t) for name, t in times.items()}
+    row["ratio"] = statistics.median(t / c for t, c in zip(times["torch"], times["cbn"]))
+    row["fastest"] = {name: min(t) for name, t in times.items()}
+    return row
 
 
-def run(threads=(1, 2), repeats=11, quick=False, formats=tuple(FORMATS), step=True):
+def run(threads=(1, 2), repeats=11, quick=False, formats=tuple(FORMATS), step=True,
+        clock=time.perf_counter):
     """Rows of medians (seconds): the layer per format and thread count, then the step."""
     shape = QUICK_LAYER_SHAPE if quick else LAYER_SHAPE
     batch, size = (8, 28) if quick else (32, 56)
@@ -102,24 +130,35 @@ def run(threads=(1, 2), repeats=11, quick=False, formats=tuple(FORMATS), step=Tr
             for name in formats:
                 rows.append({"what": f"BatchNorm2d fwd+bwd {'x'.join(map(str, shape))}",
                              "format": name, "threads": n_threads,
-                             **measure(layer_calls(shape, FORMATS[name]), repeats)})
+                             **measure(layer_calls(shape, FORMATS[name]), repeats, clock)})
             if step:
                 for name in formats:
                     rows.append({"what": f"training step, small ResNet, batch {batch} "
                                          f"{size}x{size}", "format": name,
                                  "threads": n_threads,
                                  **measure(step_calls(batch, size, FORMATS[name]),
-                                           max(3, repeats // 2))})
+                                           max(3, repeats // 2), clock)})
     return rows
 
 
 def format_table(rows):
-    lines = ["| what | format | threads | cbn ms | torch ms | torch / cbn |",
-             "|---|---|---|---|---|---|"]
+    """Medians (and the fastest of the rounds, the least disturbed on a busy machine) in ms,
+    torch / cbn; for the step, also the step without BN and the BN layers' own speed-up
+    inside it, ``(torch − no BN) / (cbn − no BN)`` from the medians."""
+    lines = ["| what | format | threads | cbn ms (fastest) | torch ms (fastest) | torch / cbn "
+             "(fastest) | no BN ms | BN layers in the step: torch / cbn |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['what']} | {row['format']} | {row['threads']} | "
-                     f"{row['cbn'] * 1e3:.1f} | {row['torch'] * 1e3:.1f} | "
-                     f"{row['torch'] / row['cbn']:.2f} |")
+        fastest = row["fastest"]
+        cells = [row["what"], row["format"], str(row["threads"]),
+                 f"{row['cbn'] * 1e3:.1f} ({fastest['cbn'] * 1e3:.1f})",
+                 f"{row['torch'] * 1e3:.1f} ({fastest['torch'] * 1e3:.1f})",
+                 f"{row['ratio']:.2f} ({fastest['torch'] / fastest['cbn']:.2f})", "-", "-"]
+        if "no BN" in row:
+            bn_cbn, bn_torch = row["cbn"] - row["no BN"], row["torch"] - row["no BN"]
+            cells[6] = f"{row['no BN'] * 1e3:.1f}"
+            cells[7] = f"{bn_torch / bn_cbn:.2f}" if bn_cbn > 0 else "-"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -131,7 +170,12 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--no-step", action="store_true", help="the layer only")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="time the calling thread's CPU time (one thread only)")
     args = parser.parse_args(argv)
+    if args.cpu_time and args.threads != [1]:
+        parser.error("--cpu-time measures one thread: use it with --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     print(format_table(run(tuple(args.threads), args.repeats, args.quick,
-                           tuple(args.formats), not args.no_step)))
+                           tuple(args.formats), not args.no_step, clock)))
     return 0

@@ -34,13 +34,19 @@ class CbnForward:
         return self.momentum
 
     def _update_running(self, mean, var, count, factor):
-        """Fold a batch's float64 mean and biased variance into the running statistics."""
+        """Fold a batch's float64 mean and biased variance (NumPy arrays) into the running
+        statistics, in float64."""
         if not (self.training and self.track_running_stats) or count == 0:
             return
-        with torch.no_grad():
-            for running, batch in ((self.running_mean, mean),
-                                   (self.running_var, var * (count / (count - 1)))):
-                running.copy_(running.double() * (1.0 - factor) + batch * factor)
+        for running, batch in ((self.running_mean, mean),
+                               (self.running_var, var * (count / (count - 1)))):
+            if running.dtype in _functions.COMPUTED:   # in place through a NumPy view: a
+                view = running.numpy()                 # few µs where torch ops cost tens
+                view[...] = view * (1.0 - factor) + batch * factor
+            else:
+                with torch.no_grad():
+                    running.copy_(running.double() * (1.0 - factor)
+                                  + torch.from_numpy(batch) * factor)
 
     def forward(self, input):
         _functions.check_input(input, self.num_features)
@@ -52,7 +58,7 @@ class CbnForward:
         count = _functions.per_channel_count(input)
         refuse_single_value(count, input.shape)
         y, mean, var = _functions.Training.apply(input, self.weight, self.bias, self.eps)
-        self._update_running(mean, var, count, factor)
+        self._update_running(mean.numpy(), var.numpy(), count, factor)
         return y
 
 

@@ -7,7 +7,7 @@ the gloo backend (any backend whose collectives take CPU tensors). The design is
 - forward: every rank computes its shard's moments ``(count, mean, M2)`` per channel
   (``cbn.batch_moments``) and all-gathers them, together with a small header saying whether
   its input was valid (and its dimension count and dtype), in ONE ``all_gather`` of
-  ``5 + 2·C`` doubles per rank. Then every rank merges the moments exactly
+  ``4 + 2·C`` doubles per rank. Then every rank merges the moments exactly
   (``cbn.merge_moments``: Chan's pairwise formula in a canonical order, never
   E[x²] − E[x]²), so the statistics, and the running statistics, are bitwise identical on
   every rank; and it normalises its own shard with them.
@@ -33,7 +33,7 @@ import cbn
 from . import _functions
 from .modules import CbnForward, refuse_single_value
 
-HEADER = 5            # error kind, count per channel, dimensions, dtype, (reserved) 0
+HEADER = 4            # error kind, count per channel, number of dimensions, dtype
 ERRORS = (None, ValueError, TypeError, RuntimeError)
 DTYPES = (None,) + _functions.ACCEPTED
 
@@ -148,6 +148,5 @@ class SyncBatchNorm(CbnForward, _BatchNorm):
         y = _functions.Normalize.apply(input, self.weight, self.bias,
                                        (mean, var, max(merged.count, 1)),
                                        lambda local: sum_over_ranks(local, group), self.eps)
-        self._update_running(torch.from_numpy(mean), torch.from_numpy(var), merged.count,
-                             factor)
+        self._update_running(mean, var, merged.count, factor)
         return y
