@@ -250,6 +250,9 @@ def test_convert_swaps_every_batch_norm_keeping_weights():
     assert model[3][2].momentum is None and not model[1].training
     assert torch.allclose(model(x), want, atol=1e-6)
     assert ct.convert(model) is model and type(model[1]) is ct.BatchNorm2d   # idempotent
+    weight = model[1].weight
+    ct.convert(model, sync=True)                      # cbn's local modules become synchronized
+    assert type(model[1]) is ct.SyncBatchNorm and model[1].weight is weight
     synchronized = ct.convert(torch.nn.Sequential(torch.nn.BatchNorm3d(2)), sync=True)
     assert type(synchronized[0]) is ct.SyncBatchNorm
     assert type(ct.convert(torch.nn.SyncBatchNorm(2))) is ct.SyncBatchNorm

@@ -12,18 +12,18 @@ _LOCAL = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
 def _replacement(module, sync, process_group):
     """cbn's module for a torch batch-norm module (sharing its parameters and buffers), or
     None if ``module`` is not one to replace."""
-    if not isinstance(module, _BatchNorm) or isinstance(module, CbnForward):
+    if not isinstance(module, _BatchNorm) or isinstance(module, SyncBatchNorm):
         return None
     arguments = (module.num_features, module.eps, module.momentum, module.affine,
                  module.track_running_stats)
     if isinstance(module, torch.nn.SyncBatchNorm):   # it was meant to synchronise: keep that
         new = SyncBatchNorm(*arguments, process_group or module.process_group)
-    elif sync and type(module) in _LOCAL:
+    elif sync and (type(module) in _LOCAL or isinstance(module, CbnForward)):
         new = SyncBatchNorm(*arguments, process_group)
     elif type(module) in _LOCAL:
         new = _LOCAL[type(module)](*arguments)
-    else:
-        return None   # a subclass with its own forward (or a lazy module): left as it is
+    else:   # cbn's own module, a subclass with its own forward, a lazy module: left alone
+        return None
     # The same Parameter and buffer objects, as torch.nn.SyncBatchNorm.convert_sync_batchnorm
     # does: an optimizer built before the conversion keeps training them.
     new.weight, new.bias = module.weight, module.bias
@@ -47,12 +47,14 @@ def convert(model, sync=False, process_group=None):
         module, its replacement is returned.
     sync : bool
         Replace with :class:`cbn.torch.SyncBatchNorm` (statistics synchronised over
-        ``process_group``, None meaning the default group) instead of the local modules.
+        ``process_group``, None meaning the default group) instead of the local modules,
+        cbn's local modules included.
 
     Returns
     -------
     torch.nn.Module
-        ``model`` (or its replacement). Modules that are already cbn's are left alone.
+        ``model`` (or its replacement). Modules that are already what was asked for are
+        left alone.
     """
     replacement = _replacement(model, sync, process_group)
     if replacement is not None:
