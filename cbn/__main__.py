@@ -4,6 +4,8 @@
 ``python -m cbn bench --torch [...]`` cbn.torch's modules against PyTorch's (cbn.torch.benchmark);
 ``python -m cbn calibrate`` measures streaming against ordinary stores on this machine and
 records the verdict for its CPU (see cbn._machine).
+``python -m cbn bench --layouts [...]`` times every pairing of operand layouts against the
+matched call (see cbn.layout_benchmark).
 """
 import platform
 import sys
@@ -71,6 +73,9 @@ def main(argv):
         from cbn.torch import benchmark as torch_benchmark
         return torch_benchmark.main([a for a in argv[1:] if a != "--torch"])
     if argv and argv[0] == "bench":
+        if "--layouts" in argv:
+            from cbn import layout_benchmark
+            return layout_benchmark.main([a for a in argv[1:] if a != "--layouts"])
         return benchmark.main(argv[1:])
     if argv and argv[0] == "calibrate":
         return calibrate()
