@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 import cbn
-from cbn import _kernels, _machine, benchmark, reference
+from cbn import _dispatch, _kernels, _machine, benchmark, reference
 
 CHECKS = (
     ("NHWC (8,14,14,32) axis=-1", (8, 14, 14, 32), -1, "C"),
@@ -30,6 +30,9 @@ def print_build():
     print(f"OpenMP: {'yes' if cbn.openmp_enabled() else 'NO (serial build)'}; "
           f"threads available: {_kernels.max_threads()}; "
           f"SIMD: {' '.join(_kernels.simd_flags()) or 'none detected'}")
+    print(f"SIMD level in use: {cbn.simd_level()} (compiled: {' '.join(_dispatch.BUILT)}; "
+          f"this CPU runs: {' '.join(_dispatch.SUPPORTED) or 'none'}; "
+          "CBN_SIMD=<level> picks a lower one)")
     print(f"Caches: {_machine.cache_sizes().describe()}")
     print(f"Chosen: {_machine.current().describe()}")
 

@@ -17,7 +17,7 @@ def build_copy(target, **environment):
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, target / name)
     shutil.copytree(ROOT / "cbn", target / "cbn",
-                    ignore=shutil.ignore_patterns("*.so", "*.c", "__pycache__"))
+                    ignore=shutil.ignore_patterns("*.so", "_kernels.c", "__pycache__"))
     env = dict(os.environ, PYTHONPATH=str(target), **environment)
     build = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
                            cwd=target, env=env, capture_output=True, text=True, timeout=900)

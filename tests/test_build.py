@@ -19,13 +19,16 @@ SANITIZED_TESTS = ["test_api_oracle.py", "test_api_edges.py", "test_api_threads.
                    "test_api_sync.py", "test_api_concurrency.py", "test_layout.py",
                    "test_fused.py"]
 
-SERIAL_REQUESTED = "test_api_threads.py::test_build_is_the_one_asked_for"
+BUILD_REQUESTED = ["test_api_threads.py::test_build_is_the_one_asked_for",
+                   "test_dispatch.py::test_the_level_asked_for_is_the_one_in_use"]
 
 
 def test_kernel_tests_pass_on_the_serial_build(tmp_path):
-    env, build = build_copy(tmp_path, CBN_OPENMP="0")
+    # Built for this CPU only (CBN_MARCH=native: one module, not one per level), which
+    # tests that build too.
+    env, build = build_copy(tmp_path, CBN_OPENMP="0", CBN_MARCH="native")
     assert "built SERIAL" in build.stderr
-    run = run_tests(tmp_path, env, [*KERNEL_TESTS, SERIAL_REQUESTED], timeout=600)
+    run = run_tests(tmp_path, env, [*KERNEL_TESTS, *BUILD_REQUESTED], timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert " passed" in run.stdout and " failed" not in run.stdout, run.stdout[-3000:]
 
@@ -43,7 +46,7 @@ def test_kernels_stay_in_bounds_under_address_sanitizer(tmp_path):
     if libasan is None:
         unavailable("gcc's AddressSanitizer runtime is not installed")
     env, _ = build_copy(tmp_path, CFLAGS="-fsanitize=address -fno-omit-frame-pointer",
-                        LDFLAGS="-fsanitize=address")
+                        LDFLAGS="-fsanitize=address", CBN_MARCH="native")  # one module
     env.update(LD_PRELOAD=libasan, ASAN_OPTIONS="detect_leaks=0:abort_on_error=1")
     run = run_tests(tmp_path, env, SANITIZED_TESTS, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
