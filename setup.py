@@ -148,7 +148,7 @@ class BuildWithProbes(build_ext):
         write_if_changed(path, LEVEL_SOURCE.format(source=source, module=module,
                                                    source_name=os.path.basename(source)))
         extension.sources = [path]
-        extension.include_dirs = [os.path.dirname(source)] + kernels.include_dirs
+        extension.include_dirs = list(kernels.include_dirs)   # with cbn/, where the C file is
         extension.define_macros = list(kernels.define_macros)
         extension.depends = kernels.sources + kernels.depends
         extension.extra_compile_args = list(flags)

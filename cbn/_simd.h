@@ -223,7 +223,7 @@ CBN_DEFINE_GRADIENT_SUMS(double, f64)
 /* Streaming (non-temporal) stores for outputs much larger than the caches: the output is not
  * read back soon, so fetching each line into the cache before writing it (what an ordinary
  * store does) only costs memory bandwidth; oneDNN does the same for large tensors. A thread
- * calls cbn_store_fence() after its streaming stores. Without AVX: ordinary stores. */
+ * calls cbn_store_fence() after its streaming stores. Without SSE2: ordinary stores. */
 #ifdef __AVX__
 #include <immintrin.h>
 #define CBN_LINE_ALIGNED(p) (((uintptr_t)(p) & 63) == 0)
@@ -235,6 +235,22 @@ static inline void cbn_stream_f64(double *p, cbn_v8d v) {
     memcpy(half, &v, sizeof v);
     _mm256_stream_pd(p, half[0]);
     _mm256_stream_pd(p + 4, half[1]);
+}
+static inline void cbn_store_fence(void) { _mm_sfence(); }
+#elif defined(__SSE2__)     /* x86-64 without AVX: the baseline level */
+#include <emmintrin.h>
+#define CBN_LINE_ALIGNED(p) (((uintptr_t)(p) & 63) == 0)
+static inline void cbn_stream_f32(float *p, cbn_v8d v) {
+    __m128 quarter[2];
+    cbn_v8f f = __builtin_convertvector(v, cbn_v8f);
+    memcpy(quarter, &f, sizeof f);
+    _mm_stream_ps(p, quarter[0]);
+    _mm_stream_ps(p + 4, quarter[1]);
+}
+static inline void cbn_stream_f64(double *p, cbn_v8d v) {
+    __m128d quarter[4];
+    memcpy(quarter, &v, sizeof v);
+    for (int q = 0; q < 4; q++) _mm_stream_pd(p + 2 * q, quarter[q]);
 }
 static inline void cbn_store_fence(void) { _mm_sfence(); }
 #else
