@@ -134,6 +134,9 @@ def run(rank, n_ranks, store):
         check_ddp_matches_one_process(rank, n_ranks)
         check_bad_input_raises_on_every_rank(rank, n_ranks)
         print(f"rank {rank}: ok", flush=True)
+        # No rank tears gloo down while another still talks to it (seen once: a SIGABRT in
+        # a rank's shutdown after every rank had printed ok).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
