@@ -258,11 +258,18 @@ def _ratio(numerator, denominator):
     return "-" if numerator is None else f"{numerator / denominator:.2f}"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m cbn bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
-    parser.add_argument("--repeats", type=int, default=7)
+def bench_parser(prog, description, repeats, quick_help="small shapes, a few seconds"):
+    """The options every ``python -m cbn bench`` mode shares."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    return parser
+
+
+def main(argv=None):
+    parser = bench_parser("python -m cbn bench", __doc__, repeats=7)
     parser.add_argument("--ops", nargs="+", default=list(OPERATIONS), choices=OPERATIONS)
     parser.add_argument("--cases", nargs="+", help="case names to run (default: all)")
     parser.add_argument("--no-reference", action="store_true")

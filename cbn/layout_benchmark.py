@@ -10,7 +10,6 @@ memory lines, say). Used by
 ``python -m cbn bench --layouts``; bench/bench_layouts.py times a few pairings with
 pytest-benchmark.
 """
-import argparse
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import api
-from .benchmark import _thread_limit
+from .benchmark import _thread_limit, bench_parser
 
 LAYOUTS = ("C", "F", "transposed", "stepped", "reversed")
 OPERATIONS = ("forward out=", "inference out=", "backward", "backward out=")
@@ -176,10 +175,8 @@ def format_summary(rows, limit=1.5):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m cbn bench --layouts", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one small case, a few seconds")
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser = bench_parser("python -m cbn bench --layouts", __doc__, repeats=9,
+                          quick_help="one small case, a few seconds")
     parser.add_argument("--ops", nargs="+", default=list(OPERATIONS), choices=OPERATIONS)
     parser.add_argument("--cases", nargs="+", help="case names to run (default: all)")
     parser.add_argument("--summary", action="store_true",

@@ -12,7 +12,6 @@ ratios:
 
 Threads: ``torch.set_num_threads`` and threadpoolctl's limit (cbn's OpenMP) together.
 """
-import argparse
 import copy
 import statistics
 import time
@@ -163,11 +162,7 @@ def format_table(rows):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m cbn bench --torch", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
-    parser.add_argument("--repeats", type=int, default=11)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser = benchmark.bench_parser("python -m cbn bench --torch", __doc__, repeats=11)
     parser.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS)
     parser.add_argument("--no-step", action="store_true", help="the layer only")
     parser.add_argument("--cpu-time", action="store_true",
