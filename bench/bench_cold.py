@@ -6,7 +6,6 @@ CI runs one small case once, untimed; ``python -m pytest bench/bench_cold.py --c
 """
 import functools
 
-import numpy as np
 
 from cbn import _machine, benchmark, coldbench
 

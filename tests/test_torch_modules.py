@@ -6,7 +6,6 @@ when torch is missing (``pip install -e ".[torch]"``), except under CI=true, whe
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from processes import environment, unavailable
