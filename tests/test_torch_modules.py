@@ -258,6 +258,74 @@ def test_convert_swaps_every_batch_norm_keeping_weights():
     assert type(ct.convert(torch.nn.BatchNorm2d(2))) is ct.BatchNorm2d
 
 
+def relu_model(dtype):
+    """BN–ReLU pairs in Sequentials: on the input (which takes no gradient), after a conv
+    (ReLU in place), nested."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.BatchNorm2d(2), torch.nn.ReLU(), torch.nn.Conv2d(2, 3, 3),
+        torch.nn.BatchNorm2d(3, momentum=None), torch.nn.ReLU(inplace=True),
+        torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3),
+                            torch.nn.ReLU())).to(dtype)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.uniform_(-1, 1.5)   # negative scales too: either side of 0
+                module.bias.normal_()
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64] if torch else [],
+                         ids=["float32", "float64"])
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last"])
+def test_fused_relu_matches_batch_norm_then_relu(layout, dtype):
+    theirs = relu_model(dtype)
+    ours = ct.convert(relu_model(dtype), fuse_relu=True)
+    assert [type(ours[i]) for i in (1, 4)] == [torch.nn.Identity] * 2
+    assert ours[0].fused_relu and ours[3].fused_relu and ours[5][1].fused_relu
+    assert type(ours[5][2]) is torch.nn.Identity and "fused_relu=True" in repr(ours[0])
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    arrange = LAYOUTS[layout][2]
+    generator = torch.Generator().manual_seed(1)
+    for mode in ("train", "train", "eval"):
+        x = arrange(torch.randn(4, 2, 6, 5, generator=generator, dtype=dtype))
+        dy = torch.randn(4, 3, 4, 3, generator=generator, dtype=dtype)
+        results = []
+        for model in (theirs, ours):
+            model.train(mode == "train")
+            y = model(x)
+            results.append([y] + list(torch.autograd.grad(y, list(model.parameters()), dy)))
+        for i, (got, want) in enumerate(zip(*results)):
+            assert_close(got, want, dtype, f"{mode} output {i}")
+        for (key, got), want in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert_close(got, want, dtype, key)
+    theirs.load_state_dict(ours.state_dict())   # the original model loads the fused one's
+
+
+def test_fuse_relu_leaves_alone_what_it_cannot_fuse_exactly():
+    shared = ct.BatchNorm2d(2)                     # used twice: once without the ReLU
+    hooked = ct.BatchNorm2d(2)
+    hooked.register_forward_hook(lambda module, args, output: None)
+
+    class Subclass(torch.nn.Sequential):
+        pass
+
+    model = torch.nn.Sequential(shared, torch.nn.ReLU(), shared, hooked, torch.nn.ReLU(),
+                                Subclass(torch.nn.BatchNorm2d(2), torch.nn.ReLU()),
+                                torch.nn.BatchNorm2d(2), torch.nn.Identity(), torch.nn.ReLU())
+    ct.convert(model, fuse_relu=True)
+    assert [type(m) for m in model[:7]] == [ct.BatchNorm2d, torch.nn.ReLU, ct.BatchNorm2d,
+                                            ct.BatchNorm2d, torch.nn.ReLU, Subclass,
+                                            ct.BatchNorm2d]
+    assert not any(getattr(m, "fused_relu", False) for m in model.modules())
+    fused = ct.convert(torch.nn.Sequential(torch.nn.BatchNorm2d(2), torch.nn.ReLU()),
+                       fuse_relu=True)
+    with pytest.raises(ValueError, match="fused ReLU"):
+        ct.convert(fused, sync=True)
+    with pytest.raises(ValueError, match="fuse_relu"):
+        ct.convert(torch.nn.BatchNorm2d(2), sync=True, fuse_relu=True)
+
+
 def test_core_never_imports_torch():
     code = ("import sys, numpy as np, cbn; cbn.batch_norm_forward(np.ones((4, 3)));"
             "import cbn.mpi, cbn.nn; print('torch' in sys.modules)")

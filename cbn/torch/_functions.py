@@ -12,7 +12,9 @@ Three functions:
 
 - :class:`Training`: batch statistics (``cbn.batch_norm_forward`` / ``batch_norm_backward``);
   also returns the float64 batch mean and biased variance (not differentiable) for the
-  module's running statistics.
+  module's running statistics. With ``relu``, ``relu(BN(x))`` in the same pass (cbn's fused
+  ``activation="relu"``), which saves the ReLU's pass over y in the forward; the backward is
+  ``torch.nn.ReLU``'s on the saved output, then batch norm's.
 - :class:`Inference`: given (running) statistics; ``dx = dy·γ/sqrt(var + ε)``.
 - :class:`Normalize`: given statistics of a larger batch whose gradient sums are combined by
   a caller-supplied function: the synchronized layer's local part (see ``sync.py``).
@@ -105,19 +107,23 @@ def normalized(x, mean, var, weight, bias, epsilon):
     return delivered(y, x)
 
 
-def remember(ctx, x, weight, bias, mean, var, epsilon):
+def remember(ctx, x, weight, bias, mean, var, epsilon, relu_output=None):
     """Keep what a backward needs: x and weight (saved, so in-place changes are caught),
-    the float64 statistics, epsilon, and the parameters' dtypes for their gradients."""
-    ctx.save_for_backward(x, weight)
+    the float64 statistics, epsilon, the parameters' dtypes for their gradients, and a
+    fused ReLU's output (saved too: an in-place change to it is caught, as after
+    ``torch.nn.ReLU``)."""
+    ctx.save_for_backward(x, weight, relu_output)
     ctx.statistics, ctx.epsilon = (mean, var), epsilon
     ctx.dtypes = tuple(None if p is None else p.dtype for p in (weight, bias))
 
 
 def recalled(ctx, dy):
-    """(x, weight, x as computed, dy in that dtype, mean, var, epsilon) in a backward."""
-    x, weight = ctx.saved_tensors
+    """(x, weight, x as computed, dy in that dtype, mean, var, epsilon, the fused ReLU's
+    output or None) in a backward."""
+    x, weight, relu_output = ctx.saved_tensors
     work = computed(x)
-    return (x, weight, work, dy.to(work.dtype)) + ctx.statistics + (ctx.epsilon,)
+    return ((x, weight, work, dy.to(work.dtype)) + ctx.statistics
+            + (ctx.epsilon, relu_output))
 
 
 def gradients(ctx, x, dx, dgamma, dbeta, n_constants):
@@ -130,27 +136,34 @@ def gradients(ctx, x, dx, dgamma, dbeta, n_constants):
 
 
 class Training(torch.autograd.Function):
-    """``y, mean, var = Training.apply(x, weight, bias, eps)``: batch statistics."""
+    """``y, mean, var = Training.apply(x, weight, bias, eps, relu)``: batch statistics;
+    ``y = relu(BN(x))`` if ``relu``."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, epsilon):
+    def forward(ctx, x, weight, bias, epsilon, relu=False):
         work = computed(x)
         y = torch.empty_like(work)
         if per_channel_count(x):
             _, mean, var = cbn.batch_norm_forward(array(work), vector(weight), vector(bias),
-                                                  axis=1, epsilon=epsilon, out=array(y))
+                                                  axis=1, epsilon=epsilon, out=array(y),
+                                                  activation="relu" if relu else None)
         else:   # an empty batch: nothing to normalise, no statistics (PyTorch's behaviour)
             mean, var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
-        remember(ctx, x, weight, bias, mean, var, epsilon)
+        result = delivered(y, x)
+        remember(ctx, x, weight, bias, mean, var, epsilon, y if relu else None)
         mean, var = torch.from_numpy(mean), torch.from_numpy(var)
         ctx.mark_non_differentiable(mean, var)
-        return delivered(y, x), mean, var
+        return result, mean, var
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy, _mean_grad, _var_grad):
-        x, weight, work, dy, mean, var, epsilon = recalled(ctx, dy)
+        x, weight, work, dy, mean, var, epsilon, relu_output = recalled(ctx, dy)
         need_x = ctx.needs_input_grad[0]
+        if relu_output is not None:
+            # torch.nn.ReLU's own backward, then batch norm's: cbn's fused backward
+            # (activation="relu", y=) was slower than the two on NCHW here (README, Speed).
+            dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)
         if need_x and per_channel_count(x):
             dx = torch.empty_like(work)
             _, dgamma, dbeta = cbn.batch_norm_backward(array(dy), array(work), mean, var,
@@ -159,7 +172,7 @@ class Training(torch.autograd.Function):
         else:   # one read of dy and x for the parameters' gradients alone
             dx = torch.zeros_like(work) if need_x else None
             dgamma, dbeta = sums(dy, work, mean, var, epsilon)
-        return gradients(ctx, x, dx, dgamma, dbeta, 1)
+        return gradients(ctx, x, dx, dgamma, dbeta, 2)
 
 
 class Inference(torch.autograd.Function):
@@ -176,7 +189,7 @@ class Inference(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, work, dy, mean, var, epsilon = recalled(ctx, dy)
+        x, weight, work, dy, mean, var, epsilon, _ = recalled(ctx, dy)
         need_x, need_weight, need_bias = ctx.needs_input_grad[:3]
         dx = input_gradient_with(var, vector(weight), dy, work, epsilon) if need_x else None
         dgamma, dbeta = (sums(dy, work, mean, var, epsilon) if need_weight or need_bias
@@ -205,7 +218,7 @@ class Normalize(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, work, dy, mean, var, epsilon = recalled(ctx, dy)
+        x, weight, work, dy, mean, var, epsilon, _ = recalled(ctx, dy)
         dgamma, dbeta = sums(dy, work, mean, var, epsilon)
         total_dgamma, total_dbeta = ctx.combine(np.stack([dgamma, dbeta]))
         dx = None

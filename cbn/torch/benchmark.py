@@ -8,7 +8,9 @@ ratios:
   ``torch.nn.BatchNorm2d`` on the same tensor, NCHW and channels_last, at each thread count;
 - a whole training step (forward, cross-entropy, backward, SGD) of a small ResNet-style CNN
   (conv–BN–ReLU blocks with residual connections, batch 32, 56×56 images), as built, after
-  ``cbn.torch.convert``, and with its BN layers removed (what the rest of the step costs).
+  ``cbn.torch.convert``, after ``convert(fuse_relu=True)`` (each BN followed by a ReLU in a
+  Sequential computes both in one pass), and with its BN layers removed (what the rest of
+  the step costs).
 
 Threads: ``torch.set_num_threads`` and threadpoolctl's limit (cbn's OpenMP) together.
 """
@@ -79,8 +81,9 @@ def training_step(model, x, target):
 
 
 def step_calls(batch, size, memory_format, seed=0):
-    """The step with torch's BN, after ``convert`` (cbn's), and with every BN an Identity
-    (what the rest of the step costs, to tell the BN layers' share)."""
+    """The step with torch's BN, after ``convert`` (cbn's), after ``convert`` with its
+    ReLUs fused, and with every BN an Identity (what the rest of the step costs, to tell the
+    BN layers' share)."""
     torch.manual_seed(seed)
     model = small_resnet().to(memory_format=memory_format)
     without = copy.deepcopy(model)
@@ -92,13 +95,16 @@ def step_calls(batch, size, memory_format, seed=0):
     x = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
     target = torch.randint(0, 10, (batch,))
     return {"cbn": training_step(convert(copy.deepcopy(model)), x, target),
+            "cbn fused": training_step(convert(copy.deepcopy(model), fuse_relu=True), x,
+                                       target),
             "torch": training_step(model, x, target),
             "no BN": training_step(without, x, target)}
 
 
 def measure(calls, repeats, clock=time.perf_counter):
     """Interleaved rounds, the order reversed every other round; the median seconds of each
-    call, and the median over the rounds of torch's time over cbn's in the same round.
+    call, and the median over the rounds of torch's time over cbn's in the same round
+    (``ratio``; ``ratio fused`` over "cbn fused"'s, if measured).
 
     ``clock`` may be ``time.thread_time`` for one thread: the CPU time of the calling thread,
     which a busy machine's other processes inflate less than the wall-clock time (they
@@ -113,7 +119,9 @@ def measure(calls, repeats, clock=time.perf_counter):
             calls[name]()
             times[name].append(clock() - start)
     row = {name: statistics.median(t) for name, t in times.items()}
-    row["ratio"] = statistics.median(t / c for t, c in zip(times["torch"], times["cbn"]))
+    for key, name in (("ratio", "cbn"), ("ratio fused", "cbn fused")):
+        if name in times:
+            row[key] = statistics.median(t / c for t, c in zip(times["torch"], times[name]))
     row["fastest"] = {name: min(t) for name, t in times.items()}
     return row
 
@@ -142,21 +150,28 @@ def run(threads=(1, 2), repeats=11, quick=False, formats=tuple(FORMATS), step=Tr
 
 def format_table(rows):
     """Medians (and the fastest of the rounds, the least disturbed on a busy machine) in ms,
-    torch / cbn; for the step, also the step without BN and the BN layers' own speed-up
-    inside it, ``(torch − no BN) / (cbn − no BN)`` from the medians."""
+    torch / cbn; for the step, also cbn with its ReLUs fused, the step without BN and the BN
+    layers' own speed-up inside it, ``(torch − no BN) / (cbn − no BN)`` from the medians."""
     lines = ["| what | format | threads | cbn ms (fastest) | torch ms (fastest) | torch / cbn "
+             "(fastest) | cbn, ReLUs fused: ms (fastest) | torch / cbn, ReLUs fused "
              "(fastest) | no BN ms | BN layers in the step: torch / cbn |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
+
+    def timed(row, name):
+        return f"{row[name] * 1e3:.1f} ({row['fastest'][name] * 1e3:.1f})"
+
+    def ratio(row, key, name):
+        return f"{row[key]:.2f} ({row['fastest']['torch'] / row['fastest'][name]:.2f})"
+
     for row in rows:
-        fastest = row["fastest"]
-        cells = [row["what"], row["format"], str(row["threads"]),
-                 f"{row['cbn'] * 1e3:.1f} ({fastest['cbn'] * 1e3:.1f})",
-                 f"{row['torch'] * 1e3:.1f} ({fastest['torch'] * 1e3:.1f})",
-                 f"{row['ratio']:.2f} ({fastest['torch'] / fastest['cbn']:.2f})", "-", "-"]
+        cells = [row["what"], row["format"], str(row["threads"]), timed(row, "cbn"),
+                 timed(row, "torch"), ratio(row, "ratio", "cbn"), "-", "-", "-", "-"]
+        if "cbn fused" in row:
+            cells[6], cells[7] = timed(row, "cbn fused"), ratio(row, "ratio fused", "cbn fused")
         if "no BN" in row:
             bn_cbn, bn_torch = row["cbn"] - row["no BN"], row["torch"] - row["no BN"]
-            cells[6] = f"{row['no BN'] * 1e3:.1f}"
-            cells[7] = f"{bn_torch / bn_cbn:.2f}" if bn_cbn > 0 else "-"
+            cells[8] = f"{row['no BN'] * 1e3:.1f}"
+            cells[9] = f"{bn_torch / bn_cbn:.2f}" if bn_cbn > 0 else "-"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

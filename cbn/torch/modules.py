@@ -15,6 +15,10 @@ constructor, parameters, buffers, ``state_dict`` keys (``weight``, ``bias``, ``r
 
 A training batch with one value per channel is a ValueError, as in PyTorch; an empty batch
 gives an empty output and leaves the running statistics alone.
+
+``fused_relu`` (False unless ``convert(model, fuse_relu=True)`` set it, in place of the
+``torch.nn.ReLU`` that followed the module) makes ``forward`` return ``relu(BN(x))``: in
+training in the same pass as the normalization, forward and backward.
 """
 import torch
 
@@ -23,6 +27,11 @@ from . import _functions
 
 class CbnForward:
     """The ``forward`` of cbn's batch-norm modules (a mixin placed before the torch class)."""
+
+    fused_relu = False
+
+    def extra_repr(self):
+        return super().extra_repr() + (", fused_relu=True" if self.fused_relu else "")
 
     def _average_factor(self):
         """PyTorch's ``exponential_average_factor``; counts the batch when it is tracked."""
@@ -53,11 +62,13 @@ class CbnForward:
         self._check_input_dim(input)
         factor = self._average_factor()
         if not self.training and self.running_mean is not None:
-            return _functions.Inference.apply(input, self.weight, self.bias, self.running_mean,
-                                              self.running_var, self.eps)
+            y = _functions.Inference.apply(input, self.weight, self.bias, self.running_mean,
+                                           self.running_var, self.eps)
+            return torch.relu(y) if self.fused_relu else y
         count = _functions.per_channel_count(input)
         refuse_single_value(count, input.shape)
-        y, mean, var = _functions.Training.apply(input, self.weight, self.bias, self.eps)
+        y, mean, var = _functions.Training.apply(input, self.weight, self.bias, self.eps,
+                                                 self.fused_relu)
         self._update_running(mean.numpy(), var.numpy(), count, factor)
         return y
 
