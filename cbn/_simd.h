@@ -14,11 +14,49 @@
 
 typedef double cbn_v8d __attribute__((vector_size(64)));
 
-/* Features per register-held strip: 64 (8 vectors of 8 doubles) covers a whole NHWC row of
- * 64 channels, so rows stream by in order; two sums and the shift take 24 vector registers. */
-#define CBN_VECTORS 8
-#define CBN_STRIP (8 * CBN_VECTORS)
 typedef float cbn_v8f __attribute__((vector_size(32)));
+
+/* Sums carried from one loop iteration to the next. GCC keeps a loop-carried vector wider
+ * than the target's registers (a cbn_v8d on AVX2 or SSE) in memory, moved in 16-byte pieces
+ * through general registers at every addition: the statistics ran 3-6x slower on the avx2
+ * level than on avx512. So an accumulator is held as register-wide parts, each adding its own
+ * lanes: the same additions, hence the same bits, on every level. */
+#if defined(__AVX512F__)
+#define CBN_REGISTER_BYTES 64
+#elif defined(__AVX__)
+#define CBN_REGISTER_BYTES 32
+#else
+#define CBN_REGISTER_BYTES 16
+#endif
+#define CBN_PARTS (64 / CBN_REGISTER_BYTES)
+typedef double cbn_vreg __attribute__((vector_size(CBN_REGISTER_BYTES)));
+typedef struct { cbn_vreg part[CBN_PARTS]; } cbn_acc;
+
+static inline void cbn_acc_zero(cbn_acc *a, int n) {
+    const cbn_vreg zero = {0};
+    for (int q = 0; q < n; q++)
+        for (int k = 0; k < CBN_PARTS; k++) a[q].part[k] = zero;
+}
+
+static inline void cbn_acc_add(cbn_acc *a, cbn_v8d v) {
+    cbn_vreg p[CBN_PARTS];
+    memcpy(p, &v, sizeof v);
+    for (int k = 0; k < CBN_PARTS; k++) a->part[k] += p[k];
+}
+
+
+/* Features per register-held strip: with AVX-512, 64 (8 vectors of 8 doubles) covers a whole
+ * NHWC row of 64 channels, so rows stream by in order; two sums and the shift take 24 of the
+ * 32 registers. AVX2 and SSE have 16 registers, a quarter or an eighth of the width: 16 or 8
+ * features. A feature's sum runs over the rows in the same order whatever the strip. */
+#if defined(__AVX512F__)
+#define CBN_VECTORS 8
+#elif defined(__AVX__)
+#define CBN_VECTORS 2
+#else
+#define CBN_VECTORS 1
+#endif
+#define CBN_STRIP (8 * CBN_VECTORS)
 
 /* Eight floats widened to doubles and back. With AVX-512 each is one instruction; GCC
  * splits __builtin_convertvector into halves and shuffles (5 instructions instead of 1 per
@@ -53,11 +91,13 @@ static inline void cbn_store_f64(double *p, cbn_v8d v) {
     memcpy(p, &v, sizeof v);
 }
 
-static inline void cbn_add_to(double *target, cbn_v8d v) {
-    cbn_v8d t;
-    memcpy(&t, target, sizeof t);
-    t += v;
-    memcpy(target, &t, sizeof t);
+static inline void cbn_add_to(double *target, const cbn_acc *a) {
+    for (int k = 0; k < CBN_PARTS; k++) {
+        cbn_vreg t;
+        memcpy(&t, target + k * (CBN_REGISTER_BYTES / 8), sizeof t);
+        t += a->part[k];
+        memcpy(target + k * (CBN_REGISTER_BYTES / 8), &t, sizeof t);
+    }
 }
 
 /* s1[j] += sum_r (x[r][j] - shift[j]) and s2[j] += sum_r (x[r][j] - shift[j])^2, rows
@@ -68,30 +108,36 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
                                  double *s2) {                                               \
     int64_t j = 0, r, q;                                                                     \
     for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                                       \
-        cbn_v8d k[CBN_VECTORS], a[CBN_VECTORS] = {0}, b[CBN_VECTORS] = {0};                                                \
-        for (q = 0; q < CBN_VECTORS; q++) k[q] = cbn_load_f64(shift + j + 8 * q);                      \
+        cbn_v8d k[CBN_VECTORS];                                                              \
+        cbn_acc a[CBN_VECTORS], b[CBN_VECTORS];                                              \
+        cbn_acc_zero(a, CBN_VECTORS);                                                        \
+        cbn_acc_zero(b, CBN_VECTORS);                                                        \
+        for (q = 0; q < CBN_VECTORS; q++) k[q] = cbn_load_f64(shift + j + 8 * q);            \
         for (r = 0; r < n_rows; r++) {                                                       \
             const T *row = p + r * row_stride + j;                                           \
             for (q = 0; q < CBN_VECTORS; q++) {                                                        \
                 cbn_v8d d = cbn_load_##S(row + 8 * q) - k[q];                                \
-                a[q] += d;                                                                   \
-                b[q] += d * d;                                                               \
+                cbn_acc_add(&a[q], d);                                                       \
+                cbn_acc_add(&b[q], d * d);                                                   \
             }                                                                                \
         }                                                                                    \
         for (q = 0; q < CBN_VECTORS; q++) {                                                            \
-            cbn_add_to(s1 + j + 8 * q, a[q]);                                                \
-            cbn_add_to(s2 + j + 8 * q, b[q]);                                                \
+            cbn_add_to(s1 + j + 8 * q, &a[q]);                                               \
+            cbn_add_to(s2 + j + 8 * q, &b[q]);                                               \
         }                                                                                    \
     }                                                                                        \
     for (; j + 8 <= width; j += 8) {                                                         \
-        cbn_v8d k = cbn_load_f64(shift + j), a = {0}, b = {0};                               \
+        cbn_v8d k = cbn_load_f64(shift + j);                                                 \
+        cbn_acc a, b;                                                                        \
+        cbn_acc_zero(&a, 1);                                                                 \
+        cbn_acc_zero(&b, 1);                                                                 \
         for (r = 0; r < n_rows; r++) {                                                       \
             cbn_v8d d = cbn_load_##S(p + r * row_stride + j) - k;                            \
-            a += d;                                                                          \
-            b += d * d;                                                                      \
+            cbn_acc_add(&a, d);                                                              \
+            cbn_acc_add(&b, d * d);                                                          \
         }                                                                                    \
-        cbn_add_to(s1 + j, a);                                                               \
-        cbn_add_to(s2 + j, b);                                                               \
+        cbn_add_to(s1 + j, &a);                                                              \
+        cbn_add_to(s2 + j, &b);                                                              \
     }                                                                                        \
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, d;                                                          \
@@ -112,30 +158,36 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
 #define CBN_GRADIENT_SUMS_BODY(T, S, DY, DY1)                                                \
     int64_t j = 0, r, q;                                                                     \
     for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                         \
-        cbn_v8d m[CBN_VECTORS], a[CBN_VECTORS] = {0}, b[CBN_VECTORS] = {0};                  \
+        cbn_v8d m[CBN_VECTORS];                                                              \
+        cbn_acc a[CBN_VECTORS], b[CBN_VECTORS];                                              \
+        cbn_acc_zero(a, CBN_VECTORS);                                                        \
+        cbn_acc_zero(b, CBN_VECTORS);                                                        \
         for (q = 0; q < CBN_VECTORS; q++) m[q] = cbn_load_f64(mean + j + 8 * q);             \
         for (r = 0; r < n_rows; r++) {                                                       \
             const T *x_row = x + r * x_row_stride + j;                                       \
             for (q = 0; q < CBN_VECTORS; q++) {                                              \
                 cbn_v8d g = DY(S, r, j + 8 * q);                                             \
-                a[q] += g;                                                                   \
-                b[q] += g * (cbn_load_##S(x_row + 8 * q) - m[q]);                            \
+                cbn_acc_add(&a[q], g);                                                       \
+                cbn_acc_add(&b[q], g * (cbn_load_##S(x_row + 8 * q) - m[q]));                \
             }                                                                                \
         }                                                                                    \
         for (q = 0; q < CBN_VECTORS; q++) {                                                  \
-            cbn_add_to(sum_dy + j + 8 * q, a[q]);                                            \
-            cbn_add_to(sum_dy_xc + j + 8 * q, b[q]);                                         \
+            cbn_add_to(sum_dy + j + 8 * q, &a[q]);                                           \
+            cbn_add_to(sum_dy_xc + j + 8 * q, &b[q]);                                        \
         }                                                                                    \
     }                                                                                        \
     for (; j + 8 <= width; j += 8) {                                                         \
-        cbn_v8d m = cbn_load_f64(mean + j), a = {0}, b = {0};                                \
+        cbn_v8d m = cbn_load_f64(mean + j);                                                  \
+        cbn_acc a, b;                                                                        \
+        cbn_acc_zero(&a, 1);                                                                 \
+        cbn_acc_zero(&b, 1);                                                                 \
         for (r = 0; r < n_rows; r++) {                                                       \
             cbn_v8d g = DY(S, r, j);                                                         \
-            a += g;                                                                          \
-            b += g * (cbn_load_##S(x + r * x_row_stride + j) - m);                           \
+            cbn_acc_add(&a, g);                                                              \
+            cbn_acc_add(&b, g * (cbn_load_##S(x + r * x_row_stride + j) - m));               \
         }                                                                                    \
-        cbn_add_to(sum_dy + j, a);                                                           \
-        cbn_add_to(sum_dy_xc + j, b);                                                        \
+        cbn_add_to(sum_dy + j, &a);                                                          \
+        cbn_add_to(sum_dy_xc + j, &b);                                                       \
     }                                                                                        \
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, g;                                                          \
@@ -161,15 +213,18 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
  * order): four vector accumulators per sum keep the additions independent. dy is read
  * through DY(S, i) and DY1(S, i), as in CBN_GRADIENT_SUMS_BODY. */
 #define CBN_GRADIENT_RUN_BODY(T, S, DY, DY1)                                                 \
-    cbn_v8d m = {0}, a[4] = {0}, b[4] = {0};                                                 \
+    cbn_v8d m = {0};                                                                         \
+    cbn_acc a[4], b[4];                                                                      \
     int64_t i = 0, q;                                                                        \
     double ta = 0.0, tb = 0.0, g;                                                            \
+    cbn_acc_zero(a, 4);                                                                      \
+    cbn_acc_zero(b, 4);                                                                      \
     m += mean;                                                                               \
     for (; i + 32 <= n; i += 32)                                                             \
         for (q = 0; q < 4; q++) {                                                            \
             cbn_v8d v = DY(S, i + 8 * q);                                                    \
-            a[q] += v;                                                                       \
-            b[q] += v * (cbn_load_##S(x + i + 8 * q) - m);                                   \
+            cbn_acc_add(&a[q], v);                                                           \
+            cbn_acc_add(&b[q], v * (cbn_load_##S(x + i + 8 * q) - m));                       \
         }                                                                                    \
     for (; i < n; i++) {                                                                     \
         g = DY1(S, i);                                                                       \
@@ -184,15 +239,18 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
 #define CBN_DEFINE_RUN_SUMS(T, S)                                                            \
 static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double *s1,        \
                                      double *s2) {                                           \
-    cbn_v8d k = {0}, a[4] = {0}, b[4] = {0};                                                 \
+    cbn_v8d k = {0};                                                                         \
+    cbn_acc a[4], b[4];                                                                      \
     int64_t i = 0, q;                                                                        \
     double ta = 0.0, tb = 0.0, d;                                                            \
+    cbn_acc_zero(a, 4);                                                                      \
+    cbn_acc_zero(b, 4);                                                                      \
     k += shift;                                                                              \
     for (; i + 32 <= n; i += 32)                                                             \
         for (q = 0; q < 4; q++) {                                                            \
             cbn_v8d v = cbn_load_##S(p + i + 8 * q) - k;                                     \
-            a[q] += v;                                                                       \
-            b[q] += v * v;                                                                   \
+            cbn_acc_add(&a[q], v);                                                           \
+            cbn_acc_add(&b[q], v * v);                                                       \
         }                                                                                    \
     for (; i < n; i++) {                                                                     \
         d = p[i] - shift;                                                                    \
@@ -208,8 +266,12 @@ static void cbn_gradient_sums_run_##S(const T *dy, const T *x, int64_t n, double
 }
 
 /* Sum of four vectors' lanes in a fixed order. */
-static inline double cbn_reduce(const cbn_v8d *v) {
-    cbn_v8d t = (v[0] + v[1]) + (v[2] + v[3]);
+static inline double cbn_reduce(const cbn_acc *v) {
+    double t[8];
+    for (int k = 0; k < CBN_PARTS; k++) {
+        cbn_vreg part = (v[0].part[k] + v[1].part[k]) + (v[2].part[k] + v[3].part[k]);
+        memcpy(t + k * (CBN_REGISTER_BYTES / 8), &part, sizeof part);
+    }
     return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
 }
 
