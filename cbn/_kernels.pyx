@@ -32,7 +32,9 @@ whole work items and chunk results are combined in chunk order, so results are b
 identical for every thread count. When a RI feature fits in one chunk, the statistics
 and the normalization of that feature run back to back while its data is in cache. RI
 data of many outer rows (NCHW with 8 images or more) is walked in memory order instead,
-outer row by outer row, in chunks of whole outer rows (normalize_planes).
+outer row by outer row, in chunks of whole outer rows (normalize_planes); so are operands
+whose fastest axes are two different reduced axes (x NCHW, out= Fortran), in groups of
+outer rows that cover whole cache lines of each (row groups, group_staged).
 """
 from cython cimport floating
 from cython.parallel cimport prange, threadid
@@ -185,6 +187,9 @@ cdef enum:
     PLANE_ORDER_MIN_OUTER = 8   # outer rows from which the planes order applies
     PLANE_CHUNKS = 16           # chunks of whole outer rows, i.e. partial results per feature
     MIN_PLANE_CHUNK_ELEMENTS = 65536  # ... fewer for small arrays
+    # Row groups (planes grids whose plan has row_group > 1, see group_staged):
+    GROUP_ROWS = 64             # outer rows per group at most: long runs of the odd operand
+    GROUP_TILE_BYTES = 16384    # a tile (group rows x inner elements) stays in L1
 
 
 # Machine-dependent thresholds, set by cbn._machine from the caches the OS reports (and a
@@ -242,6 +247,8 @@ cdef struct Grid:
     Py_ssize_t n_fo, n_fi, n_ro, n_ri, n_rows, n_features
     bint features_inner
     bint planes         # RI, chunks of whole outer rows walked outer row by outer row
+    Py_ssize_t row_group    # planes: the plan's row_group (1: walked one outer row at a time)
+    Py_ssize_t group_rows, group_run    # row groups: outer rows, and inner elements per tile
     Py_ssize_t n_bytes                               # of one operand
     bint stream                                      # streaming stores for the output
     bint rows_contiguous        # FI, and every operand's rows follow each other in memory
@@ -259,6 +266,7 @@ cdef struct Walk:
     int64_t feature_stride
     const int64_t *row_offsets
     int64_t row_stride
+    int64_t group_stride        # between consecutive outer rows of a row group
 
 
 # What follows batch norm in the same pass (section "Activations"). Forward: y = act(BN(x) +
@@ -300,6 +308,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
     g.n_features = g.n_fo * g.n_fi
     g.features_inner = plan.features_inner
     g.planes = False
+    g.row_group = g.group_rows = g.group_run = 1
     g.n_bytes = g.n_rows * g.n_features * itemsize
     g.stream = False
     # Whole rows back to back in every operand: a chunk of rows is one contiguous run.
@@ -332,7 +341,14 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
         g.tile_width = 1
         g.n_tiles = 1
         g.rows_per_block = g.rows_per_run = 0
-        g.planes = g.n_ro >= PLANE_ORDER_MIN_OUTER
+        # Only where every operand runs along the inner rows: an operand that steps fastest
+        # along another axis (x NCHW, out= Fortran) would be walked across its cache lines
+        # the whole array apart, never reused from cache (15-30x slower than matched).
+        g.row_group = plan.row_group
+        g.group_rows = min(g.row_group, <Py_ssize_t>GROUP_ROWS)
+        g.group_run = (min(g.n_ri, max(8, GROUP_TILE_BYTES // itemsize // g.group_rows))
+                       if g.row_group > 1 else g.n_ri)
+        g.planes = (plan.agree and g.n_ro >= PLANE_ORDER_MIN_OUTER) or g.row_group > 1
         if g.planes:
             g.n_chunks = max(1, min(<Py_ssize_t>PLANE_CHUNKS, g.n_ro,
                                     g.n_rows * g.n_features // MIN_PLANE_CHUNK_ELEMENTS))
@@ -362,6 +378,7 @@ cdef Walk make_walk(layout):
     w.feature_stride = layout.feature_stride
     w.row_offsets = <const int64_t *>cnp.PyArray_DATA(row_offsets)
     w.row_stride = layout.row_stride
+    w.group_stride = row_offsets[1] - row_offsets[0] if len(row_offsets) > 1 else 0
     return w
 
 
@@ -888,6 +905,8 @@ cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
     # then, for a backward with an activation, the two slots of activation_slot.
     cdef Py_ssize_t per_thread = (tile_arrays * g.tile_width + 3 * g.stage_elements
                                   if g.features_inner else 0)
+    if g.row_group > 1:     # RI row groups: up to three tiles (group_rows_in, _out)
+        per_thread = 3 * g.group_rows * g.group_run
     if activated and g.features_inner:
         per_thread += 2 * g.rows_per_run * g.tile_width
     cdef Py_ssize_t partials = g.n_chunks * g.n_features
@@ -1044,7 +1063,7 @@ cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floa
                           const Activation *act) noexcept nogil:
     cdef Py_ssize_t item
     if g.planes:
-        normalize_planes(g, x, xw, y, yw, mean, scale, shift, act)
+        normalize_planes(g, x, xw, y, yw, mean, scale, shift, ws, act)
         return
     if g.n_threads == 1:
         for item in range(g.n_items):
@@ -1066,33 +1085,111 @@ cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floa
 # reads cost more than the second pass.
 cdef void normalize_planes(const Grid *g, const floating *x, const Walk *xw, floating *y,
                            const Walk *yw, const double *mean, const double *scale,
-                           const double *shift, const Activation *act) noexcept nogil:
-    cdef Py_ssize_t ro
+                           const double *shift, const Buffers *ws,
+                           const Activation *act) noexcept nogil:
+    cdef Py_ssize_t i
     if g.n_threads == 1:
-        for ro in range(g.n_ro):
-            normalize_outer_row(g, x, xw, y, yw, ro, mean, scale, shift, act)
+        for i in range(group_count(g)):
+            normalize_group(g, x, xw, y, yw, group_start(g, i), mean, scale, shift,
+                            <floating *>ws.scratch, act)
         return
-    for ro in prange(g.n_ro, num_threads=g.n_threads, schedule="dynamic"):
-        normalize_outer_row(g, x, xw, y, yw, ro, mean, scale, shift, act)
+    for i in prange(group_count(g), num_threads=g.n_threads, schedule="dynamic"):
+        normalize_group(g, x, xw, y, yw, group_start(g, i), mean, scale, shift,
+                        <floating *>(ws.scratch + threadid() * ws.scratch_per_thread), act)
 
 
-cdef inline void normalize_outer_row(const Grid *g, const floating *x, const Walk *xw,
-                                     floating *y, const Walk *yw, Py_ssize_t ro,
-                                     const double *mean, const double *scale,
-                                     const double *shift, const Activation *act) noexcept nogil:
-    """Every feature's run of n_ri elements in outer row ro."""
-    cdef Py_ssize_t f
+# Row groups. Where another operand steps fastest along an outer reduced axis (x NCHW beside
+# a Fortran-ordered out=: W inner, N outer), the plan makes that axis the innermost outer
+# one (row_group: its extent), and the planes walk takes group_rows consecutive outer rows
+# at a time, each feature a tile of those rows: a tile covers whole cache lines of every
+# operand, where one outer row at a time would touch each line of the odd operand once per
+# pass over the whole array (15-30x the matched call). In the elementwise passes the odd
+# operand's tile is transposed through a per-thread buffer (8x8 blocks in registers), so
+# the SIMD loops serve it; the sums read it where it lies, in the order they always do.
+cdef inline Py_ssize_t group_count(const Grid *g) noexcept nogil:
+    return g.n_ro // g.row_group * ceil_div(g.row_group, g.group_rows)
+
+
+cdef inline Py_ssize_t group_start(const Grid *g, Py_ssize_t i) noexcept nogil:
+    cdef Py_ssize_t per_outer = ceil_div(g.row_group, g.group_rows)
+    return i // per_outer * g.row_group + (i % per_outer) * g.group_rows
+
+
+cdef inline Py_ssize_t group_length(const Grid *g, Py_ssize_t ro, Py_ssize_t ro_end) noexcept nogil:
+    """Outer rows in the group from ro: up to group_rows, within one outer index, before ro_end."""
+    return min(g.group_rows, g.row_group - ro % g.row_group, ro_end - ro)
+
+
+cdef inline bint group_staged(const Grid *g, const Walk *w) noexcept nogil:
+    """Whether an operand's tiles go through a buffer: it steps by one element from outer row
+    to outer row of a group, not along the rows."""
+    return g.row_group > 1 and w.group_stride == 1 and w.row_stride != 1
+
+
+cdef inline const floating *group_rows_in(const Grid *g, const floating *p, const Walk *w,
+                                          Py_ssize_t ro, Py_ssize_t ri, Py_ssize_t n_rows,
+                                          Py_ssize_t n, int64_t *step, int64_t *row_step,
+                                          floating *stage) noexcept nogil:
+    """Elements ri .. ri + n of outer rows ro .. ro + n_rows of the feature at p: where the
+    first row starts, *step apart along a row, *row_step from row to row (a copy in stage
+    for a staged operand)."""
+    p = p + row_offset(w, ro, ri)
+    if group_staged(g, w):
+        transpose(p, w.row_stride, n, n_rows, stage, n)
+        step[0], row_step[0] = 1, n
+        return stage
+    step[0], row_step[0] = w.row_stride, w.group_stride
+    return p
+
+
+cdef inline floating *group_rows_out(const Grid *g, floating *p, const Walk *w, Py_ssize_t ro,
+                                     Py_ssize_t ri, Py_ssize_t n, int64_t *step,
+                                     int64_t *row_step, floating *stage) noexcept nogil:
+    """Where to write such a tile of an output: in place, or in stage (then group_rows_flush)."""
+    if group_staged(g, w):
+        step[0], row_step[0] = 1, n
+        return stage
+    step[0], row_step[0] = w.row_stride, w.group_stride
+    return p + row_offset(w, ro, ri)
+
+
+cdef inline void group_rows_flush(const Grid *g, const floating *stage, floating *p,
+                                  const Walk *w, Py_ssize_t ro, Py_ssize_t ri,
+                                  Py_ssize_t n_rows, Py_ssize_t n) noexcept nogil:
+    if group_staged(g, w):
+        transpose(stage, n, n_rows, n, p + row_offset(w, ro, ri), w.row_stride)
+
+
+cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                          const Walk *yw, Py_ssize_t ro, const double *mean,
+                          const double *scale, const double *shift, floating *stage,
+                          const Activation *act) noexcept nogil:
+    """Every feature's runs in the outer rows of the group from ro."""
+    cdef Py_ssize_t f, t, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
+    cdef bint y_staged = group_staged(g, yw)
+    cdef int64_t x_step, x_row_step, y_step, y_row_step
+    cdef const floating *x_rows
+    cdef floating *y_rows
     cdef RiItem plane
-    if act.fused:
-        plane.r_begin, plane.r_end = ro * g.n_ri, (ro + 1) * g.n_ri
-        for f in range(g.n_features):
-            plane.f = f
-            ri_normalize_activate_item(g, x, xw, y, yw, plane, mean[f], scale[f], shift[f], act)
-        return
     for f in range(g.n_features):
-        normalize_run(x + feature_offset(xw, g, f) + row_offset(xw, ro, 0), xw.row_stride,
-                      y + feature_offset(yw, g, f) + row_offset(yw, ro, 0), yw.row_stride,
-                      g.n_ri, mean[f], scale[f], shift[f], g.stream)
+        if act.fused:
+            plane.f = f
+            for t in range(n_rows):
+                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
+                ri_normalize_activate_item(g, x, xw, y, yw, plane, mean[f], scale[f],
+                                           shift[f], act)
+            continue
+        for segment in range(ceil_div(g.n_ri, g.group_run)):
+            ri = segment * g.group_run
+            n = min(g.group_run, g.n_ri - ri)
+            x_rows = group_rows_in(g, x + feature_offset(xw, g, f), xw, ro, ri, n_rows, n,
+                                   &x_step, &x_row_step, stage)
+            y_rows = group_rows_out(g, y + feature_offset(yw, g, f), yw, ro, ri, n, &y_step,
+                                    &y_row_step, stage + g.group_rows * g.group_run)
+            for t in range(n_rows):
+                normalize_run(x_rows + t * x_row_step, x_step, y_rows + t * y_row_step, y_step,
+                              n, mean[f], scale[f], shift[f], g.stream and not y_staged)
+            group_rows_flush(g, y_rows, y + feature_offset(yw, g, f), yw, ro, ri, n_rows, n)
     if g.stream:
         cbn_store_fence()
 
@@ -1391,11 +1488,16 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
     for f in range(g.n_features):
         sum_dy[f] = 0.0
         sum_dy_xc[f] = 0.0
-    for ro in range(ro0, ro1):
+    cdef Py_ssize_t t, n_rows
+    ro = ro0
+    while ro < ro1:     # a row group at a time (one row unless grouped): the same order
+        n_rows = group_length(g, ro, ro1)
         for f in range(g.n_features):
-            gradient_run(dy + feature_offset(dyw, g, f) + row_offset(dyw, ro, 0), dyw.row_stride,
-                         x + feature_offset(xw, g, f) + row_offset(xw, ro, 0), xw.row_stride,
-                         g.n_ri, mean[f], &sum_dy[f], &sum_dy_xc[f])
+            for t in range(ro, ro + n_rows):
+                gradient_run(dy + feature_offset(dyw, g, f) + row_offset(dyw, t, 0),
+                             dyw.row_stride, x + feature_offset(xw, g, f) + row_offset(xw, t, 0),
+                             xw.row_stride, g.n_ri, mean[f], &sum_dy[f], &sum_dy_xc[f])
+        ro += n_rows
 
 
 cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dyw,
@@ -1406,7 +1508,7 @@ cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dy
     for f in range(g.n_features):
         gradient_factors(f, k)
     if g.planes and not k.act.fused:
-        input_gradient_planes(g, dy, dyw, x, xw, dx, dxw, k)
+        input_gradient_planes(g, dy, dyw, x, xw, dx, dxw, k, ws)
         return
     if g.n_threads == 1:
         for item in range(g.n_items):
@@ -1419,28 +1521,47 @@ cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dy
 
 cdef void input_gradient_planes(const Grid *g, const floating *dy, const Walk *dyw,
                                 const floating *x, const Walk *xw, floating *dx,
-                                const Walk *dxw, const GradientFactors *k) noexcept nogil:
-    """RI dx outer row by outer row, in memory order (see normalize_planes)."""
-    cdef Py_ssize_t ro
+                                const Walk *dxw, const GradientFactors *k,
+                                const Buffers *ws) noexcept nogil:
+    """RI dx outer row by outer row, in memory order (see normalize_planes), by row groups."""
+    cdef Py_ssize_t i
     if g.n_threads == 1:
-        for ro in range(g.n_ro):
-            input_gradient_outer_row(g, dy, dyw, x, xw, dx, dxw, k, ro)
+        for i in range(group_count(g)):
+            input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i),
+                                 <floating *>ws.scratch)
         return
-    for ro in prange(g.n_ro, num_threads=g.n_threads, schedule="dynamic"):
-        input_gradient_outer_row(g, dy, dyw, x, xw, dx, dxw, k, ro)
+    for i in prange(group_count(g), num_threads=g.n_threads, schedule="dynamic"):
+        input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i),
+                             <floating *>(ws.scratch + threadid() * ws.scratch_per_thread))
 
 
-cdef inline void input_gradient_outer_row(const Grid *g, const floating *dy, const Walk *dyw,
-                                          const floating *x, const Walk *xw, floating *dx,
-                                          const Walk *dxw, const GradientFactors *k,
-                                          Py_ssize_t ro) noexcept nogil:
-    cdef Py_ssize_t f
+cdef inline void input_gradient_group(const Grid *g, const floating *dy, const Walk *dyw,
+                                      const floating *x, const Walk *xw, floating *dx,
+                                      const Walk *dxw, const GradientFactors *k,
+                                      Py_ssize_t ro, floating *stage) noexcept nogil:
+    cdef Py_ssize_t f, t, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
+    cdef bint dx_staged = group_staged(g, dxw)
+    cdef int64_t dy_step, dy_row_step, x_step, x_row_step, dx_step, dx_row_step
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
+    cdef floating *dx_rows
     for f in range(g.n_features):
-        input_gradient_run(dy + feature_offset(dyw, g, f) + row_offset(dyw, ro, 0),
-                           dyw.row_stride, x + feature_offset(xw, g, f) + row_offset(xw, ro, 0),
-                           xw.row_stride, dx + feature_offset(dxw, g, f) + row_offset(dxw, ro, 0),
-                           dxw.row_stride, g.n_ri, k.mean[f], k.coef_dy[f], k.coef_xc[f],
-                           k.offset[f], g.stream)
+        for segment in range(ceil_div(g.n_ri, g.group_run)):
+            ri = segment * g.group_run
+            n = min(g.group_run, g.n_ri - ri)
+            dy_rows = group_rows_in(g, dy + feature_offset(dyw, g, f), dyw, ro, ri, n_rows, n,
+                                    &dy_step, &dy_row_step, stage)
+            x_rows = group_rows_in(g, x + feature_offset(xw, g, f), xw, ro, ri, n_rows, n,
+                                   &x_step, &x_row_step, stage + g.group_rows * g.group_run)
+            dx_rows = group_rows_out(g, dx + feature_offset(dxw, g, f), dxw, ro, ri, n,
+                                     &dx_step, &dx_row_step, stage + 2 * g.group_rows * g.group_run)
+            for t in range(n_rows):
+                input_gradient_run(dy_rows + t * dy_row_step, dy_step, x_rows + t * x_row_step,
+                                   x_step, dx_rows + t * dx_row_step, dx_step, n, k.mean[f],
+                                   k.coef_dy[f], k.coef_xc[f], k.offset[f],
+                                   g.stream and not dx_staged)
+            group_rows_flush(g, dx_rows, dx + feature_offset(dxw, g, f), dxw, ro, ri, n_rows,
+                             n)
     if g.stream:
         cbn_store_fence()
 

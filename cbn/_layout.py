@@ -35,6 +35,9 @@ class Plan:
     n_row_outer: int
     n_row_inner: int
     features_inner: bool          # loop order: True streams features, False streams rows
+    agree: bool                   # every operand steps fastest along the same axis
+    row_group: int                # RI: extent of the outer reduced dimension along which
+                                  # another operand steps fastest (its rows' groups), or 1
     feature_order: tuple          # kept axes (positions in the sorted kept-axis list) in memory order
     operands: tuple               # one OperandLayout per operand, in the order given
 
@@ -84,7 +87,10 @@ def make_plan(shape, axes, element_strides):
     axis: a C-ordered dy with a Fortran-ordered or transposed x) get the features-inner loop
     order with each of those two axes innermost in its group, so that a tile of features
     times rows covers whole cache lines of every operand; the kernels transpose such tiles
-    in cache (``mixed``).
+    in cache (``mixed``). Operands whose fastest axes are two different reduced axes (x
+    NCHW beside a Fortran-ordered dy: W and N) keep the first operand's order but for the
+    other's fastest axis, which becomes the innermost outer reduced one (``row_group``): the
+    kernels walk groups of outer rows, which are whole cache lines of every operand.
     """
     lead = element_strides[0]
     # Outermost first; the sort is stable, so ties (broadcast zeros) keep axis order.
@@ -93,6 +99,7 @@ def make_plan(shape, axes, element_strides):
     feature_fastest = [a for a in fastest if a is not None and a in axes]
     row_fastest = [a for a in fastest if a is not None and a not in axes]
     mixed = bool(feature_fastest and row_fastest)
+    agree = len(set(feature_fastest + row_fastest)) <= 1
     if mixed:
         # Features in the order of the first operand that steps along them fastest, rows in
         # that of the first that steps along rows fastest.
@@ -100,6 +107,14 @@ def make_plan(shape, axes, element_strides):
         by_rows = element_strides[fastest.index(row_fastest[0])]
         order = sorted(range(len(shape)),
                        key=lambda a: -abs((by_features if a in axes else by_rows)[a]))
+    reduced_order = [a for a in order if a not in axes and shape[a] != 1]
+    odd_rows = [a for a in row_fastest if reduced_order and a != reduced_order[-1]]
+    if not mixed and odd_rows:
+        # Another operand steps fastest along a reduced axis that is not the inner one (x
+        # NCHW, out= Fortran): that axis becomes the innermost outer one, so that a group of
+        # consecutive outer rows is whole cache lines of it (row_group, in the kernels).
+        order.remove(odd_rows[0])
+        order.insert(order.index(reduced_order[-1]), odd_rows[0])
     kept_order = [a for a in order if a in axes]
     feature_order = tuple(axes.index(a) for a in kept_order)
 
@@ -117,6 +132,8 @@ def make_plan(shape, axes, element_strides):
         features_inner = abs(fi_strides[0]) <= abs(ri_strides[0])
     else:
         features_inner = ri_extent == 1
+    row_group = (row_groups[-2][0] if odd_rows and not features_inner and len(row_groups) > 1
+                 else 1)
     operands = tuple(
         OperandLayout(
             feature_offsets=_offset_table(feature_groups[:-1], k),
@@ -126,5 +143,5 @@ def make_plan(shape, axes, element_strides):
         for k in range(len(element_strides)))
     n_feature_outer = len(operands[0].feature_offsets)
     n_row_outer = len(operands[0].row_offsets)
-    return Plan(n_feature_outer, fi_extent, n_row_outer, ri_extent, features_inner,
-                feature_order, operands)
+    return Plan(n_feature_outer, fi_extent, n_row_outer, ri_extent, features_inner, agree,
+                row_group, feature_order, operands)

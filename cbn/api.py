@@ -59,7 +59,8 @@ class _Plan:
         self.permuted_shape = tuple(features[i] for i in self.order)
         self.inverse = tuple(np.argsort(self.order))
         self._shape = (layout.n_feature_outer, layout.n_feature_inner, layout.n_row_outer,
-                       layout.n_row_inner, layout.features_inner, layout.feature_order,
+                       layout.n_row_inner, layout.features_inner, layout.agree,
+                       layout.row_group, layout.feature_order,
                        any(o.feature_stride != 1 for o in layout.operands))
         self._walks = tuple((o.feature_offsets.tobytes(), o.feature_stride,
                              o.row_offsets.tobytes(), o.row_stride) for o in layout.operands)

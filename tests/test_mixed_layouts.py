@@ -78,11 +78,11 @@ LAYOUT_MAKERS = {"C": np.ascontiguousarray, "F": np.asfortranarray, "NCHW": nchw
 PAIRS = [("F", "C"), ("C", "F"), ("NCHW", "C"), ("C", "NCHW")]
 
 
-def run_all(x, dy, out_like):
-    y = cbn.batch_norm_forward(x, out=out_like())
+def run_all(x, dy, out_like, axis=-1):
+    y = cbn.batch_norm_forward(x, axis=axis, out=out_like())
     mean, var = y[1], y[2]
-    return (y[0], mean, var, cbn.batch_norm_inference(x, mean, var, out=out_like()),
-            *cbn.batch_norm_backward(dy, x, mean, var, out=out_like()))
+    return (y[0], mean, var, cbn.batch_norm_inference(x, mean, var, axis=axis, out=out_like()),
+            *cbn.batch_norm_backward(dy, x, mean, var, axis=axis, out=out_like()))
 
 
 @pytest.fixture(params=[False, True], ids=["cached stores", "streaming stores"])
@@ -118,3 +118,42 @@ def test_mixed_layouts_bitwise_identical_for_one_and_two_threads(x_layout, other
     assert_close(parallel[3], y_ref, dtype, condition=100)
     dx_ref, _, _ = reference.batch_norm_backward(np.asarray(dy), values, mean_ref, var_ref)
     assert_close(parallel[4], dx_ref, dtype, condition=100)
+
+
+# Operands whose fastest axes are two different reduced axes (x NCHW, the others Fortran:
+# W and N) are walked in groups of outer rows (row_group in cbn/_kernels.pyx): 70 images
+# make groups of 64 and 6, rows of 300 make tiles of part of a row, and 280 outer rows make
+# 3 chunks whose bounds cut groups.
+ROW_GROUP_LAYOUTS = {"C": np.ascontiguousarray, "F": np.asfortranarray,
+                     "stepped": lambda a: in_layout(a, "stepped", None),
+                     "reversed": lambda a: in_layout(a, "reversed", None)}
+
+
+@pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,other_layout", [("C", "F"), ("F", "C"), ("F", "stepped"),
+                                                   ("reversed", "F")])
+def test_row_groups_match_reference_and_threads(x_layout, other_layout, dtype):
+    rng = np.random.default_rng(5)
+    values = (rng.standard_normal((70, 3, 4, 300)) * 2 + 1).astype(dtype)
+    dy_values = rng.standard_normal(values.shape).astype(dtype)
+    x = ROW_GROUP_LAYOUTS[x_layout](values)
+    dy = ROW_GROUP_LAYOUTS[other_layout](dy_values)
+
+    def out_like():
+        return ROW_GROUP_LAYOUTS[other_layout](np.zeros_like(values))
+
+    with threadpool_limits(1, user_api="openmp"):
+        serial = run_all(x, dy, out_like, axis=1)
+    with threadpool_limits(2, user_api="openmp"):
+        parallel = run_all(x, dy, out_like, axis=1)
+    for a, b in zip(serial, parallel):
+        assert a.tobytes() == b.tobytes()
+    y_ref, mean_ref, var_ref = reference.batch_norm_forward(values, axis=1)
+    assert_close(parallel[0], y_ref, dtype, condition=100)
+    assert_close(parallel[3], y_ref, dtype, condition=100)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy_values, values, mean_ref,
+                                                                  var_ref, axis=1)
+    assert_close(parallel[4], dx_ref, dtype, condition=100)
+    np.testing.assert_allclose(parallel[5], dgamma_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(parallel[6], dbeta_ref, rtol=1e-6, atol=1e-6)
