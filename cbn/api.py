@@ -54,6 +54,7 @@ class _Plan:
         self.n_features = layout.n_features
         self.order = layout.feature_order
         self.identity = self.order == tuple(sorted(self.order))
+        self.agree = layout.agree     # every operand steps fastest along the same axis
         self.one_axis = len(self.order) == 1
         features = _checks.feature_shape(shape, axes)
         self.permuted_shape = tuple(features[i] for i in self.order)
@@ -235,10 +236,29 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
     plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
     gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
                               _parameter(plan, beta, "beta", features))
+    if x.size and not plan.agree:
+        mean, var = _statistics_then_normalization(_plan(x.shape, axes, x.itemsize, x.strides),
+                                                   plan, x, y, gamma, beta, epsilon)
+        return _finish(x_in, y, out), mean, var
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if x.size:
         _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var)
     return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
+
+
+def _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon, *fused):
+    """The training forward in two calls: the statistics in plan ``stats``, then the
+    normalization (with ``fused``: activation kind, alpha, residual, mask) in ``plan``.
+    Returns the feature-shaped mean and var.
+
+    Where x and y disagree on layout, the statistics are taken in x's own plan, which reads
+    x in memory order, not in the tiles (or staged copies) that serve y."""
+    mean, var = np.empty(stats.n_features), np.empty(stats.n_features)
+    _kernels.batch_stats(stats.kernel, x, mean, var)
+    mean, var = stats.from_kernel(mean), stats.from_kernel(var)
+    _kernels.batch_norm_inference(plan.kernel, x, y, plan.to_kernel(mean), plan.to_kernel(var),
+                                  gamma, beta, epsilon, *fused)
+    return mean, var
 
 
 def batch_norm_inference(x, mean, var, gamma=None, beta=None, axis=-1, epsilon=1e-3, *,
@@ -304,16 +324,15 @@ def _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residua
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if not x.size:
         return (_finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)) + masked
-    if plan.work(0) == plain.work(0):
+    if plan.work(0) == plain.work(0) and plain.agree:
         _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var, kind,
                                     alpha, residual, mask)
         return (_finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)) + masked
-    # A residual or mask laid out so that it changes the work split: the plain call's
-    # statistics (bitwise), then the normalization in the fused plan.
-    _kernels.batch_stats(plain.kernel, x, mean, var)
-    mean, var = plain.from_kernel(mean), plain.from_kernel(var)
-    _kernels.batch_norm_inference(plan.kernel, x, y, plan.to_kernel(mean), plan.to_kernel(var),
-                                  gamma, beta, epsilon, kind, alpha, residual, mask)
+    # A residual or mask laid out so that it changes the work split, or x and y laid out
+    # unlike: the plain call's statistics (bitwise), then the normalization in the fused plan.
+    stats = plain if plain.agree else _plan(x.shape, axes, x.itemsize, x.strides)
+    mean, var = _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon, kind,
+                                               alpha, residual, mask)
     return (_finish(x_in, y, out), mean, var) + masked
 
 

@@ -157,3 +157,16 @@ def test_row_groups_match_reference_and_threads(x_layout, other_layout, dtype):
     assert_close(parallel[4], dx_ref, dtype, condition=100)
     np.testing.assert_allclose(parallel[5], dgamma_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(parallel[6], dbeta_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("axis,other", [(1, np.asfortranarray), (-1, np.asfortranarray),
+                                        (-1, nchw_as_nhwc)])
+def test_forward_statistics_of_unlike_out_are_x_own(axis, other):
+    # x and out= laid out unlike: the statistics come from x's own plan, in memory order.
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((6, 5, 7, 9)) * 3 + 1
+    y, mean, var = cbn.batch_norm_forward(x, axis=axis, out=other(np.empty_like(x)))
+    own_mean, own_var = cbn.batch_stats(x, axis=axis)
+    assert mean.tobytes() == own_mean.tobytes() and var.tobytes() == own_var.tobytes()
+    y_ref, _, _ = reference.batch_norm_forward(x, axis=axis)
+    assert_close(y, y_ref, x.dtype, condition=100)
