@@ -99,6 +99,34 @@ static inline void cbn_add_to(double *target, const cbn_acc *a) {
     }
 }
 
+/* The strips run at the register width, then at 32 features where that is narrower than the
+ * full strip (AVX-512: rows of 32-63 channels), then at 8: each strip reads the rows once,
+ * so a row narrower than the widest strip is not streamed once per 8 features. */
+#define CBN_HALF_STRIP (CBN_VECTORS > 4)
+
+/* One strip of NV vectors (j to j + 8 NV) over all the rows: s1 and s2 of
+ * CBN_DEFINE_SHIFTED_SUMS. */
+#define CBN_SHIFTED_STRIP(T, S, NV)                                                          \
+    {                                                                                        \
+        cbn_v8d k[NV];                                                                       \
+        cbn_acc a[NV], b[NV];                                                                \
+        cbn_acc_zero(a, NV);                                                                 \
+        cbn_acc_zero(b, NV);                                                                 \
+        for (q = 0; q < NV; q++) k[q] = cbn_load_f64(shift + j + 8 * q);                     \
+        for (r = 0; r < n_rows; r++) {                                                       \
+            const T *row = p + r * row_stride + j;                                           \
+            for (q = 0; q < NV; q++) {                                                       \
+                cbn_v8d d = cbn_load_##S(row + 8 * q) - k[q];                                \
+                cbn_acc_add(&a[q], d);                                                       \
+                cbn_acc_add(&b[q], d * d);                                                   \
+            }                                                                                \
+        }                                                                                    \
+        for (q = 0; q < NV; q++) {                                                           \
+            cbn_add_to(s1 + j + 8 * q, &a[q]);                                               \
+            cbn_add_to(s2 + j + 8 * q, &b[q]);                                               \
+        }                                                                                    \
+    }
+
 /* s1[j] += sum_r (x[r][j] - shift[j]) and s2[j] += sum_r (x[r][j] - shift[j])^2, rows
  * r < n_rows at p + r * row_stride (in elements), features j < width contiguous. */
 #define CBN_DEFINE_SHIFTED_SUMS(T, S)                                                        \
@@ -106,38 +134,9 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
                                  int64_t width, const double *shift, double *s1,             \
                                  double *s2) {                                               \
     int64_t j = 0, r, q;                                                                     \
-    for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                                       \
-        cbn_v8d k[CBN_VECTORS];                                                              \
-        cbn_acc a[CBN_VECTORS], b[CBN_VECTORS];                                              \
-        cbn_acc_zero(a, CBN_VECTORS);                                                        \
-        cbn_acc_zero(b, CBN_VECTORS);                                                        \
-        for (q = 0; q < CBN_VECTORS; q++) k[q] = cbn_load_f64(shift + j + 8 * q);            \
-        for (r = 0; r < n_rows; r++) {                                                       \
-            const T *row = p + r * row_stride + j;                                           \
-            for (q = 0; q < CBN_VECTORS; q++) {                                                        \
-                cbn_v8d d = cbn_load_##S(row + 8 * q) - k[q];                                \
-                cbn_acc_add(&a[q], d);                                                       \
-                cbn_acc_add(&b[q], d * d);                                                   \
-            }                                                                                \
-        }                                                                                    \
-        for (q = 0; q < CBN_VECTORS; q++) {                                                            \
-            cbn_add_to(s1 + j + 8 * q, &a[q]);                                               \
-            cbn_add_to(s2 + j + 8 * q, &b[q]);                                               \
-        }                                                                                    \
-    }                                                                                        \
-    for (; j + 8 <= width; j += 8) {                                                         \
-        cbn_v8d k = cbn_load_f64(shift + j);                                                 \
-        cbn_acc a, b;                                                                        \
-        cbn_acc_zero(&a, 1);                                                                 \
-        cbn_acc_zero(&b, 1);                                                                 \
-        for (r = 0; r < n_rows; r++) {                                                       \
-            cbn_v8d d = cbn_load_##S(p + r * row_stride + j) - k;                            \
-            cbn_acc_add(&a, d);                                                              \
-            cbn_acc_add(&b, d * d);                                                          \
-        }                                                                                    \
-        cbn_add_to(s1 + j, &a);                                                              \
-        cbn_add_to(s2 + j, &b);                                                              \
-    }                                                                                        \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) CBN_SHIFTED_STRIP(T, S, CBN_VECTORS)      \
+    for (; CBN_HALF_STRIP && j + 32 <= width; j += 32) CBN_SHIFTED_STRIP(T, S, 4)            \
+    for (; j + 8 <= width; j += 8) CBN_SHIFTED_STRIP(T, S, 1)                                \
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, d;                                                          \
         for (r = 0; r < n_rows; r++) {                                                       \
@@ -154,40 +153,31 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
  * The body reads dy only through DY(S, r, k) (8 values of row r from feature k on, as
  * doubles) and DY1(S, r, k) (one), so that _activation.h sums dz = dy * act'(z) formed in
  * registers with the same loops, hence bitwise alike. */
-#define CBN_GRADIENT_SUMS_BODY(T, S, DY, DY1)                                                \
-    int64_t j = 0, r, q;                                                                     \
-    for (; j + CBN_STRIP <= width; j += CBN_STRIP) {                                         \
-        cbn_v8d m[CBN_VECTORS];                                                              \
-        cbn_acc a[CBN_VECTORS], b[CBN_VECTORS];                                              \
-        cbn_acc_zero(a, CBN_VECTORS);                                                        \
-        cbn_acc_zero(b, CBN_VECTORS);                                                        \
-        for (q = 0; q < CBN_VECTORS; q++) m[q] = cbn_load_f64(mean + j + 8 * q);             \
+#define CBN_GRADIENT_STRIP(T, S, DY, NV)                                                     \
+    {                                                                                        \
+        cbn_v8d m[NV];                                                                       \
+        cbn_acc a[NV], b[NV];                                                                \
+        cbn_acc_zero(a, NV);                                                                 \
+        cbn_acc_zero(b, NV);                                                                 \
+        for (q = 0; q < NV; q++) m[q] = cbn_load_f64(mean + j + 8 * q);                      \
         for (r = 0; r < n_rows; r++) {                                                       \
             const T *x_row = x + r * x_row_stride + j;                                       \
-            for (q = 0; q < CBN_VECTORS; q++) {                                              \
+            for (q = 0; q < NV; q++) {                                                       \
                 cbn_v8d g = DY(S, r, j + 8 * q);                                             \
                 cbn_acc_add(&a[q], g);                                                       \
                 cbn_acc_add(&b[q], g * (cbn_load_##S(x_row + 8 * q) - m[q]));                \
             }                                                                                \
         }                                                                                    \
-        for (q = 0; q < CBN_VECTORS; q++) {                                                  \
+        for (q = 0; q < NV; q++) {                                                           \
             cbn_add_to(sum_dy + j + 8 * q, &a[q]);                                           \
             cbn_add_to(sum_dy_xc + j + 8 * q, &b[q]);                                        \
         }                                                                                    \
-    }                                                                                        \
-    for (; j + 8 <= width; j += 8) {                                                         \
-        cbn_v8d m = cbn_load_f64(mean + j);                                                  \
-        cbn_acc a, b;                                                                        \
-        cbn_acc_zero(&a, 1);                                                                 \
-        cbn_acc_zero(&b, 1);                                                                 \
-        for (r = 0; r < n_rows; r++) {                                                       \
-            cbn_v8d g = DY(S, r, j);                                                         \
-            cbn_acc_add(&a, g);                                                              \
-            cbn_acc_add(&b, g * (cbn_load_##S(x + r * x_row_stride + j) - m));               \
-        }                                                                                    \
-        cbn_add_to(sum_dy + j, &a);                                                          \
-        cbn_add_to(sum_dy_xc + j, &b);                                                       \
-    }                                                                                        \
+    }
+#define CBN_GRADIENT_SUMS_BODY(T, S, DY, DY1)                                                \
+    int64_t j = 0, r, q;                                                                     \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) CBN_GRADIENT_STRIP(T, S, DY, CBN_VECTORS) \
+    for (; CBN_HALF_STRIP && j + 32 <= width; j += 32) CBN_GRADIENT_STRIP(T, S, DY, 4)       \
+    for (; j + 8 <= width; j += 8) CBN_GRADIENT_STRIP(T, S, DY, 1)                           \
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, g;                                                          \
         for (r = 0; r < n_rows; r++) {                                                       \
