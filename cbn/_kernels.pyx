@@ -1103,9 +1103,8 @@ cdef void normalize_planes(const Grid *g, const floating *x, const Walk *xw, flo
 # one (row_group: its extent), and the planes walk takes group_rows consecutive outer rows
 # at a time, each feature a tile of those rows: a tile covers whole cache lines of every
 # operand, where one outer row at a time would touch each line of the odd operand once per
-# pass over the whole array (15-30x the matched call). In the elementwise passes the odd
-# operand's tile is transposed through a per-thread buffer (8x8 blocks in registers), so
-# the SIMD loops serve it; the sums read it where it lies, in the order they always do.
+# pass over the whole array (15-30x the matched call). The odd operand's tile is transposed
+# through a per-thread buffer (8x8 blocks in registers), so the SIMD loops serve it.
 cdef inline Py_ssize_t group_count(const Grid *g) noexcept nogil:
     return g.n_ro // g.row_group * ceil_div(g.row_group, g.group_rows)
 
@@ -1452,10 +1451,13 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
     cdef bint planes = g.planes and not k.act.fused
     if planes and g.n_threads == 1:
         for item in range(g.n_chunks):
-            planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b)
+            planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
+                                       <floating *>ws.scratch)
     elif planes:
         for item in prange(g.n_chunks, num_threads=g.n_threads, schedule="dynamic"):
-            planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b)
+            planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
+                                       <floating *>(ws.scratch
+                                                    + threadid() * ws.scratch_per_thread))
     elif g.n_threads == 1:
         for item in range(g.n_items):
             gradient_sums_item(g, dy, dyw, x, xw, ws, ws.scratch, k, item)
@@ -1476,10 +1478,12 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
 
 cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Walk *dyw,
                                      const floating *x, const Walk *xw, const double *mean,
-                                     Py_ssize_t c, double *chunk_dy,
-                                     double *chunk_dy_xc) noexcept nogil:
+                                     Py_ssize_t c, double *chunk_dy, double *chunk_dy_xc,
+                                     floating *stage) noexcept nogil:
     """Chunk c of a planes grid outer row by outer row: per feature the same runs as
-    ri_gradient_sums over the chunk, so the same bits."""
+    ri_gradient_sums over the chunk, so the same bits; with row groups, the runs of a
+    group's tiles, a staged operand read from its copy (cbn.api then never fuses an
+    activation into such a plan's backward, whose RI loops read it in place)."""
     cdef Py_ssize_t rows_per_chunk = g.chunk_length // g.n_ri
     cdef Py_ssize_t ro0 = c * rows_per_chunk, ro, f
     cdef Py_ssize_t ro1 = min(g.n_ro, ro0 + rows_per_chunk)
@@ -1488,15 +1492,24 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
     for f in range(g.n_features):
         sum_dy[f] = 0.0
         sum_dy_xc[f] = 0.0
-    cdef Py_ssize_t t, n_rows
+    cdef Py_ssize_t t, n_rows, segment, ri, n
+    cdef int64_t dy_step, dy_row_step, x_step, x_row_step
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
     ro = ro0
-    while ro < ro1:     # a row group at a time (one row unless grouped): the same order
+    while ro < ro1:     # a row group at a time (one row unless grouped)
         n_rows = group_length(g, ro, ro1)
         for f in range(g.n_features):
-            for t in range(ro, ro + n_rows):
-                gradient_run(dy + feature_offset(dyw, g, f) + row_offset(dyw, t, 0),
-                             dyw.row_stride, x + feature_offset(xw, g, f) + row_offset(xw, t, 0),
-                             xw.row_stride, g.n_ri, mean[f], &sum_dy[f], &sum_dy_xc[f])
+            for segment in range(ceil_div(g.n_ri, g.group_run)):
+                ri = segment * g.group_run
+                n = min(g.group_run, g.n_ri - ri)
+                dy_rows = group_rows_in(g, dy + feature_offset(dyw, g, f), dyw, ro, ri, n_rows,
+                                        n, &dy_step, &dy_row_step, stage)
+                x_rows = group_rows_in(g, x + feature_offset(xw, g, f), xw, ro, ri, n_rows, n,
+                                       &x_step, &x_row_step, stage + g.group_rows * g.group_run)
+                for t in range(n_rows):
+                    gradient_run(dy_rows + t * dy_row_step, dy_step, x_rows + t * x_row_step,
+                                 x_step, n, mean[f], &sum_dy[f], &sum_dy_xc[f])
         ro += n_rows
 
 

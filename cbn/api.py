@@ -55,6 +55,7 @@ class _Plan:
         self.order = layout.feature_order
         self.identity = self.order == tuple(sorted(self.order))
         self.agree = layout.agree     # every operand steps fastest along the same axis
+        self.row_groups = layout.row_group > 1
         self.one_axis = len(self.order) == 1
         features = _checks.feature_shape(shape, axes)
         self.permuted_shape = tuple(features[i] for i in self.order)
@@ -399,7 +400,9 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
         fused = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides,
                       sign_strides, *(() if dres is None else (dres.strides,)))
         plain = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), x.strides, dx.strides)
-        if fused.work(1) == plain.work(1):
+        # Row groups sum a staged operand from its copy, where the fused loops read it in
+        # place: such a plan forms dz first, as one whose work split differs.
+        if fused.work(1) == plain.work(1) and not fused.row_groups:
             plan = fused
         else:
             dz = _empty_like(dy, dense=True) if dres is None else dres
