@@ -1,10 +1,11 @@
 /* Register-blocked reductions over rows of contiguous features (the FI loop order).
  *
  * A plain loop `acc[j] += x[r][j]` reloads and stores every accumulator for every row, so
- * short rows (64 channels of NHWC) are bound by stores. Here strips of 32 features keep
- * their double accumulators in vector registers across all rows of a block, and the rows
- * stream past them. GCC/Clang vector extensions: AVX-512 registers where the build has
- * them, pairs of AVX2 or SSE registers elsewhere, the same arithmetic everywhere.
+ * short rows (64 channels of NHWC) are bound by stores. Here strips of up to 64 features
+ * keep their double accumulators in vector registers across all rows of a block, and the
+ * rows stream past them. GCC/Clang vector extensions of 8 doubles: one AVX-512 register
+ * where the build has them, with accumulators held as register-wide parts elsewhere
+ * (cbn_acc), the same arithmetic everywhere.
  */
 #ifndef CBN_SIMD_H
 #define CBN_SIMD_H
@@ -104,28 +105,32 @@ static inline void cbn_add_to(double *target, const cbn_acc *a) {
  * so a row narrower than the widest strip is not streamed once per 8 features. */
 #define CBN_HALF_STRIP (CBN_VECTORS > 4)
 
-/* One strip of NV vectors (j to j + 8 NV) over all the rows: s1 and s2 of
- * CBN_DEFINE_SHIFTED_SUMS. */
-#define CBN_SHIFTED_STRIP(T, S, NV)                                                          \
+/* One strip of NV vectors of features (j to j + 8 NV) over all the rows r: a[q] += u and
+ * b[q] += u * (V), where u is U, both 8 values of row r from feature j + 8 q on (q the
+ * vector; c[q] holds CONSTANT's 8 values there), added to OUT_A and OUT_B at the end. */
+#define CBN_STRIP_SUMS(NV, CONSTANT, U, V, OUT_A, OUT_B)                                     \
     {                                                                                        \
-        cbn_v8d k[NV];                                                                       \
+        cbn_v8d c[NV];                                                                       \
         cbn_acc a[NV], b[NV];                                                                \
         cbn_acc_zero(a, NV);                                                                 \
         cbn_acc_zero(b, NV);                                                                 \
-        for (q = 0; q < NV; q++) k[q] = cbn_load_f64(shift + j + 8 * q);                     \
-        for (r = 0; r < n_rows; r++) {                                                       \
-            const T *row = p + r * row_stride + j;                                           \
+        for (q = 0; q < NV; q++) c[q] = cbn_load_f64(CONSTANT + j + 8 * q);                  \
+        for (r = 0; r < n_rows; r++)                                                         \
             for (q = 0; q < NV; q++) {                                                       \
-                cbn_v8d d = cbn_load_##S(row + 8 * q) - k[q];                                \
-                cbn_acc_add(&a[q], d);                                                       \
-                cbn_acc_add(&b[q], d * d);                                                   \
+                cbn_v8d u = U;                                                               \
+                cbn_acc_add(&a[q], u);                                                       \
+                cbn_acc_add(&b[q], u * (V));                                                 \
             }                                                                                \
-        }                                                                                    \
         for (q = 0; q < NV; q++) {                                                           \
-            cbn_add_to(s1 + j + 8 * q, &a[q]);                                               \
-            cbn_add_to(s2 + j + 8 * q, &b[q]);                                               \
+            cbn_add_to(OUT_A + j + 8 * q, &a[q]);                                            \
+            cbn_add_to(OUT_B + j + 8 * q, &b[q]);                                            \
         }                                                                                    \
     }
+
+/* The statistics' strip: u = x - shift, V = u. */
+#define CBN_SHIFTED_STRIP(S, NV)                                                             \
+    CBN_STRIP_SUMS(NV, shift, cbn_load_##S(p + r * row_stride + j + 8 * q) - c[q], u,        \
+                   s1, s2)
 
 /* s1[j] += sum_r (x[r][j] - shift[j]) and s2[j] += sum_r (x[r][j] - shift[j])^2, rows
  * r < n_rows at p + r * row_stride (in elements), features j < width contiguous. */
@@ -134,9 +139,9 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
                                  int64_t width, const double *shift, double *s1,             \
                                  double *s2) {                                               \
     int64_t j = 0, r, q;                                                                     \
-    for (; j + CBN_STRIP <= width; j += CBN_STRIP) CBN_SHIFTED_STRIP(T, S, CBN_VECTORS)      \
-    for (; CBN_HALF_STRIP && j + 32 <= width; j += 32) CBN_SHIFTED_STRIP(T, S, 4)            \
-    for (; j + 8 <= width; j += 8) CBN_SHIFTED_STRIP(T, S, 1)                                \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) CBN_SHIFTED_STRIP(S, CBN_VECTORS)         \
+    for (; CBN_HALF_STRIP && j + 32 <= width; j += 32) CBN_SHIFTED_STRIP(S, 4)               \
+    for (; j + 8 <= width; j += 8) CBN_SHIFTED_STRIP(S, 1)                                   \
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, d;                                                          \
         for (r = 0; r < n_rows; r++) {                                                       \
@@ -153,31 +158,15 @@ static void cbn_shifted_sums_##S(const T *p, int64_t row_stride, int64_t n_rows,
  * The body reads dy only through DY(S, r, k) (8 values of row r from feature k on, as
  * doubles) and DY1(S, r, k) (one), so that _activation.h sums dz = dy * act'(z) formed in
  * registers with the same loops, hence bitwise alike. */
-#define CBN_GRADIENT_STRIP(T, S, DY, NV)                                                     \
-    {                                                                                        \
-        cbn_v8d m[NV];                                                                       \
-        cbn_acc a[NV], b[NV];                                                                \
-        cbn_acc_zero(a, NV);                                                                 \
-        cbn_acc_zero(b, NV);                                                                 \
-        for (q = 0; q < NV; q++) m[q] = cbn_load_f64(mean + j + 8 * q);                      \
-        for (r = 0; r < n_rows; r++) {                                                       \
-            const T *x_row = x + r * x_row_stride + j;                                       \
-            for (q = 0; q < NV; q++) {                                                       \
-                cbn_v8d g = DY(S, r, j + 8 * q);                                             \
-                cbn_acc_add(&a[q], g);                                                       \
-                cbn_acc_add(&b[q], g * (cbn_load_##S(x_row + 8 * q) - m[q]));                \
-            }                                                                                \
-        }                                                                                    \
-        for (q = 0; q < NV; q++) {                                                           \
-            cbn_add_to(sum_dy + j + 8 * q, &a[q]);                                           \
-            cbn_add_to(sum_dy_xc + j + 8 * q, &b[q]);                                        \
-        }                                                                                    \
-    }
+#define CBN_GRADIENT_STRIP(S, DY, NV)                                                        \
+    CBN_STRIP_SUMS(NV, mean, DY(S, r, j + 8 * q),                                            \
+                   cbn_load_##S(x + r * x_row_stride + j + 8 * q) - c[q], sum_dy, sum_dy_xc)
+
 #define CBN_GRADIENT_SUMS_BODY(T, S, DY, DY1)                                                \
     int64_t j = 0, r, q;                                                                     \
-    for (; j + CBN_STRIP <= width; j += CBN_STRIP) CBN_GRADIENT_STRIP(T, S, DY, CBN_VECTORS) \
-    for (; CBN_HALF_STRIP && j + 32 <= width; j += 32) CBN_GRADIENT_STRIP(T, S, DY, 4)       \
-    for (; j + 8 <= width; j += 8) CBN_GRADIENT_STRIP(T, S, DY, 1)                           \
+    for (; j + CBN_STRIP <= width; j += CBN_STRIP) CBN_GRADIENT_STRIP(S, DY, CBN_VECTORS)    \
+    for (; CBN_HALF_STRIP && j + 32 <= width; j += 32) CBN_GRADIENT_STRIP(S, DY, 4)          \
+    for (; j + 8 <= width; j += 8) CBN_GRADIENT_STRIP(S, DY, 1)                              \
     for (; j < width; j++) {                                                                 \
         double a = 0.0, b = 0.0, g;                                                          \
         for (r = 0; r < n_rows; r++) {                                                       \
@@ -407,7 +396,7 @@ static void cbn_normalize_stream_##S(const T *x, T *y, int64_t n, const double *
                                      const double *scale, const double *shift,               \
                                      int per_element) {                                      \
     int64_t i = 0, k;                                                                        \
-    for (; i < n && !CBN_LINE_ALIGNED(y + i); i++) {                                            \
+    for (; i < n && !CBN_LINE_ALIGNED(y + i); i++) {                                         \
         k = per_element ? i : 0;                                                             \
         y[i] = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                  \
     }                                                                                        \
@@ -425,7 +414,7 @@ static void cbn_input_gradient_stream_##S(const T *dy, const T *x, T *dx, int64_
                                           const double *coef_xc, const double *offset,       \
                                           int per_element) {                                 \
     int64_t i = 0, k;                                                                        \
-    for (; i < n && !CBN_LINE_ALIGNED(dx + i); i++) {                                           \
+    for (; i < n && !CBN_LINE_ALIGNED(dx + i); i++) {                                        \
         k = per_element ? i : 0;                                                             \
         dx[i] = (T)(coef_dy[k] * dy[i] + coef_xc[k] * (x[i] - mean[k]) + offset[k]);         \
     }                                                                                        \
