@@ -994,19 +994,28 @@ cdef inline void normalization_factors(Py_ssize_t f, const double *var, const do
 
 cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, floating *y,
                             const Walk *yw, Py_ssize_t item, const double *mean,
-                            const double *scale, const double *shift,
-                            floating *stage) noexcept nogil:
+                            const double *scale, const double *shift, floating *stage,
+                            const Activation *act) noexcept nogil:
+    """y of an FI item, run by run; with act.fused, plus the residual (its rows staged in
+    the third stage) and the activation, and the mask's bits if one is wanted."""
     cdef FiItem it = fi_item(g, item)
-    cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef const floating *x_tile = tile_of(x, xw, &it)
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
+    cdef const floating *r_tile = NULL
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t n, r
-    cdef int64_t x_row_stride, y_row_stride
+    cdef int64_t x_row_stride, y_row_stride, r_row_stride = 0
     cdef const floating *x_rows
+    cdef const floating *r_rows = NULL
     cdef floating *y_rows
-    cdef floating *y_stage = stage + g.stage_elements
     cdef bint y_staged = yw.feature_stride != 1
-    if g.stream and g.rows_contiguous:
+    cdef bint stream = g.stream and not y_staged
+    cdef int64_t b, bit_row_stride = 0, bit_step = 0
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+    if act.residual != NULL:
+        r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
+    if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
         if floating is float:
             cbn_normalize_rows_stream_f32(x_tile + it.r_begin * xw.row_stride,
                                           y_tile + it.r_begin * yw.row_stride,
@@ -1021,19 +1030,28 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride, stage)
+        if r_tile != NULL:
+            r_rows = rows_of(g, r_tile, act.residual_walk, &runs, n, it.width, &r_row_stride,
+                             stage + 2 * g.stage_elements)
         if not g.stream:
             prefetch_next_run(g, runs, n, y_tile, yw, it.width, True)
-        x_row_stride = xw.row_stride
-        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
-                            xw.feature_stride, n, it.width, stage)
         y_row_stride = yw.row_stride
         y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
-                             yw.feature_stride, it.width, y_stage)
-        normalize_rows(x_rows, x_row_stride, y_rows, y_row_stride, n, it.width, mean + it.f0,
-                       scale + it.f0, shift + it.f0, g.stream and not y_staged)
+                             yw.feature_stride, it.width, stage + g.stage_elements)
+        if act.fused:
+            b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
+            for r in range(n):
+                normalize_act(x_rows + r * x_row_stride,
+                              NULL if r_rows == NULL else r_rows + r * r_row_stride,
+                              y_rows + r * y_row_stride, it.width, mean + it.f0,
+                              scale + it.f0, shift + it.f0, True, act, stream,
+                              b + r * bit_row_stride, bit_step)
+        else:
+            normalize_rows(x_rows, x_row_stride, y_rows, y_row_stride, n, it.width,
+                           mean + it.f0, scale + it.f0, shift + it.f0, stream)
         if y_staged:
-            unstage_rows(y_stage, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
+            unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
                          yw.row_stride, yw.feature_stride)
         advance(g, &runs, n)
     if g.stream:
@@ -1199,11 +1217,7 @@ cdef inline void normalize_item(const Grid *g, const floating *x, const Walk *xw
                                 double *scratch, const Activation *act) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
-        if act.fused:
-            fi_normalize_activate_item(g, x, xw, y, yw, item, mean, scale, shift,
-                                       <floating *>scratch, act)
-        else:
-            fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift, <floating *>scratch)
+        fi_normalize_item(g, x, xw, y, yw, item, mean, scale, shift, <floating *>scratch, act)
     else:
         it = ri_item(g, item)
         ri_normalize_any(g, x, xw, y, yw, it, mean[it.f], scale[it.f], shift[it.f], act)
@@ -1312,54 +1326,90 @@ cdef void ri_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
 
 cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
                                  const floating *x, const Walk *xw, floating *dx,
-                                 const Walk *dxw, Py_ssize_t item, const double *mean,
-                                 const double *coef_dy, const double *coef_xc,
-                                 const double *offset, floating *stage) noexcept nogil:
+                                 const Walk *dxw, Py_ssize_t item, const GradientFactors *k,
+                                 floating *stage) noexcept nogil:
+    """dx of an FI item, run by run. With an activation (k.act.fused), dz = dy·act'(z)
+    takes dy's place, act' from y's rows (staged in activation_slot 0) or from the mask,
+    and dz is stored as the residual's gradient if one is wanted (staged in slot 1)."""
+    cdef const Activation *act = k.act
     cdef FiItem it = fi_item(g, item)
-    cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
-    cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef const floating *dy_tile = tile_of(dy, dyw, &it)
+    cdef const floating *x_tile = tile_of(x, xw, &it)
+    cdef const floating *o_tile = NULL
     cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
+    cdef const Walk *rw = act.residual_gradient_walk
+    cdef floating *r_tile = NULL
+    cdef floating *r_rows = NULL
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t n, r
-    cdef int64_t dy_row_stride, x_row_stride, dx_row_stride
+    cdef int64_t dy_row_stride, x_row_stride, o_row_stride = 0, dx_row_stride, r_row_stride = 0
     cdef const floating *dy_rows
     cdef const floating *x_rows
+    cdef const floating *o_rows = NULL
     cdef floating *dx_rows
-    cdef floating *dx_stage = stage + 2 * g.stage_elements
+    cdef int64_t b, bit_row_stride = 0, bit_step = 0
     cdef bint dx_staged = dxw.feature_stride != 1
-    if g.stream and g.rows_contiguous:
+    cdef bint r_staged = False
+    cdef bint stream
+    if act.residual_gradient != NULL:
+        r_tile = (<floating *>act.residual_gradient + rw.feature_offsets[it.fo]
+                  + it.fi0 * rw.feature_stride)
+        r_staged = rw.feature_stride != 1
+    stream = g.stream and not dx_staged and not r_staged
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+    elif act.fused:
+        o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
         if floating is float:
             cbn_input_gradient_rows_stream_f32(
                 dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
                 dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width,
-                mean + it.f0, coef_dy + it.f0, coef_xc + it.f0, offset + it.f0)
+                k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0, k.offset + it.f0)
         else:
             cbn_input_gradient_rows_stream_f64(
                 dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
                 dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width,
-                mean + it.f0, coef_dy + it.f0, coef_xc + it.f0, offset + it.f0)
+                k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0, k.offset + it.f0)
         cbn_store_fence()
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        prefetch_next_run(g, runs, n, dy_tile, dyw, it.width, False)
-        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                         stage + g.stage_elements)
+        if o_tile != NULL:
+            o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                             activation_slot(g, stage, 0))
         if not g.stream:
             prefetch_next_run(g, runs, n, dx_tile, dxw, it.width, True)
-        dy_row_stride, x_row_stride = dyw.row_stride, xw.row_stride
-        dy_rows = stage_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), &dy_row_stride,
-                             dyw.feature_stride, n, it.width, stage)
-        x_rows = stage_rows(x_tile + row_offset(xw, runs.ro, runs.ri), &x_row_stride,
-                            xw.feature_stride, n, it.width, stage + g.stage_elements)
         dx_row_stride = dxw.row_stride
         dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
-                              dxw.feature_stride, it.width, dx_stage)
-        input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,
-                            dx_row_stride, n, it.width, mean + it.f0, coef_dy + it.f0,
-                            coef_xc + it.f0, offset + it.f0, g.stream and not dx_staged)
+                              dxw.feature_stride, it.width, stage + 2 * g.stage_elements)
+        if r_tile != NULL:
+            r_row_stride = rw.row_stride
+            r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
+                                 rw.feature_stride, it.width, activation_slot(g, stage, 1))
+        if act.fused:
+            b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
+            for r in range(n):
+                act_input_gradient(dy_rows + r * dy_row_stride,
+                                   NULL if o_rows == NULL else o_rows + r * o_row_stride,
+                                   x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
+                                   NULL if r_rows == NULL else r_rows + r * r_row_stride,
+                                   it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                                   k.coef_xc + it.f0, k.offset + it.f0, True, act, stream,
+                                   b + r * bit_row_stride, bit_step)
+        else:
+            input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,
+                                dx_row_stride, n, it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                                k.coef_xc + it.f0, k.offset + it.f0, stream)
         if dx_staged:
-            unstage_rows(dx_stage, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
+            unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
                          dxw.row_stride, dxw.feature_stride)
+        if r_staged:
+            unstage_rows(r_rows, n, it.width, r_tile + row_offset(rw, runs.ro, runs.ri),
+                         rw.row_stride, rw.feature_stride)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
@@ -1585,12 +1635,7 @@ cdef inline void input_gradient_item(const Grid *g, const floating *dy, const Wa
                                      Py_ssize_t item, double *scratch) noexcept nogil:
     cdef RiItem it
     if g.features_inner:
-        if k.act.fused:
-            fi_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, item, k,
-                                            <floating *>scratch)
-        else:
-            fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k.mean, k.coef_dy,
-                                   k.coef_xc, k.offset, <floating *>scratch)
+        fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k, <floating *>scratch)
     else:
         ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, ri_item(g, item), k)
 
@@ -1715,51 +1760,6 @@ cdef inline const floating *rows_of(const Grid *g, const floating *tile, const W
     row_stride[0] = w.row_stride
     return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride, w.feature_stride, n,
                       width, stage)
-
-
-cdef void fi_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
-                                     floating *y, const Walk *yw, Py_ssize_t item,
-                                     const double *mean, const double *scale,
-                                     const double *shift, floating *stage,
-                                     const Activation *act) noexcept nogil:
-    cdef FiItem it = fi_item(g, item)
-    cdef const floating *x_tile = tile_of(x, xw, &it)
-    cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
-    cdef const floating *r_tile = NULL
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
-    cdef Py_ssize_t n, r
-    cdef int64_t x_row_stride, y_row_stride, r_row_stride = 0
-    cdef const floating *x_rows
-    cdef const floating *r_rows = NULL
-    cdef floating *y_rows
-    cdef bint y_staged = yw.feature_stride != 1
-    cdef bint stream = g.stream and not y_staged
-    cdef int64_t b, bit_row_stride = 0, bit_step = 0
-    if act.mask != NULL:
-        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
-    if act.residual != NULL:
-        r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
-    while runs.r < runs.end:
-        n = run_length(g, &runs)
-        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride, stage)
-        if r_tile != NULL:
-            r_rows = rows_of(g, r_tile, act.residual_walk, &runs, n, it.width, &r_row_stride,
-                             stage + 2 * g.stage_elements)
-        y_row_stride = yw.row_stride
-        y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
-                             yw.feature_stride, it.width, stage + g.stage_elements)
-        b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
-        for r in range(n):
-            normalize_act(x_rows + r * x_row_stride,
-                          NULL if r_rows == NULL else r_rows + r * r_row_stride,
-                          y_rows + r * y_row_stride, it.width, mean + it.f0, scale + it.f0,
-                          shift + it.f0, True, act, stream, b + r * bit_row_stride, bit_step)
-        if y_staged:
-            unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
-                         yw.row_stride, yw.feature_stride)
-        advance(g, &runs, n)
-    if g.stream:
-        cbn_store_fence()
 
 
 cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
@@ -1899,76 +1899,6 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
                 sum_dy[0] += dz
                 sum_dy_xc[0] += dz * (x_run[i * xs] - mean)
         advance(g, &runs, n)
-
-
-cdef void fi_input_gradient_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
-                                          const floating *x, const Walk *xw, floating *dx,
-                                          const Walk *dxw, Py_ssize_t item,
-                                          const GradientFactors *k,
-                                          floating *stage) noexcept nogil:
-    cdef const Activation *act = k.act
-    cdef FiItem it = fi_item(g, item)
-    cdef const floating *dy_tile = tile_of(dy, dyw, &it)
-    cdef const floating *x_tile = tile_of(x, xw, &it)
-    cdef const floating *o_tile = NULL
-    cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
-    cdef const Walk *rw = act.residual_gradient_walk
-    cdef floating *r_tile = NULL
-    cdef floating *r_rows = NULL
-    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
-    cdef Py_ssize_t n, r
-    cdef int64_t dy_row_stride, x_row_stride, o_row_stride, dx_row_stride, r_row_stride = 0
-    cdef const floating *dy_rows
-    cdef const floating *x_rows
-    cdef const floating *o_rows = NULL
-    cdef floating *dx_rows
-    cdef int64_t b, bit_row_stride = 0, bit_step = 0
-    cdef bint dx_staged = dxw.feature_stride != 1
-    cdef bint r_staged = False
-    cdef bint stream
-    if act.residual_gradient != NULL:
-        r_tile = (<floating *>act.residual_gradient + rw.feature_offsets[it.fo]
-                  + it.fi0 * rw.feature_stride)
-        r_staged = rw.feature_stride != 1
-    stream = g.stream and not dx_staged and not r_staged
-    if act.mask != NULL:
-        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
-    else:
-        o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
-        o_row_stride = 0
-    while runs.r < runs.end:
-        n = run_length(g, &runs)
-        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
-        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
-                         stage + g.stage_elements)
-        if o_tile != NULL:
-            o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
-                             activation_slot(g, stage, 0))
-        dx_row_stride = dxw.row_stride
-        dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
-                              dxw.feature_stride, it.width, stage + 2 * g.stage_elements)
-        if r_tile != NULL:
-            r_row_stride = rw.row_stride
-            r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
-                                 rw.feature_stride, it.width, activation_slot(g, stage, 1))
-        b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
-        for r in range(n):
-            act_input_gradient(dy_rows + r * dy_row_stride,
-                               NULL if o_rows == NULL else o_rows + r * o_row_stride,
-                               x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
-                               NULL if r_rows == NULL else r_rows + r * r_row_stride,
-                               it.width, k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0,
-                               k.offset + it.f0, True, act, stream, b + r * bit_row_stride,
-                               bit_step)
-        if dx_staged:
-            unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
-                         dxw.row_stride, dxw.feature_stride)
-        if r_staged:
-            unstage_rows(r_rows, n, it.width, r_tile + row_offset(rw, runs.ro, runs.ri),
-                         rw.row_stride, rw.feature_stride)
-        advance(g, &runs, n)
-    if g.stream:
-        cbn_store_fence()
 
 
 cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
