@@ -1310,12 +1310,11 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
 cdef void ri_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
                            const floating *x, const Walk *xw, RiItem it, double mean,
                            double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over the item, run by run."""
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
     cdef Py_ssize_t n
-    sum_dy[0] = 0.0
-    sum_dy_xc[0] = 0.0
     while runs.r < runs.end:
         n = run_length(g, &runs)
         gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
@@ -1486,6 +1485,9 @@ cdef inline void ri_gradient_sums_any(const Grid *g, const floating *dy, const W
                                       const floating *x, const Walk *xw, RiItem it,
                                       double mean, double *sum_dy, double *sum_dy_xc,
                                       const Activation *act) noexcept nogil:
+    """sum_dy, sum_dy_xc = the item's Σ dy, Σ dy·(x − mean) (of dz with an activation)."""
+    sum_dy[0] = 0.0
+    sum_dy_xc[0] = 0.0
     if act.fused:
         ri_gradient_sums_activate(g, dy, dyw, x, xw, it, mean, sum_dy, sum_dy_xc, act)
     else:
@@ -1497,17 +1499,16 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
                               GradientFactors *k) noexcept nogil:
     """Σ dy and Σ dy·x̂ of every feature, summed over chunks in chunk order."""
     cdef Py_ssize_t item, f, c
-    # Planes order for the plain gradient; a fused activation takes its own (RI item) loops.
-    cdef bint planes = g.planes and not k.act.fused
-    if planes and g.n_threads == 1:
+    if g.planes and g.n_threads == 1:
         for item in range(g.n_chunks):
             planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
-                                       <floating *>ws.scratch)
-    elif planes:
+                                       <floating *>ws.scratch, k.act)
+    elif g.planes:
         for item in prange(g.n_chunks, num_threads=g.n_threads, schedule="dynamic"):
             planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
                                        <floating *>(ws.scratch
-                                                    + threadid() * ws.scratch_per_thread))
+                                                    + threadid() * ws.scratch_per_thread),
+                                       k.act)
     elif g.n_threads == 1:
         for item in range(g.n_items):
             gradient_sums_item(g, dy, dyw, x, xw, ws, ws.scratch, k, item)
@@ -1529,11 +1530,12 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
 cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Walk *dyw,
                                      const floating *x, const Walk *xw, const double *mean,
                                      Py_ssize_t c, double *chunk_dy, double *chunk_dy_xc,
-                                     floating *stage) noexcept nogil:
+                                     floating *stage, const Activation *act) noexcept nogil:
     """Chunk c of a planes grid outer row by outer row: per feature the same runs as
-    ri_gradient_sums over the chunk, so the same bits; with row groups, the runs of a
-    group's tiles, a staged operand read from its copy (cbn.api then never fuses an
-    activation into such a plan's backward, whose RI loops read it in place)."""
+    ri_gradient_sums (ri_gradient_sums_activate) over the chunk, so the same bits; with row
+    groups, the runs of a group's tiles, a staged operand read from its copy (cbn.api then
+    never fuses an activation into such a plan's backward, whose RI loops read it in place:
+    with an activation, a group is one outer row and a run is its n_ri elements)."""
     cdef Py_ssize_t rows_per_chunk = g.chunk_length // g.n_ri
     cdef Py_ssize_t ro0 = c * rows_per_chunk, ro, f
     cdef Py_ssize_t ro1 = min(g.n_ro, ro0 + rows_per_chunk)
@@ -1546,10 +1548,17 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
     cdef int64_t dy_step, dy_row_step, x_step, x_row_step
     cdef const floating *dy_rows
     cdef const floating *x_rows
+    cdef RiItem plane
     ro = ro0
     while ro < ro1:     # a row group at a time (one row unless grouped)
         n_rows = group_length(g, ro, ro1)
         for f in range(g.n_features):
+            if act.fused:
+                for t in range(ro, ro + n_rows):
+                    plane.f, plane.r_begin, plane.r_end = f, t * g.n_ri, (t + 1) * g.n_ri
+                    ri_gradient_sums_activate(g, dy, dyw, x, xw, plane, mean[f], &sum_dy[f],
+                                              &sum_dy_xc[f], act)
+                continue
             for segment in range(ceil_div(g.n_ri, g.group_run)):
                 ri = segment * g.group_run
                 n = min(g.group_run, g.n_ri - ri)
@@ -1570,7 +1579,7 @@ cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dy
     cdef Py_ssize_t item, f
     for f in range(g.n_features):
         gradient_factors(f, k)
-    if g.planes and not k.act.fused:
+    if g.planes:
         input_gradient_planes(g, dy, dyw, x, xw, dx, dxw, k, ws)
         return
     if g.n_threads == 1:
@@ -1608,7 +1617,14 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
     cdef const floating *dy_rows
     cdef const floating *x_rows
     cdef floating *dx_rows
+    cdef RiItem plane
     for f in range(g.n_features):
+        if k.act.fused:     # elementwise: the activated runs read every operand in place
+            plane.f = f
+            for t in range(n_rows):
+                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
+                ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, plane, k)
+            continue
         for segment in range(ceil_div(g.n_ri, g.group_run)):
             ri = segment * g.group_run
             n = min(g.group_run, g.n_ri - ri)
@@ -1874,8 +1890,6 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
         bit_step = act.mask_walk.row_stride
     else:
         os = act.output_walk.row_stride
-    sum_dy[0] = 0.0
-    sum_dy_xc[0] = 0.0
     while runs.r < runs.end:
         n = run_length(g, &runs)
         dy_run = dy_feature + row_offset(dyw, runs.ro, runs.ri)

@@ -202,8 +202,36 @@ def test_in_place_into_the_residual_and_dy(activation):
     assert dx is dy and dx.tobytes() == expected[0].tobytes()
 
 
+# The hypothesis cases are too small for a backward in the planes order (RI with 8 outer rows
+# or more and several chunks of them, as NCHW): these are not, one with planes that start
+# mid-byte of the mask (37 x 31 elements).
+@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (24, 6, 37, 31)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation,through_mask,residual", [
+    ("relu", True, False), ("leaky_relu", False, True), (("elu", 0.5), False, False)])
+def test_fused_backward_in_the_planes_order(shape, dtype, activation, through_mask, residual):
+    rng = np.random.default_rng(7)
+    x, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    gamma = rng.standard_normal(shape[1])
+    act = as_activation(activation)
+    y, mean, var, mask = (cbn.batch_norm_forward(x, gamma, axis=1, activation=activation,
+                                                 return_mask=True) if through_mask else
+                          cbn.batch_norm_forward(x, gamma, axis=1, activation=activation)
+                          + (None,))
+    kernel = cbn.api._plan(x.shape, (1,), x.itemsize, x.strides, x.strides).kernel
+    assert kernel.layout.n_row_outer >= 8 and not kernel.second_pass_in_cache()   # planes
+    grads = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1, activation=activation,
+                                    y=None if through_mask else y, mask=mask,
+                                    residual=residual)
+    dz = act.gradient(dy, y)
+    composed = cbn.batch_norm_backward(dz, x, mean, var, gamma, axis=1)
+    for fused, expected in zip(grads, composed + ((dz,) if residual else ())):
+        assert fused.tobytes() == expected.tobytes()
+
+
 @pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
-@pytest.mark.parametrize("shape,axis", [((64, 30, 40), -1), ((8, 30, 400), 1), ((3, 9000), 0)])
+@pytest.mark.parametrize("shape,axis", [((64, 30, 40), -1), ((8, 30, 400), 1), ((16, 8, 32, 32), 1),
+                                         ((3, 9000), 0)])
 def test_fused_bitwise_identical_for_one_and_two_threads(shape, axis):
     rng = np.random.default_rng(5)
     x = rng.standard_normal(shape).astype(np.float32)
