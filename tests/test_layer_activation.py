@@ -35,6 +35,22 @@ def test_layer_with_activation_is_the_fused_call():
     np.testing.assert_array_equal(layer.gradients[0], plain.gradients[0])
 
 
+@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.1)])
+def test_layer_backward_takes_the_forward_mask(activation):
+    """relu and leaky_relu: the layer keeps the forward's mask, not y, for its backward."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((64, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = cbn.BatchNormalization(activation=activation)
+    y = layer(x, training=True)
+    _, mean, var = cbn.batch_norm_forward(x, layer.gamma, layer.beta, activation=activation)
+    expected = cbn.batch_norm_backward(dy, x, mean, var, layer.gamma, activation=activation,
+                                       y=y.copy())
+    y[...] = 0      # a caller reusing the output's buffer: the mask still holds the signs
+    assert layer.backward(dy).tobytes() == expected[0].tobytes()
+    np.testing.assert_array_equal(layer.gradients[0], expected[1])
+
+
 def test_activation_survives_config_files_and_copies(tmp_path):
     import copy
     import pickle
