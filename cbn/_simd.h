@@ -201,58 +201,46 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
     CBN_GRADIENT_SUMS_BODY(T, S, CBN_DY, CBN_DY1)                                            \
 }
 
-/* The same two reductions along one contiguous run of a single feature (the RI loop
- * order): four vector accumulators per sum keep the additions independent. dy is read
- * through DY(S, i) and DY1(S, i), as in CBN_GRADIENT_SUMS_BODY. */
-#define CBN_GRADIENT_RUN_BODY(T, S, DY, DY1)                                                 \
-    cbn_v8d m = {0};                                                                         \
+/* The same two reductions along one contiguous run of n values of a single feature (the RI
+ * loop order): A OP sum_i u and B OP sum_i u * (V), u being U (8 values from i on) or U1
+ * (the value at i) and V or V1 beside it (c holds CONSTANT in every lane). Four vector
+ * accumulators per sum keep the additions independent. */
+#define CBN_RUN_SUMS(CONSTANT, U, V, U1, V1, A, B, OP)                                       \
+    cbn_v8d c = {0};                                                                         \
     cbn_acc a[4], b[4];                                                                      \
     int64_t i = 0, q;                                                                        \
-    double ta = 0.0, tb = 0.0, g;                                                            \
+    double ta = 0.0, tb = 0.0;                                                               \
     cbn_acc_zero(a, 4);                                                                      \
     cbn_acc_zero(b, 4);                                                                      \
-    m += mean;                                                                               \
+    c += CONSTANT;                                                                           \
     for (; i + 32 <= n; i += 32)                                                             \
         _Pragma("GCC unroll 4")                                                              \
         for (q = 0; q < 4; q++) {                                                            \
-            cbn_v8d v = DY(S, i + 8 * q);                                                    \
-            cbn_acc_add(&a[q], v);                                                           \
-            cbn_acc_add(&b[q], v * (cbn_load_##S(x + i + 8 * q) - m));                       \
+            cbn_v8d u = U;                                                                   \
+            cbn_acc_add(&a[q], u);                                                           \
+            cbn_acc_add(&b[q], u * (V));                                                     \
         }                                                                                    \
     for (; i < n; i++) {                                                                     \
-        g = DY1(S, i);                                                                       \
-        ta += g;                                                                             \
-        tb += g * (x[i] - mean);                                                             \
+        double u = U1;                                                                       \
+        ta += u;                                                                             \
+        tb += u * (V1);                                                                      \
     }                                                                                        \
-    *sum_dy += cbn_reduce(a) + ta;                                                           \
-    *sum_dy_xc += cbn_reduce(b) + tb;
+    *(A) OP cbn_reduce(a) + ta;                                                              \
+    *(B) OP cbn_reduce(b) + tb;
+
+/* The gradient sums along a run: dy is read through DY(S, i) and DY1(S, i), as in
+ * CBN_GRADIENT_SUMS_BODY. */
+#define CBN_GRADIENT_RUN_BODY(T, S, DY, DY1)                                                 \
+    CBN_RUN_SUMS(mean, DY(S, i + 8 * q), cbn_load_##S(x + i + 8 * q) - c, DY1(S, i),         \
+                 x[i] - mean, sum_dy, sum_dy_xc, +=)
 
 #define CBN_DY_RUN(S, i) cbn_load_##S(dy + (i))
 #define CBN_DY1_RUN(S, i) dy[i]
 #define CBN_DEFINE_RUN_SUMS(T, S)                                                            \
 static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double *s1,        \
                                      double *s2) {                                           \
-    cbn_v8d k = {0};                                                                         \
-    cbn_acc a[4], b[4];                                                                      \
-    int64_t i = 0, q;                                                                        \
-    double ta = 0.0, tb = 0.0, d;                                                            \
-    cbn_acc_zero(a, 4);                                                                      \
-    cbn_acc_zero(b, 4);                                                                      \
-    k += shift;                                                                              \
-    for (; i + 32 <= n; i += 32)                                                             \
-        for (q = 0; q < 4; q++) {                                                            \
-            cbn_v8d v = cbn_load_##S(p + i + 8 * q) - k;                                     \
-            cbn_acc_add(&a[q], v);                                                           \
-            cbn_acc_add(&b[q], v * v);                                                       \
-        }                                                                                    \
-    for (; i < n; i++) {                                                                     \
-        d = p[i] - shift;                                                                    \
-        ta += d;                                                                             \
-        tb += d * d;                                                                         \
-    }                                                                                        \
-    *s1 = cbn_reduce(a) + ta;                                                                \
-    *s2 = cbn_reduce(b) + tb;                                                                \
-}                                                                                            \
+    CBN_RUN_SUMS(shift, cbn_load_##S(p + i + 8 * q) - c, u, p[i] - shift, u, s1, s2, =)      \
+}                                                                                           \
 static void cbn_gradient_sums_run_##S(const T *dy, const T *x, int64_t n, double mean,       \
                                       double *sum_dy, double *sum_dy_xc) {                   \
     CBN_GRADIENT_RUN_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN)                                     \
