@@ -118,17 +118,19 @@ def test_training_and_eval_match_torch(layout, config, dtype):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "channels_last", "1d", "1d-length", "3d"])
-@pytest.mark.parametrize("mode", ["train", "eval"])
+@pytest.mark.parametrize("mode", ["train", "eval", "train, ReLU fused"])
 def test_gradcheck_float64(layout, mode):
     name, shape, arrange = LAYOUTS[layout]
     shape = (4, shape[1]) + tuple(min(s, 3) for s in shape[2:])   # cheap Jacobians
     module = getattr(ct, name)(shape[1], dtype=torch.float64)
+    module.fused_relu = mode.endswith("fused")
+    torch.manual_seed(0)   # fixed inputs: none at ReLU's kink, whatever the test order
     with torch.no_grad():
         module.weight.uniform_(0.5, 1.5)
         module.bias.normal_()
         module.running_mean.normal_()
         module.running_var.uniform_(0.5, 2.0)
-    module.train(mode == "train")
+    module.train(mode != "eval")
     x = arrange(torch.randn(shape, dtype=torch.float64)).requires_grad_()
     weight = module.weight.detach().clone().requires_grad_()
     bias = module.bias.detach().clone().requires_grad_()

@@ -14,7 +14,7 @@ Three functions:
   also returns the float64 batch mean and biased variance (not differentiable) for the
   module's running statistics. With ``relu``, ``relu(BN(x))`` in the same pass (cbn's fused
   ``activation="relu"``), which saves the ReLU's pass over y in the forward; the backward is
-  ``torch.nn.ReLU``'s on the saved output, then batch norm's.
+  cbn's fused one, the ReLU's derivative taken from the saved output.
 - :class:`Inference`: given (running) statistics; ``dx = dy·γ/sqrt(var + ε)``.
 - :class:`Normalize`: given statistics of a larger batch whose gradient sums are combined by
   a caller-supplied function: the synchronized layer's local part (see ``sync.py``).
@@ -25,6 +25,8 @@ from torch.autograd.function import once_differentiable
 
 import cbn
 from cbn.api import gradient_sums
+
+from ._memory import empty_like
 
 COMPUTED = (torch.float32, torch.float64)
 ACCEPTED = COMPUTED + (torch.float16, torch.bfloat16)
@@ -92,7 +94,7 @@ def sums(dy, x, mean, var, epsilon):
 
 def input_gradient_with(var, gamma, dy, work, epsilon):
     """dx of normalisation with fixed statistics: dy·γ/sqrt(var + ε), in x's layout."""
-    dx = torch.empty_like(work)
+    dx = empty_like(work)
     cbn.batch_norm_inference(array(dy), np.zeros_like(var), var, gamma, axis=1,
                              epsilon=epsilon, out=array(dx))
     return dx
@@ -101,7 +103,7 @@ def input_gradient_with(var, gamma, dy, work, epsilon):
 def normalized(x, mean, var, weight, bias, epsilon):
     """γ·(x − mean)/sqrt(var + ε) + β with given float64 statistics, in x's dtype."""
     work = computed(x)
-    y = torch.empty_like(work)
+    y = empty_like(work)
     cbn.batch_norm_inference(array(work), mean, var, vector(weight), vector(bias), axis=1,
                              epsilon=epsilon, out=array(y))
     return delivered(y, x)
@@ -142,7 +144,7 @@ class Training(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, epsilon, relu=False):
         work = computed(x)
-        y = torch.empty_like(work)
+        y = empty_like(work)
         if per_channel_count(x):
             _, mean, var = cbn.batch_norm_forward(array(work), vector(weight), vector(bias),
                                                   axis=1, epsilon=epsilon, out=array(y),
@@ -160,16 +162,20 @@ class Training(torch.autograd.Function):
     def backward(ctx, dy, _mean_grad, _var_grad):
         x, weight, work, dy, mean, var, epsilon, relu_output = recalled(ctx, dy)
         need_x = ctx.needs_input_grad[0]
-        if relu_output is not None:
-            # torch.nn.ReLU's own backward, then batch norm's: cbn's fused backward
-            # (activation="relu", y=) was slower than the two on NCHW here (README, Speed).
-            dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)
         if need_x and per_channel_count(x):
-            dx = torch.empty_like(work)
+            # With a fused ReLU, cbn's fused backward takes its derivative from the saved
+            # output on the fly: faster than torch.nn.ReLU's backward (which writes a new
+            # tensor) followed by batch norm's, and the same bits (README, Speed).
+            fused = {} if relu_output is None else {"activation": "relu",
+                                                    "y": array(relu_output)}
+            dx = empty_like(work)
             _, dgamma, dbeta = cbn.batch_norm_backward(array(dy), array(work), mean, var,
                                                        vector(weight), axis=1,
-                                                       epsilon=epsilon, out=array(dx))
+                                                       epsilon=epsilon, out=array(dx),
+                                                       **fused)
         else:   # one read of dy and x for the parameters' gradients alone
+            if relu_output is not None:
+                dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)
             dx = torch.zeros_like(work) if need_x else None
             dgamma, dbeta = sums(dy, work, mean, var, epsilon)
         return gradients(ctx, x, dx, dgamma, dbeta, 2)
@@ -223,7 +229,7 @@ class Normalize(torch.autograd.Function):
         total_dgamma, total_dbeta = ctx.combine(np.stack([dgamma, dbeta]))
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.empty_like(work)
+            dx = empty_like(work)
             cbn.batch_norm_backward_from_sums(array(dy), array(work), mean, var,
                                               vector(weight), total_dbeta, total_dgamma,
                                               ctx.count, axis=1, epsilon=epsilon,
