@@ -11,8 +11,8 @@ do. Per-channel statistics and parameter gradients are accumulated in float64 by
 Three functions:
 
 - :class:`Training`: batch statistics (``cbn.batch_norm_forward`` / ``batch_norm_backward``);
-  also returns the float64 batch mean and biased variance (not differentiable) for the
-  module's running statistics. With ``relu``, ``relu(BN(x))`` in the same pass (cbn's fused
+  also hands back the float64 batch mean and biased variance (NumPy, through a list) for
+  the module's running statistics. With ``relu``, ``relu(BN(x))`` in the same pass (cbn's fused
   ``activation="relu"``), which saves the ReLU's pass over y in the forward; the backward is
   cbn's fused one, the ReLU's derivative taken from the saved output.
 - :class:`Inference`: given (running) statistics; ``dx = dy·γ/sqrt(var + ε)``.
@@ -77,11 +77,19 @@ def delivered(result, like):
     return result if result.dtype == like.dtype else result.to(like.dtype)
 
 
+NUMPY_DTYPES = {torch.float16: np.float16, torch.float32: np.float32,
+                torch.float64: np.float64}
+
+
 def parameter_gradient(values, dtype, needed):
-    """A gradient for a parameter of ``dtype`` (None if the parameter has no gradient)."""
+    """A gradient for a parameter of ``dtype`` (None if the parameter has no gradient),
+    rounded by NumPy where it has the dtype (a third of the cost of torch's ``.to``)."""
     if not needed:
         return None
-    return torch.from_numpy(np.asarray(values)).to(dtype)
+    values = np.asarray(values)
+    if dtype in NUMPY_DTYPES:
+        return torch.from_numpy(values.astype(NUMPY_DTYPES[dtype], copy=False))
+    return torch.from_numpy(values).to(dtype)
 
 
 def sums(dy, x, mean, var, epsilon):
@@ -124,8 +132,9 @@ def recalled(ctx, dy):
     output or None) in a backward."""
     x, weight, relu_output = ctx.saved_tensors
     work = computed(x)
-    return ((x, weight, work, dy.to(work.dtype)) + ctx.statistics
-            + (ctx.epsilon, relu_output))
+    if dy.dtype != work.dtype:
+        dy = dy.to(work.dtype)
+    return (x, weight, work, dy) + ctx.statistics + (ctx.epsilon, relu_output)
 
 
 def gradients(ctx, x, dx, dgamma, dbeta, n_constants):
@@ -138,11 +147,13 @@ def gradients(ctx, x, dx, dgamma, dbeta, n_constants):
 
 
 class Training(torch.autograd.Function):
-    """``y, mean, var = Training.apply(x, weight, bias, eps, relu)``: batch statistics;
-    ``y = relu(BN(x))`` if ``relu``."""
+    """``y = Training.apply(x, weight, bias, eps, relu, statistics)``: batch statistics;
+    ``y = relu(BN(x))`` if ``relu``. The batch mean and biased variance (float64 NumPy
+    arrays, for the module's running statistics) are appended to the list ``statistics``:
+    as outputs of the Function they would cost autograd's handling of two more tensors."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, epsilon, relu=False):
+    def forward(ctx, x, weight, bias, epsilon, relu, statistics):
         work = computed(x)
         y = empty_like(work)
         if per_channel_count(x):
@@ -153,13 +164,12 @@ class Training(torch.autograd.Function):
             mean, var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         result = delivered(y, x)
         remember(ctx, x, weight, bias, mean, var, epsilon, y if relu else None)
-        mean, var = torch.from_numpy(mean), torch.from_numpy(var)
-        ctx.mark_non_differentiable(mean, var)
-        return result, mean, var
+        statistics += mean, var
+        return result
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, dy, _mean_grad, _var_grad):
+    def backward(ctx, dy):
         x, weight, work, dy, mean, var, epsilon, relu_output = recalled(ctx, dy)
         need_x = ctx.needs_input_grad[0]
         if need_x and per_channel_count(x):
@@ -178,7 +188,7 @@ class Training(torch.autograd.Function):
                 dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)
             dx = torch.zeros_like(work) if need_x else None
             dgamma, dbeta = sums(dy, work, mean, var, epsilon)
-        return gradients(ctx, x, dx, dgamma, dbeta, 2)
+        return gradients(ctx, x, dx, dgamma, dbeta, 3)
 
 
 class Inference(torch.autograd.Function):

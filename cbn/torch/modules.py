@@ -67,9 +67,10 @@ class CbnForward:
             return torch.relu(y) if self.fused_relu else y
         count = _functions.per_channel_count(input)
         refuse_single_value(count, input.shape)
-        y, mean, var = _functions.Training.apply(input, self.weight, self.bias, self.eps,
-                                                 self.fused_relu)
-        self._update_running(mean.numpy(), var.numpy(), count, factor)
+        statistics = []
+        y = _functions.Training.apply(input, self.weight, self.bias, self.eps,
+                                      self.fused_relu, statistics)
+        self._update_running(*statistics, count, factor)
         return y
 
 
