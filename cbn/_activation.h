@@ -88,6 +88,28 @@ static inline void cbn_set_bits(uint8_t *mask, int64_t b, uint32_t bits, int n, 
     }
 }
 
+/* Set bits [b, b + n) (n <= 64) from `bits`, as cbn_set_bits; 64 bits starting a byte,
+ * all the calling run's own, in one 8-byte OR. The vector loop gathers its signs that far,
+ * from the start of the byte its first bit is in, instead of storing a byte (two halves of
+ * bytes, mid-byte) per 8 elements. */
+static inline void cbn_set_word(uint8_t *mask, int64_t b, uint64_t bits, int n, int64_t lo,
+                                int64_t hi) {
+    uint64_t old;
+    int take;
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__   /* bit k of the word lands in byte k / 8 */
+    if (n == 64 && (b & 7) == 0 && b >= lo && b + 64 <= hi) {
+        memcpy(&old, mask + (b >> 3), sizeof old);
+        old |= bits;
+        memcpy(mask + (b >> 3), &old, sizeof old);
+        return;
+    }
+#endif
+    for (; n > 0; n -= take, b += take, bits >>= take) {
+        take = n < 8 ? n : 8;
+        cbn_set_bits(mask, b, (uint32_t)(bits & 0xFF), take, lo, hi);
+    }
+}
+
 /* CALL (which names the activation K) with K each activation the kernels know, as a
  * constant: the always-inlined loops then hold that activation's code only. */
 #define CBN_BY_KIND(CALL)                                                                    \
@@ -194,6 +216,20 @@ static inline CBN_VEC_##S cbn_dz8_##S(const T *dy, int64_t dy_step, const T *y, 
     other = kind == CBN_ACT_LEAKY_RELU ? d * (T)alpha : d * (v + (T)alpha);                  \
     return (CBN_VEC_##S)(((CBN_MASK_##S)d & keep) | ((CBN_MASK_##S)other & ~keep));          \
 }                                                                                            \
+/* Bits b + i = (y[i] > 0) for i in [from, to) of a run of n adjacent bits, a byte at a time:  \
+ * an atomic OR per element, next to streaming stores, drains the write-combining buffers    \
+ * (a masked forward then took 1.8x the unmasked one), and bytes wholly inside the run are   \
+ * the run's own. */                                                                         \
+static inline void cbn_set_signs_##S(uint8_t *mask, int64_t b, const T *y, int64_t from,     \
+                                     int64_t to, int64_t n) {                                \
+    uint32_t bits;                                                                           \
+    int64_t i, k, take;                                                                      \
+    for (i = from; i < to; i += take) {                                                      \
+        take = to - i < 8 ? to - i : 8;                                                      \
+        for (bits = 0, k = 0; k < take; k++) bits |= (uint32_t)(y[i + k] > 0) << k;          \
+        cbn_set_bits(mask, b + i, bits, (int)take, b, b + n);                                \
+    }                                                                                        \
+}                                                                                            \
 /* y = act((T)((x - mean) * scale + shift) + residual) along a contiguous run (residual may  \
  * be NULL; factors per element or one each, as cbn_normalize_stream). */                    \
 static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y, int64_t i, \
@@ -212,8 +248,10 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         const T *x, const T *residual, T *y, int64_t i, int64_t n, const double *mean,       \
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
         int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
-    uint32_t bits;                                                                           \
-    int k;                                                                                   \
+    uint64_t word = 0;                                                                       \
+    uint32_t signs;                                                                          \
+    int k, held = (int)((b + i) & 7);   /* word's bits start the byte of bit b + i */        \
+    int64_t at = b + i - held;                                                               \
     CBN_VEC_##S v, zero = {0};                                                               \
     CBN_MASK_##S positive;                                                                   \
     for (; i + 8 <= n; i += 8) {                                                             \
@@ -226,14 +264,23 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         if (mask) {                                                                          \
             positive = v > zero;                                                             \
             if (bit_step == 1) {                                                             \
-                bits = cbn_signs_##S(positive);                                              \
-                cbn_set_bits(mask, b + i, bits, 8, b, b + n);                                \
+                signs = cbn_signs_##S(positive);                                             \
+                word |= (uint64_t)signs << held;                                             \
+                held += 8;                                                                   \
+                if (held >= 64) {                                                            \
+                    cbn_set_word(mask, at, word, 64, b, b + n);                              \
+                    at += 64;                                                                \
+                    held -= 64;                                                              \
+                    word = held ? (uint64_t)(signs >> (8 - held)) : 0;                       \
+                }                                                                            \
             } else {                                                                         \
                 for (k = 0; k < 8; k++)                                                      \
                     cbn_set_bit(mask, b + (i + k) * bit_step, positive[k] & 1);              \
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
+    if (mask && bit_step == 1 && held)                                                       \
+        cbn_set_word(mask, at, word, held, b, b + n);                                        \
     return i;                                                                                \
 }                                                                                            \
 /* Always inlined: called per row of an FI tile, per_element then folds (left to GCC, it    \
@@ -242,16 +289,20 @@ static inline __attribute__((always_inline)) void cbn_normalize_act_##S(        
         const T *x, const T *residual, T *y, int64_t n, const double *mean,                  \
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
         int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
+    uint8_t *scalar_mask = bit_step == 1 ? NULL : mask;                                      \
     int64_t i = 0;                                                                           \
     for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++)                                  \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
-                                  kind, alpha, mask, b, bit_step);                           \
+                                  kind, alpha, scalar_mask, b, bit_step);                    \
+    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, 0, i, n);                       \
     CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale, shift,  \
                                                   per_element, K, alpha, stream, mask, b,    \
                                                   bit_step))                                 \
+    int64_t tail = i;                                                                        \
     for (; i < n; i++)                                                                       \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
-                                  kind, alpha, mask, b, bit_step);                           \
+                                  kind, alpha, scalar_mask, b, bit_step);                    \
+    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, tail, n, n);                    \
 }                                                                                            \
 /* dx = (T)(coef_dy * dz + coef_xc * (x - mean) + offset) and dres = dz (if not NULL), with  \
  * dz = dy * act'(z) (from y, or from the mask if not NULL), along a contiguous run (factors  \

@@ -1045,7 +1045,8 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
                 normalize_act(x_rows + r * x_row_stride,
                               NULL if r_rows == NULL else r_rows + r * r_row_stride,
                               y_rows + r * y_row_stride, it.width, mean + it.f0,
-                              scale + it.f0, shift + it.f0, True, act, stream,
+                              scale + it.f0, shift + it.f0, True, act,
+                              stream and whole_lines(y_rows + r * y_row_stride, it.width),
                               b + r * bit_row_stride, bit_step)
         else:
             normalize_rows(x_rows, x_row_stride, y_rows, y_row_stride, n, it.width,
@@ -1397,7 +1398,10 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
                                    x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
                                    NULL if r_rows == NULL else r_rows + r * r_row_stride,
                                    it.width, k.mean + it.f0, k.coef_dy + it.f0,
-                                   k.coef_xc + it.f0, k.offset + it.f0, True, act, stream,
+                                   k.coef_xc + it.f0, k.offset + it.f0, True, act,
+                                   stream and whole_lines(dx_rows + r * dx_row_stride, it.width)
+                                   and (r_rows == NULL
+                                        or whole_lines(r_rows + r * r_row_stride, it.width)),
                                    b + r * bit_row_stride, bit_step)
         else:
             input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,

@@ -255,6 +255,31 @@ def test_fused_bitwise_identical_for_one_and_two_threads(shape, axis):
         assert a.tobytes() == b.tobytes()
 
 
+def off_the_line(shape, dtype=np.float32):
+    """An empty array starting 16 bytes past a cache line: a streamed run then begins with
+    scalar stores, and rows of whole lines are not line-aligned."""
+    size = math.prod(shape)
+    buffer = np.empty(size + 64 // np.dtype(dtype).itemsize, dtype)
+    start = (-buffer.ctypes.data % 64 + 16) // buffer.itemsize
+    return buffer[start:start + size].reshape(shape)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape,axis", [((150, 200), -1), ((3, 7, 9, 80), -1),
+                                        ((6, 5, 37, 31), 1), ((10, 3, 37, 31), 1)])
+def test_mask_bits_past_whole_words_and_off_the_line(shape, axis, threads, streaming):
+    """Runs long enough for the kernels' 64-bit words of mask bits, starting mid-byte
+    (37 x 31 planes), into an out= off the cache line, on one and two threads."""
+    x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
+    out = off_the_line(shape)
+    with threadpool_limits(threads, user_api="openmp"):
+        y, _, _, mask = cbn.batch_norm_forward(x, axis=axis, out=out, activation="relu",
+                                               return_mask=True)
+    plain = cbn.batch_norm_forward(x, axis=axis)[0]
+    assert y is out and y.tobytes() == as_activation("relu").apply(plain).tobytes()
+    assert mask.tobytes() == pack_mask(plain > 0).tobytes()
+
+
 # ----------------------------------------------------------------------------------------
 # Bad arguments
 # ----------------------------------------------------------------------------------------
