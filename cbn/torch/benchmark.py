@@ -13,10 +13,18 @@ ratios:
   the step costs).
 
 Threads: ``torch.set_num_threads`` and threadpoolctl's limit (cbn's OpenMP) together.
+Each call's minor page faults are counted too (``getrusage``; not on Windows): a fault of
+fresh memory costs microseconds, and which call pays them depends on the process's order
+of allocations and frees (README, "Page faults").
 """
 import copy
 import statistics
 import time
+
+try:
+    import resource
+except ImportError:   # Windows: no getrusage
+    resource = None
 
 import torch
 
@@ -101,10 +109,16 @@ def step_calls(batch, size, memory_format, seed=0):
             "no BN": training_step(without, x, target)}
 
 
+def minor_faults():
+    """This process's minor page faults so far (0 where getrusage is missing)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource else 0
+
+
 def measure(calls, repeats, clock=time.perf_counter):
     """Interleaved rounds, the order reversed every other round; the median seconds of each
     call, and the median over the rounds of torch's time over cbn's in the same round
-    (``ratio``; ``ratio fused`` over "cbn fused"'s, if measured).
+    (``ratio``; ``ratio fused`` over "cbn fused"'s, if measured); ``faults``: each call's
+    mean minor page faults (None without getrusage).
 
     ``clock`` may be ``time.thread_time`` for one thread: the CPU time of the calling thread,
     which a busy machine's other processes inflate less than the wall-clock time (they
@@ -112,13 +126,17 @@ def measure(calls, repeats, clock=time.perf_counter):
     for call in calls.values():   # warm-up: plans, allocator, OpenMP teams
         call()
     times = {name: [] for name in calls}
+    faults = {name: 0 for name in calls}
     names = list(calls)
     for round_ in range(repeats):
         for name in (names if round_ % 2 == 0 else names[::-1]):
+            before = minor_faults()
             start = clock()
             calls[name]()
             times[name].append(clock() - start)
+            faults[name] += minor_faults() - before
     row = {name: statistics.median(t) for name, t in times.items()}
+    row["faults"] = {name: n / repeats for name, n in faults.items()} if resource else None
     for key, name in (("ratio", "cbn"), ("ratio fused", "cbn fused")):
         if name in times:
             row[key] = statistics.median(t / c for t, c in zip(times["torch"], times[name]))
@@ -151,11 +169,13 @@ def run(threads=(1, 2), repeats=11, quick=False, formats=tuple(FORMATS), step=Tr
 def format_table(rows):
     """Medians (and the fastest of the rounds, the least disturbed on a busy machine) in ms,
     torch / cbn; for the step, also cbn with its ReLUs fused, the step without BN and the BN
-    layers' own speed-up inside it, ``(torch − no BN) / (cbn − no BN)`` from the medians."""
+    layers' own speed-up inside it, ``(torch − no BN) / (cbn − no BN)`` from the medians;
+    last, cbn's and torch's mean page faults per call."""
     lines = ["| what | format | threads | cbn ms (fastest) | torch ms (fastest) | torch / cbn "
              "(fastest) | cbn, ReLUs fused: ms (fastest) | torch / cbn, ReLUs fused "
-             "(fastest) | no BN ms | BN layers in the step: torch / cbn |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "(fastest) | no BN ms | BN layers in the step: torch / cbn | page faults per "
+             "call: cbn / torch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def timed(row, name):
         return f"{row[name] * 1e3:.1f} ({row['fastest'][name] * 1e3:.1f})"
@@ -165,13 +185,15 @@ def format_table(rows):
 
     for row in rows:
         cells = [row["what"], row["format"], str(row["threads"]), timed(row, "cbn"),
-                 timed(row, "torch"), ratio(row, "ratio", "cbn"), "-", "-", "-", "-"]
+                 timed(row, "torch"), ratio(row, "ratio", "cbn"), "-", "-", "-", "-", "-"]
         if "cbn fused" in row:
             cells[6], cells[7] = timed(row, "cbn fused"), ratio(row, "ratio fused", "cbn fused")
         if "no BN" in row:
             bn_cbn, bn_torch = row["cbn"] - row["no BN"], row["torch"] - row["no BN"]
             cells[8] = f"{row['no BN'] * 1e3:.1f}"
             cells[9] = f"{bn_torch / bn_cbn:.2f}" if bn_cbn > 0 else "-"
+        if row["faults"] is not None:
+            cells[10] = f"{row['faults']['cbn']:.0f} / {row['faults']['torch']:.0f}"
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
