@@ -107,6 +107,39 @@ cdef extern from "_simd.h":
                            double *dst, int64_t dst_stride) noexcept nogil
     void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, int64_t n_rows,
                            int64_t width, int64_t itemsize, int for_writing) noexcept nogil
+    void cbn_normalize_strips_f32(const float *x, int64_t x_row_stride, float *y,
+                                  int64_t y_row_stride, int64_t n_rows, int64_t width,
+                                  const double *mean, const double *scale, const double *shift,
+                                  int stream) noexcept nogil
+    void cbn_normalize_strips_f64(const double *x, int64_t x_row_stride, double *y,
+                                  int64_t y_row_stride, int64_t n_rows, int64_t width,
+                                  const double *mean, const double *scale, const double *shift,
+                                  int stream) noexcept nogil
+    void cbn_input_gradient_strips_f32(const float *dy, int64_t dy_row_stride, const float *x,
+                                       int64_t x_row_stride, float *dx, int64_t dx_row_stride,
+                                       int64_t n_rows, int64_t width, const double *mean,
+                                       const double *coef_dy, const double *coef_xc,
+                                       const double *offset, int stream) noexcept nogil
+    void cbn_input_gradient_strips_f64(const double *dy, int64_t dy_row_stride,
+                                       const double *x, int64_t x_row_stride, double *dx,
+                                       int64_t dx_row_stride, int64_t n_rows, int64_t width,
+                                       const double *mean, const double *coef_dy,
+                                       const double *coef_xc, const double *offset,
+                                       int stream) noexcept nogil
+    void cbn_normalize_flat_strips_f32(const float *x, float *y, int64_t n_rows, int64_t width,
+                                       const double *mean, const double *scale,
+                                       const double *shift) noexcept nogil
+    void cbn_normalize_flat_strips_f64(const double *x, double *y, int64_t n_rows,
+                                       int64_t width, const double *mean, const double *scale,
+                                       const double *shift) noexcept nogil
+    void cbn_input_gradient_flat_strips_f32(const float *dy, const float *x, float *dx,
+                                            int64_t n_rows, int64_t width, const double *mean,
+                                            const double *coef_dy, const double *coef_xc,
+                                            const double *offset) noexcept nogil
+    void cbn_input_gradient_flat_strips_f64(const double *dy, const double *x, double *dx,
+                                            int64_t n_rows, int64_t width, const double *mean,
+                                            const double *coef_dy, const double *coef_xc,
+                                            const double *offset) noexcept nogil
     int CBN_MAX_WIDTH
 
 cdef extern from "_activation.h":
@@ -199,6 +232,9 @@ cdef enum:
 cdef Py_ssize_t stream_min_bytes = 1 << 62
 # Operands smaller than this stay on the calling thread (OpenMP dispatch would cost more):
 cdef Py_ssize_t parallel_min_bytes = 1 << 17
+# FI rows whose per-feature factors (3 doubles a feature for y, 4 for dx) take at least this
+# many bytes are normalized strip by strip, the factors held in registers (_simd.h's strips):
+cdef Py_ssize_t strip_min_bytes = 1 << 62
 
 
 def set_stream_min_bytes(Py_ssize_t n_bytes):
@@ -212,6 +248,14 @@ def set_parallel_min_bytes(Py_ssize_t n_bytes):
     """Set the operand size below which calls stay serial; returns the old one."""
     global parallel_min_bytes
     old, parallel_min_bytes = parallel_min_bytes, n_bytes
+    return old
+
+
+def set_strip_min_bytes(Py_ssize_t n_bytes):
+    """Set the size of a row's factor arrays from which rows are normalized strip by strip;
+    returns the old one."""
+    global strip_min_bytes
+    old, strip_min_bytes = strip_min_bytes, n_bytes
     return old
 
 
@@ -591,11 +635,38 @@ cdef inline bint back_to_back(Py_ssize_t width, int64_t a, int64_t b, int64_t c)
     return 8 <= width <= CBN_MAX_WIDTH and a == width and b == width and c == width
 
 
+cdef inline bint wide_rows(Py_ssize_t width, int n_factors) noexcept nogil:
+    """Whether rows of width features are written strip by strip (_simd.h's strips): where
+    their n_factors per-feature factor arrays take more than half the L1d."""
+    return width * n_factors * <Py_ssize_t>sizeof(double) > strip_min_bytes
+
+
+cdef inline bint lines_apart(const floating *out, int64_t row_stride) noexcept nogil:
+    """Whether an output's rows are whole cache lines apart: then each row streams the same
+    features, and the strips stream (the lines beyond them take ordinary stores)."""
+    return ((row_stride * <int64_t>sizeof(floating)) % 64 == 0
+            and (<uintptr_t>out) % sizeof(floating) == 0)
+
+
 cdef inline void normalize_rows(const floating *x, int64_t x_row_stride, floating *y,
                                 int64_t y_row_stride, Py_ssize_t n_rows, Py_ssize_t width,
                                 const double *mean, const double *scale, const double *shift,
                                 bint stream) noexcept nogil:
     cdef Py_ssize_t r
+    if wide_rows(width, 3) and stream and back_to_back(width, x_row_stride, y_row_stride, width):
+        if floating is float:
+            cbn_normalize_flat_strips_f32(x, y, n_rows, width, mean, scale, shift)
+        else:
+            cbn_normalize_flat_strips_f64(x, y, n_rows, width, mean, scale, shift)
+        return
+    if wide_rows(width, 3) and (not stream or lines_apart(y, y_row_stride)):
+        if floating is float:
+            cbn_normalize_strips_f32(x, x_row_stride, y, y_row_stride, n_rows, width, mean,
+                                     scale, shift, stream)
+        else:
+            cbn_normalize_strips_f64(x, x_row_stride, y, y_row_stride, n_rows, width, mean,
+                                     scale, shift, stream)
+        return
     if stream and back_to_back(width, x_row_stride, y_row_stride, width):
         if floating is float:
             cbn_normalize_rows_stream_f32(x, y, n_rows, width, mean, scale, shift)
@@ -683,6 +754,23 @@ cdef inline void input_gradient_rows(const floating *dy, int64_t dy_row_stride,
                                      const double *coef_dy, const double *coef_xc,
                                      const double *offset, bint stream) noexcept nogil:
     cdef Py_ssize_t r
+    if wide_rows(width, 4) and stream and back_to_back(width, dy_row_stride, x_row_stride,
+                                                       dx_row_stride):
+        if floating is float:
+            cbn_input_gradient_flat_strips_f32(dy, x, dx, n_rows, width, mean, coef_dy, coef_xc,
+                                               offset)
+        else:
+            cbn_input_gradient_flat_strips_f64(dy, x, dx, n_rows, width, mean, coef_dy, coef_xc,
+                                               offset)
+        return
+    if wide_rows(width, 4) and (not stream or lines_apart(dx, dx_row_stride)):
+        if floating is float:
+            cbn_input_gradient_strips_f32(dy, dy_row_stride, x, x_row_stride, dx, dx_row_stride,
+                                          n_rows, width, mean, coef_dy, coef_xc, offset, stream)
+        else:
+            cbn_input_gradient_strips_f64(dy, dy_row_stride, x, x_row_stride, dx, dx_row_stride,
+                                          n_rows, width, mean, coef_dy, coef_xc, offset, stream)
+        return
     if stream and back_to_back(width, dy_row_stride, x_row_stride, dx_row_stride):
         if floating is float:
             cbn_input_gradient_rows_stream_f32(dy, x, dx, n_rows, width, mean, coef_dy,
@@ -1016,16 +1104,10 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     if act.residual != NULL:
         r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
     if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
-        if floating is float:
-            cbn_normalize_rows_stream_f32(x_tile + it.r_begin * xw.row_stride,
-                                          y_tile + it.r_begin * yw.row_stride,
-                                          it.r_end - it.r_begin, it.width, mean + it.f0,
-                                          scale + it.f0, shift + it.f0)
-        else:
-            cbn_normalize_rows_stream_f64(x_tile + it.r_begin * xw.row_stride,
-                                          y_tile + it.r_begin * yw.row_stride,
-                                          it.r_end - it.r_begin, it.width, mean + it.f0,
-                                          scale + it.f0, shift + it.f0)
+        normalize_rows(x_tile + it.r_begin * xw.row_stride, xw.row_stride,
+                       y_tile + it.r_begin * yw.row_stride, yw.row_stride,
+                       it.r_end - it.r_begin, it.width, mean + it.f0, scale + it.f0,
+                       shift + it.f0, True)
         cbn_store_fence()
         return
     while runs.r < runs.end:
@@ -1361,16 +1443,11 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     elif act.fused:
         o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
     if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
-        if floating is float:
-            cbn_input_gradient_rows_stream_f32(
-                dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
-                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width,
-                k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0, k.offset + it.f0)
-        else:
-            cbn_input_gradient_rows_stream_f64(
-                dy_tile + it.r_begin * dyw.row_stride, x_tile + it.r_begin * xw.row_stride,
-                dx_tile + it.r_begin * dxw.row_stride, it.r_end - it.r_begin, it.width,
-                k.mean + it.f0, k.coef_dy + it.f0, k.coef_xc + it.f0, k.offset + it.f0)
+        input_gradient_rows(dy_tile + it.r_begin * dyw.row_stride, dyw.row_stride,
+                            x_tile + it.r_begin * xw.row_stride, xw.row_stride,
+                            dx_tile + it.r_begin * dxw.row_stride, dxw.row_stride,
+                            it.r_end - it.r_begin, it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                            k.coef_xc + it.f0, k.offset + it.f0, True)
         cbn_store_fence()
         return
     while runs.r < runs.end:

@@ -12,6 +12,11 @@ What follows the machine is only how that work is stored and scheduled, never it
   for this CPU in a user cache file, since on some CPUs streaming stores are slow at any size;
 * the serial cut-off, ``parallel_min_bytes``: an operand smaller than a few L1 data caches
   takes about as long to process as starting the OpenMP team does.
+* strips, from ``strip_min_bytes`` of per-feature factors a row: rows of features innermost
+  whose factor arrays (3 doubles a feature to normalize, 4 for the input gradient) take half
+  the L1d or more are written strip by strip with the factors held in registers; loaded at
+  every element, they crowd the input out of the L1d (dense rows of 1024 features: 24-32 KiB
+  of factors; inference from memory took twice as long per byte as on 64 features).
 
 Cache sizes come from Linux sysfs, else glibc's ``sysconf``, else macOS ``sysctl``, else
 (Windows, unknown systems) a conservative default of 32 KiB L1d, 256 KiB L2, 8 MiB LLC.
@@ -115,12 +120,14 @@ class Thresholds:
     stream_min_bytes: int
     parallel_min_bytes: int
     stream_reason: str
+    strip_min_bytes: int
 
     def describe(self):
         stream = ("never" if self.stream_min_bytes >= NEVER
                   else f"outputs from {_size(self.stream_min_bytes)}")
         return (f"streaming stores: {stream} ({self.stream_reason}); one thread below "
-                f"{_size(self.parallel_min_bytes)}")
+                f"{_size(self.parallel_min_bytes)}; factors in registers from "
+                f"{_size(self.strip_min_bytes)} a row")
 
 
 def thresholds(caches, calibration=None):
@@ -130,7 +137,7 @@ def thresholds(caches, calibration=None):
         stream_min = caches.llc if calibration["stream_pays"] else NEVER
         reason = (f"calibrated: streaming {calibration['stream_ms']:.1f} ms, ordinary "
                   f"{calibration['plain_ms']:.1f} ms on {_size(calibration['bytes'])}")
-    return Thresholds(stream_min, 4 * caches.l1d, reason)
+    return Thresholds(stream_min, 4 * caches.l1d, reason, caches.l1d // 2)
 
 
 # --- calibration, cached per CPU ------------------------------------------------------------
@@ -210,6 +217,7 @@ def apply(kernels, chosen):
     """Hand the thresholds to the compiled kernels (cbn.api does this at import)."""
     kernels.set_stream_min_bytes(chosen.stream_min_bytes)
     kernels.set_parallel_min_bytes(chosen.parallel_min_bytes)
+    kernels.set_strip_min_bytes(chosen.strip_min_bytes)
 
 
 def _read(path):

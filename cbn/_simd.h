@@ -441,9 +441,10 @@ CBN_DEFINE_STREAMING(double, f64)
  * is copied with its first 8 entries repeated after its end, so a vector of 8 features can
  * start at any feature j < width. */
 #define CBN_MAX_WIDTH 1024
-static inline void cbn_wrapped(double *target, const double *source, int64_t width) {
+static inline void cbn_wrapped(double *target, const double *source, int64_t width,
+                               int64_t from, int64_t n) {
     int64_t j;
-    for (j = 0; j < width + 8; j++) target[j] = source[j % width];
+    for (j = 0; j < n; j++) target[j] = source[(from + j) % width];
 }
 
 #define CBN_DEFINE_ROW_STREAMING(T, S)                                                       \
@@ -452,9 +453,9 @@ static void cbn_normalize_rows_stream_##S(const T *x, T *y, int64_t n_rows, int6
                                           const double *shift) {                             \
     double m[CBN_MAX_WIDTH + 8], s[CBN_MAX_WIDTH + 8], b[CBN_MAX_WIDTH + 8];                 \
     int64_t n = n_rows * width, i = 0, j = 0;                                                \
-    cbn_wrapped(m, mean, width);                                                             \
-    cbn_wrapped(s, scale, width);                                                            \
-    cbn_wrapped(b, shift, width);                                                            \
+    cbn_wrapped(m, mean, width, 0, width + 8);                                               \
+    cbn_wrapped(s, scale, width, 0, width + 8);                                              \
+    cbn_wrapped(b, shift, width, 0, width + 8);                                              \
     for (; i < n && !CBN_LINE_ALIGNED(y + i); i++, j = j + 1 == width ? 0 : j + 1)           \
         y[i] = (T)((x[i] - m[j]) * s[j] + b[j]);                                             \
     for (; i + 8 <= n; i += 8, j = j + 8 >= width ? j + 8 - width : j + 8)                   \
@@ -471,10 +472,10 @@ static void cbn_input_gradient_rows_stream_##S(const T *dy, const T *x, T *dx,  
     double m[CBN_MAX_WIDTH + 8], a[CBN_MAX_WIDTH + 8], c[CBN_MAX_WIDTH + 8];                 \
     double o[CBN_MAX_WIDTH + 8];                                                             \
     int64_t n = n_rows * width, i = 0, j = 0;                                                \
-    cbn_wrapped(m, mean, width);                                                             \
-    cbn_wrapped(a, coef_dy, width);                                                          \
-    cbn_wrapped(c, coef_xc, width);                                                          \
-    cbn_wrapped(o, offset, width);                                                           \
+    cbn_wrapped(m, mean, width, 0, width + 8);                                               \
+    cbn_wrapped(a, coef_dy, width, 0, width + 8);                                            \
+    cbn_wrapped(c, coef_xc, width, 0, width + 8);                                            \
+    cbn_wrapped(o, offset, width, 0, width + 8);                                             \
     for (; i < n && !CBN_LINE_ALIGNED(dx + i); i++, j = j + 1 == width ? 0 : j + 1)          \
         dx[i] = (T)(a[j] * dy[i] + c[j] * (x[i] - m[j]) + o[j]);                             \
     for (; i + 8 <= n; i += 8, j = j + 8 >= width ? j + 8 - width : j + 8)                   \
@@ -488,5 +489,214 @@ static void cbn_input_gradient_rows_stream_##S(const T *dy, const T *x, T *dx,  
 
 CBN_DEFINE_ROW_STREAMING(float, f32)
 CBN_DEFINE_ROW_STREAMING(double, f64)
+
+/* The same over rows of contiguous features at any row strides, strip by strip: a strip's
+ * per-feature factors are loaded into registers once and a few rows pass them.
+ * Loading them at every element instead (cbn_normalize_rows_stream above) reads 3-4 doubles
+ * per element from arrays of 3-4 x 8 bytes per feature: for dense rows of 1024 features that
+ * is 24-32 KiB, most of the L1d; with data from memory the input's lines then no longer
+ * stayed in the L1d until used (inference on 128 MiB at one thread took twice as long per
+ * byte as on rows of 64 features, whose factors take 1.5 KiB). AVX-512 holds 3 x 8
+ * (normalize) or 4 x 4 (gradient) vectors of 8 doubles in its 32 registers; AVX2 and SSE, a
+ * quarter and an eighth the width, proportionally narrower strips. Elementwise: the same
+ * values as the other loops, in any order.
+ *
+ * With streaming stores (stream != 0; the caller has checked that the output's rows are a
+ * whole number of cache lines apart) the strips cover the features [head, body_end) whose
+ * lines lie wholly within a row, the same for every row; the features before and after, in
+ * lines shared by the end of one row and the start of the next, are written with ordinary
+ * stores, so no line is written both ways. */
+#if CBN_REGISTER_BYTES == 64
+#define CBN_Y_VECTORS 8
+#define CBN_DX_VECTORS 4
+#elif CBN_REGISTER_BYTES == 32
+#define CBN_Y_VECTORS 2
+#define CBN_DX_VECTORS 1
+#else
+#define CBN_Y_VECTORS 1
+#define CBN_DX_VECTORS 1
+#endif
+/* Rows a strip walks before the next strip: 8 rows of the input (4 of each of the gradient's
+ * two), in as many pages at once; with more the prefetchers lost track (dense rows of 1024
+ * float32, from memory: the gradient's strips took 1.3x as long with 8 rows as with 4). */
+#define CBN_Y_STRIP_ROWS 8
+#define CBN_DX_STRIP_ROWS 4
+
+/* The features [*head, *body_end) of each row that streaming stores write (see above). */
+static inline void cbn_streamed_features(const void *out, int64_t itemsize, int64_t width,
+                                         int stream, int64_t *head, int64_t *body_end) {
+    int64_t line = 64 / itemsize;
+    if (!stream) {
+        *head = 0;
+        *body_end = width;
+        return;
+    }
+    *head = ((64 - (int64_t)((uintptr_t)out & 63)) & 63) / itemsize;
+    if (*head > width) *head = width;
+    *body_end = *head + (width - *head) / line * line;
+}
+
+#define CBN_Y_STRIP(S, NV, STORE)                                                            \
+    {                                                                                        \
+        cbn_v8d m[NV], s[NV], b[NV];                                                         \
+        for (q = 0; q < NV; q++) {                                                           \
+            m[q] = cbn_load_f64(mean + j + 8 * q);                                           \
+            s[q] = cbn_load_f64(scale + j + 8 * q);                                          \
+            b[q] = cbn_load_f64(shift + j + 8 * q);                                          \
+        }                                                                                    \
+        for (r = r0; r < r1; r++)                                                            \
+            _Pragma("GCC unroll 8")                                                          \
+            for (q = 0; q < NV; q++)                                                         \
+                STORE(y + r * y_row_stride + j + 8 * q,                                      \
+                      (cbn_load_##S(x + r * x_row_stride + j + 8 * q) - m[q]) * s[q]         \
+                      + b[q]);                                                               \
+    }
+
+#define CBN_Y_COLUMNS(T, FROM, TO)                                                           \
+    for (j = FROM; j < TO; j++)                                                              \
+        for (r = r0; r < r1; r++)                                                            \
+            y[r * y_row_stride + j] =                                                        \
+                (T)((x[r * x_row_stride + j] - mean[j]) * scale[j] + shift[j]);
+
+#define CBN_DX_STRIP(S, NV, STORE)                                                           \
+    {                                                                                        \
+        cbn_v8d m[NV], a[NV], c[NV], o[NV];                                                  \
+        for (q = 0; q < NV; q++) {                                                           \
+            m[q] = cbn_load_f64(mean + j + 8 * q);                                           \
+            a[q] = cbn_load_f64(coef_dy + j + 8 * q);                                        \
+            c[q] = cbn_load_f64(coef_xc + j + 8 * q);                                        \
+            o[q] = cbn_load_f64(offset + j + 8 * q);                                         \
+        }                                                                                    \
+        for (r = r0; r < r1; r++)                                                            \
+            _Pragma("GCC unroll 4")                                                          \
+            for (q = 0; q < NV; q++)                                                         \
+                STORE(dx + r * dx_row_stride + j + 8 * q,                                    \
+                      a[q] * cbn_load_##S(dy + r * dy_row_stride + j + 8 * q)                \
+                      + c[q] * (cbn_load_##S(x + r * x_row_stride + j + 8 * q) - m[q])       \
+                      + o[q]);                                                               \
+    }
+
+#define CBN_DX_COLUMNS(T, FROM, TO)                                                          \
+    for (j = FROM; j < TO; j++)                                                              \
+        for (r = r0; r < r1; r++)                                                            \
+            dx[r * dx_row_stride + j] =                                                      \
+                (T)(coef_dy[j] * dy[r * dy_row_stride + j]                                   \
+                    + coef_xc[j] * (x[r * x_row_stride + j] - mean[j]) + offset[j]);
+
+/* Vectors of 8 elements in a cache line's worth of T, the narrowest strip that streams: a
+ * strip of half lines would leave each line half written for several rows, and the
+ * write-combining buffers would flush it in pieces. */
+#define CBN_LINE_VECTORS_f32 2
+#define CBN_LINE_VECTORS_f64 1
+#define CBN_AT_LEAST(a, b) ((a) > (b) ? (a) : (b))
+
+/* STRIP over the features [head, body_end) of every ROWS rows, NV vectors at a
+ * time (at least a line's), then a line's (so streamed lines are whole), then one (ordinary
+ * stores only: the streamed features are whole lines); COLUMNS over the features outside,
+ * with ordinary stores. OUT: the output. */
+#define CBN_STRIPS(STRIP, NV, ROWS, COLUMNS, OUT, T, S)                                      \
+    int64_t r0, r1, r, j, q, head, body_end, body;                                           \
+    cbn_streamed_features(OUT, sizeof(T), width, stream, &head, &body_end);                  \
+    for (r0 = 0; r0 < n_rows; r0 = r1) {                                                     \
+        r1 = r0 + ROWS < n_rows ? r0 + ROWS : n_rows;                                        \
+        j = head;                                                                            \
+        if (stream) {                                                                        \
+            for (; j + 8 * CBN_AT_LEAST(NV, CBN_LINE_VECTORS_##S) <= body_end;               \
+                 j += 8 * CBN_AT_LEAST(NV, CBN_LINE_VECTORS_##S))                            \
+                STRIP(S, CBN_AT_LEAST(NV, CBN_LINE_VECTORS_##S), cbn_stream_##S)             \
+            for (; j + 8 * CBN_LINE_VECTORS_##S <= body_end; j += 8 * CBN_LINE_VECTORS_##S)  \
+                STRIP(S, CBN_LINE_VECTORS_##S, cbn_stream_##S)                               \
+        } else {                                                                             \
+            for (; j + 8 * NV <= body_end; j += 8 * NV) STRIP(S, NV, cbn_store_##S)          \
+        }                                                                                    \
+        for (; j + 8 <= body_end; j += 8) STRIP(S, 1, cbn_store_##S)                         \
+        body = j;                                                                            \
+        COLUMNS(T, 0, head)                                                                  \
+        COLUMNS(T, body, width)                                                              \
+    }
+
+#define CBN_DEFINE_STRIPS(T, S)                                                              \
+static void cbn_normalize_strips_##S(const T *x, int64_t x_row_stride, T *y,                 \
+                                     int64_t y_row_stride, int64_t n_rows, int64_t width,    \
+                                     const double *mean, const double *scale,                \
+                                     const double *shift, int stream) {                      \
+    CBN_STRIPS(CBN_Y_STRIP, CBN_Y_VECTORS, CBN_Y_STRIP_ROWS, CBN_Y_COLUMNS, y, T, S)         \
+}                                                                                            \
+static void cbn_input_gradient_strips_##S(const T *dy, int64_t dy_row_stride, const T *x,    \
+                                          int64_t x_row_stride, T *dx,                       \
+                                          int64_t dx_row_stride, int64_t n_rows,             \
+                                          int64_t width, const double *mean,                 \
+                                          const double *coef_dy, const double *coef_xc,      \
+                                          const double *offset, int stream) {                \
+    CBN_STRIPS(CBN_DX_STRIP, CBN_DX_VECTORS, CBN_DX_STRIP_ROWS, CBN_DX_COLUMNS, dx, T, S)    \
+}
+
+CBN_DEFINE_STRIPS(float, f32)
+CBN_DEFINE_STRIPS(double, f64)
+
+/* Rows back to back in every operand (one run, as for cbn_normalize_rows_stream), streamed
+ * strip by strip. Where the output does not start on a cache line its lines straddle rows,
+ * and strips of whole rows would leave a line a row to be written with ordinary stores
+ * (with data from memory, the strips then took 1.4-1.6x as long). So the strips walk rows
+ * shifted to start on the first whole line, head elements in, over factors rotated to match
+ * (FACTORS copies each one so), one row fewer: only the run's first and last lines are then
+ * written with ordinary stores, by SCALAR(i, j) for element i, feature j. Rows that are not a whole number
+ * of lines long have lines straddling rows anywhere: they go to the run loop (FALLBACK). */
+#define CBN_FLAT_STRIPS(T, OUT, FACTORS, STRIPS, SCALAR, FALLBACK)                           \
+    int64_t head, body_end, shifted_rows, i, n = n_rows * width;                             \
+    if ((width * (int64_t)sizeof(T)) % 64 != 0) {                                            \
+        FALLBACK;                                                                            \
+        return;                                                                              \
+    }                                                                                        \
+    cbn_streamed_features(OUT, sizeof(T), width, 1, &head, &body_end);                       \
+    shifted_rows = head ? n_rows - 1 : n_rows;                                               \
+    FACTORS                                                                                  \
+    for (i = 0; i < head; i++) SCALAR(i, i)                                                  \
+    STRIPS;                                                                                  \
+    for (i = head ? n - width + head : n; i < n; i++) SCALAR(i, i - (n - width))
+
+#define CBN_Y_SCALAR(T, i, j) y[i] = (T)((x[i] - mean[j]) * scale[j] + shift[j]);
+#define CBN_DX_SCALAR(T, i, j)                                                               \
+    dx[i] = (T)(coef_dy[j] * dy[i] + coef_xc[j] * (x[i] - mean[j]) + offset[j]);
+
+#define CBN_DEFINE_FLAT_STRIPS(T, S)                                                         \
+static void cbn_normalize_flat_strips_##S(const T *x, T *y, int64_t n_rows, int64_t width,   \
+                                          const double *mean, const double *scale,           \
+                                          const double *shift) {                             \
+    double m[CBN_MAX_WIDTH], s[CBN_MAX_WIDTH], b[CBN_MAX_WIDTH];                             \
+    CBN_FLAT_STRIPS(T, y,                                                                    \
+                    cbn_wrapped(m, mean, width, head, width);                                \
+                    cbn_wrapped(s, scale, width, head, width);                               \
+                    cbn_wrapped(b, shift, width, head, width);,                              \
+                    cbn_normalize_strips_##S(x + head, width, y + head, width, shifted_rows, \
+                                             width, m, s, b, 1),                             \
+                    CBN_Y_SCALAR_##S,                                                        \
+                    cbn_normalize_rows_stream_##S(x, y, n_rows, width, mean, scale, shift))  \
+}                                                                                            \
+static void cbn_input_gradient_flat_strips_##S(const T *dy, const T *x, T *dx,               \
+                                               int64_t n_rows, int64_t width,                \
+                                               const double *mean, const double *coef_dy,    \
+                                               const double *coef_xc,                        \
+                                               const double *offset) {                       \
+    double m[CBN_MAX_WIDTH], a[CBN_MAX_WIDTH], c[CBN_MAX_WIDTH], o[CBN_MAX_WIDTH];           \
+    CBN_FLAT_STRIPS(T, dx,                                                                   \
+                    cbn_wrapped(m, mean, width, head, width);                                \
+                    cbn_wrapped(a, coef_dy, width, head, width);                             \
+                    cbn_wrapped(c, coef_xc, width, head, width);                             \
+                    cbn_wrapped(o, offset, width, head, width);,                             \
+                    cbn_input_gradient_strips_##S(dy + head, width, x + head, width,         \
+                                                  dx + head, width, shifted_rows, width, m,  \
+                                                  a, c, o, 1),                               \
+                    CBN_DX_SCALAR_##S,                                                       \
+                    cbn_input_gradient_rows_stream_##S(dy, x, dx, n_rows, width, mean,       \
+                                                       coef_dy, coef_xc, offset))            \
+}
+
+#define CBN_Y_SCALAR_f32(i, j) CBN_Y_SCALAR(float, i, j)
+#define CBN_Y_SCALAR_f64(i, j) CBN_Y_SCALAR(double, i, j)
+#define CBN_DX_SCALAR_f32(i, j) CBN_DX_SCALAR(float, i, j)
+#define CBN_DX_SCALAR_f64(i, j) CBN_DX_SCALAR(double, i, j)
+CBN_DEFINE_FLAT_STRIPS(float, f32)
+CBN_DEFINE_FLAT_STRIPS(double, f64)
 
 #endif

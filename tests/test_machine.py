@@ -63,6 +63,7 @@ def test_thresholds_follow_the_caches_and_the_calibration():
     caches = _machine.Caches(32 * KIB, MIB, 36 * MIB, "test")
     assert _machine.thresholds(caches).stream_min_bytes == 36 * MIB
     assert _machine.thresholds(caches).parallel_min_bytes == 128 * KIB
+    assert _machine.thresholds(caches).strip_min_bytes == 16 * KIB
     slow = {"stream_pays": False, "stream_ms": 12.9, "plain_ms": 7.3, "bytes": 72 * MIB}
     assert _machine.thresholds(caches, slow).stream_min_bytes == _machine.NEVER
     assert "12.9 ms" in _machine.thresholds(caches, slow).describe()
@@ -102,16 +103,23 @@ def test_the_kernels_use_this_machines_thresholds():
     old = _kernels.set_parallel_min_bytes(0)
     _kernels.set_parallel_min_bytes(old)
     assert old == chosen.parallel_min_bytes
+    old = _kernels.set_strip_min_bytes(0)
+    _kernels.set_strip_min_bytes(old)
+    assert old == chosen.strip_min_bytes
 
 
 LAYOUTS = [((64, 6, 6, 64), -1, "C"), ((48, 16, 9, 9), 1, "C"), ((40, 6, 6, 64), -1, "F"),
            ((300, 136), -1, "C"), ((40, 6, 12, 64), -1, "S"), ((8, 60, 64), (0, 2), "C")]
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis, layout", LAYOUTS)
-def test_streaming_and_the_serial_cut_off_never_change_bits(shape, axis, layout):
+def test_streaming_strips_and_the_serial_cut_off_never_change_bits(shape, axis, layout, dtype):
+    """Every combination against none: streaming stores (outputs 16 bytes past a cache line,
+    as NumPy allocates them, stream from the next line on), strips of factors in registers
+    (forced onto every width here), and the parallel split."""
     rng = np.random.default_rng(1)
-    x, dy = (rng.standard_normal(shape, dtype=np.float32) + 3 for _ in range(2))
+    x, dy = (rng.standard_normal(shape).astype(dtype) + 3 for _ in range(2))
     if layout == "F":
         x, dy = np.asfortranarray(x), np.asfortranarray(dy)
     if layout == "S":
@@ -119,22 +127,35 @@ def test_streaming_and_the_serial_cut_off_never_change_bits(shape, axis, layout)
     mean, var = cbn.batch_stats(x, axis=axis)
     gamma = rng.random(mean.shape) + 0.5
 
+    def past_a_line():   # laid out like x, 16 bytes past a cache line whatever NumPy gives
+        strides = np.empty_like(x, order="K").strides
+        raw = np.empty(x.nbytes + 128, np.uint8)
+        return np.ndarray(x.shape, x.dtype, raw, -raw.ctypes.data % 64 + 16, strides)
+
     def outputs():
         return (cbn.batch_norm_forward(x, gamma, gamma, axis=axis)
-                + (cbn.batch_norm_inference(x, mean, var, gamma, gamma, axis=axis),)
+                + (cbn.batch_norm_inference(x, mean, var, gamma, gamma, axis=axis),
+                   cbn.batch_norm_inference(x, mean, var, gamma, gamma, axis=axis,
+                                            out=past_a_line()),
+                   cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis,
+                                           out=past_a_line())[0])
                 + cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis))
 
-    results = []
-    for stream, parallel in ((0, 0), (_machine.NEVER, _machine.NEVER)):
-        old_stream = _kernels.set_stream_min_bytes(stream)
-        old_parallel = _kernels.set_parallel_min_bytes(parallel)
+    def with_thresholds(stream, parallel, strip):
+        old = (_kernels.set_stream_min_bytes(stream), _kernels.set_parallel_min_bytes(parallel),
+               _kernels.set_strip_min_bytes(strip))
         try:
-            results.append(outputs())
+            return outputs()
         finally:
-            _kernels.set_stream_min_bytes(old_stream)
-            _kernels.set_parallel_min_bytes(old_parallel)
-    for streamed, plain in zip(*results):
-        np.testing.assert_array_equal(streamed, plain, strict=True)
+            _kernels.set_stream_min_bytes(old[0])
+            _kernels.set_parallel_min_bytes(old[1])
+            _kernels.set_strip_min_bytes(old[2])
+
+    never = _machine.NEVER
+    plain = with_thresholds(never, never, never)
+    for thresholds in ((0, 0, never), (0, never, 0), (never, 0, 0)):
+        for got, expected in zip(with_thresholds(*thresholds), plain):
+            np.testing.assert_array_equal(got, expected, strict=True, err_msg=str(thresholds))
 
 
 def test_cold_cases_are_four_last_level_caches():
