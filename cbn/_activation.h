@@ -230,6 +230,31 @@ static inline void cbn_set_signs_##S(uint8_t *mask, int64_t b, const T *y, int64
         cbn_set_bits(mask, b + i, bits, (int)take, b, b + n);                                \
     }                                                                                        \
 }                                                                                            \
+/* Bits b + f * bit_step + r = (y[r * y_row_stride + f] > 0) of n_rows rows of width        \
+ * features whose rows' bits are adjacent (a channels_last or transposed view of x, the mask \
+ * in x's logical C order): feature by feature, 64 bits at a time, where a bit per element  \
+ * would be an atomic OR per element (10x the unmasked forward). */                         \
+static void cbn_set_row_signs_##S(uint8_t *mask, int64_t b, int64_t bit_step, const T *y,    \
+                                  int64_t y_row_stride, int64_t n_rows, int64_t width) {     \
+    uint64_t word;                                                                           \
+    int64_t f, r, first, at;                                                                 \
+    int held;                                                                                \
+    for (f = 0; f < width; f++) {                                                            \
+        first = b + f * bit_step;                                                            \
+        held = (int)(first & 7);                                                             \
+        at = first - held;                                                                   \
+        for (word = 0, r = 0; r < n_rows; r++) {                                             \
+            word |= (uint64_t)(y[r * y_row_stride + f] > 0) << held;                         \
+            if (++held == 64) {                                                              \
+                cbn_set_word(mask, at, word, 64, first, first + n_rows);                     \
+                at += 64;                                                                    \
+                held = 0;                                                                    \
+                word = 0;                                                                    \
+            }                                                                                \
+        }                                                                                    \
+        if (held) cbn_set_word(mask, at, word, held, first, first + n_rows);                 \
+    }                                                                                        \
+}                                                                                            \
 /* y = act((T)((x - mean) * scale + shift) + residual) along a contiguous run (residual may  \
  * be NULL; factors per element or one each, as cbn_normalize_stream). */                    \
 static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y, int64_t i, \

@@ -157,6 +157,11 @@ cdef extern from "_activation.h":
                        int64_t b, int64_t bit_step, int64_t i, int kind,
                        double alpha) noexcept nogil
     void cbn_set_bit(unsigned char *mask, int64_t b, int value) noexcept nogil
+    void cbn_set_row_signs_f32(unsigned char *mask, int64_t b, int64_t bit_step, const float *y,
+                               int64_t y_row_stride, int64_t n_rows, int64_t width) noexcept nogil
+    void cbn_set_row_signs_f64(unsigned char *mask, int64_t b, int64_t bit_step,
+                               const double *y, int64_t y_row_stride, int64_t n_rows,
+                               int64_t width) noexcept nogil
     void cbn_normalize_act_f32(const float *x, const float *residual, float *y, int64_t n,
                                const double *mean, const double *scale, const double *shift,
                                int per_element, int kind, double alpha, int stream,
@@ -1099,8 +1104,17 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     cdef bint y_staged = yw.feature_stride != 1
     cdef bint stream = g.stream and not y_staged
     cdef int64_t b, bit_row_stride = 0, bit_step = 0
+    cdef Activation row_act = act[0]
+    cdef bint bits_by_rows = False
     if act.mask != NULL:
         bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+        # A feature's rows have adjacent bits, a row's features do not (x a channels_last
+        # or transposed view): the bits are set from y after each run (in cache, so not
+        # streamed), feature by feature.
+        bits_by_rows = bit_step != 1 and bit_row_stride == 1
+        if bits_by_rows:
+            row_act.mask = NULL
+            stream = False
     if act.residual != NULL:
         r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
     if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
@@ -1127,9 +1141,11 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
                 normalize_act(x_rows + r * x_row_stride,
                               NULL if r_rows == NULL else r_rows + r * r_row_stride,
                               y_rows + r * y_row_stride, it.width, mean + it.f0,
-                              scale + it.f0, shift + it.f0, True, act,
+                              scale + it.f0, shift + it.f0, True, &row_act,
                               stream and whole_lines(y_rows + r * y_row_stride, it.width),
                               b + r * bit_row_stride, bit_step)
+            if bits_by_rows:
+                set_row_signs(act.mask, b, bit_step, y_rows, y_row_stride, n, it.width)
         else:
             normalize_rows(x_rows, x_row_stride, y_rows, y_row_stride, n, it.width,
                            mean + it.f0, scale + it.f0, shift + it.f0, stream)
@@ -1826,6 +1842,15 @@ cdef inline void normalize_act(const floating *x, const floating *residual, floa
     else:
         cbn_normalize_act_f64(x, residual, y, n, mean, scale, shift, per_element, act.kind,
                               act.alpha, stream, act.mask, b, bit_step)
+
+
+cdef inline void set_row_signs(unsigned char *mask, int64_t b, int64_t bit_step,
+                               const floating *y, int64_t y_row_stride, Py_ssize_t n_rows,
+                               Py_ssize_t width) noexcept nogil:
+    if floating is float:
+        cbn_set_row_signs_f32(mask, b, bit_step, y, y_row_stride, n_rows, width)
+    else:
+        cbn_set_row_signs_f64(mask, b, bit_step, y, y_row_stride, n_rows, width)
 
 
 cdef inline void act_input_gradient(const floating *dy, const floating *y, const floating *x,

@@ -265,13 +265,17 @@ def off_the_line(shape, dtype=np.float32):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape,axis", [((150, 200), -1), ((3, 7, 9, 80), -1),
-                                        ((6, 5, 37, 31), 1), ((10, 3, 37, 31), 1)])
-def test_mask_bits_past_whole_words_and_off_the_line(shape, axis, threads, streaming):
+@pytest.mark.parametrize("shape,axis,order", [
+    ((150, 200), -1, None), ((3, 7, 9, 80), -1, None), ((6, 5, 37, 31), 1, None),
+    ((10, 3, 37, 31), 1, None), ((3, 37, 31, 16), 1, (0, 3, 1, 2))])
+def test_mask_bits_past_whole_words_and_off_the_line(shape, axis, order, threads, streaming):
     """Runs long enough for the kernels' 64-bit words of mask bits, starting mid-byte
-    (37 x 31 planes), into an out= off the cache line, on one and two threads."""
+    (37 x 31 planes), into an out= off the cache line, on one and two threads; and x a
+    channels_last view (order), whose bits are adjacent along rows, not features."""
     x = np.random.default_rng(11).standard_normal(shape).astype(np.float32)
     out = off_the_line(shape)
+    if order is not None:
+        x, out = x.transpose(order), out.transpose(order)
     with threadpool_limits(threads, user_api="openmp"):
         y, _, _, mask = cbn.batch_norm_forward(x, axis=axis, out=out, activation="relu",
                                                return_mask=True)
