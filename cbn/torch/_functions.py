@@ -175,7 +175,8 @@ class Training(torch.autograd.Function):
         if need_x and per_channel_count(x):
             # With a fused ReLU, cbn's fused backward takes its derivative from the saved
             # output on the fly: faster than torch.nn.ReLU's backward (which writes a new
-            # tensor) followed by batch norm's, and the same bits (README, Speed).
+            # tensor) followed by batch norm's, or even with it, and the same bits (README,
+            # Speed).
             fused = {} if relu_output is None else {"activation": "relu",
                                                     "y": array(relu_output)}
             dx = empty_like(work)
