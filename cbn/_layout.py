@@ -38,6 +38,7 @@ class Plan:
     agree: bool                   # every operand steps fastest along the same axis
     row_group: int                # RI: extent of the outer reduced dimension along which
                                   # another operand steps fastest (its rows' groups), or 1
+    features_outer: bool          # row groups: each feature's groups in turn (_features_outer)
     feature_order: tuple          # kept axes (positions in the sorted kept-axis list) in memory order
     operands: tuple               # one OperandLayout per operand, in the order given
 
@@ -76,6 +77,27 @@ def _innermost(shape, strides):
     """The axis an operand steps along fastest (its cache lines run along it), or None."""
     moving = [a for a in range(len(shape)) if shape[a] > 1 and strides[a] != 0]
     return min(moving, key=lambda a: abs(strides[a])) if moving else None
+
+
+def _features_outer(operands, row_group, n_feature_inner):
+    """Row groups: whether to walk each feature's groups in turn rather than every feature's
+    tile of a group, i.e. whether in every operand a feature's next group lies nearer than
+    the next feature (NHWC x Fortran beside dy stored as NCHW: a feature is one block of x
+    and 32 planes of dy; walked group by group, every group touched all of both arrays, 2.5x
+    slower). Where one operand keeps the features nearer (x NCHW beside a Fortran dy: 32
+    images of each channel back to back), the groups stay outer."""
+    if row_group == 1:
+        return False
+    for o in operands:
+        if len(o.row_offsets) <= row_group:
+            return False
+        group_step = abs(int(o.row_offsets[row_group] - o.row_offsets[0]))
+        feature_step = (abs(o.feature_stride) if n_feature_inner > 1 else
+                        abs(int(o.feature_offsets[1] - o.feature_offsets[0]))
+                        if len(o.feature_offsets) > 1 else 0)
+        if feature_step < group_step:
+            return False
+    return True
 
 
 def make_plan(shape, axes, element_strides):
@@ -144,4 +166,5 @@ def make_plan(shape, axes, element_strides):
     n_feature_outer = len(operands[0].feature_offsets)
     n_row_outer = len(operands[0].row_offsets)
     return Plan(n_feature_outer, fi_extent, n_row_outer, ri_extent, features_inner, agree,
-                row_group, feature_order, operands)
+                row_group, _features_outer(operands, row_group, fi_extent), feature_order,
+                operands)

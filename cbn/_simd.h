@@ -11,6 +11,7 @@
 #define CBN_SIMD_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef double cbn_v8d __attribute__((vector_size(64)));
@@ -308,11 +309,9 @@ static inline void cbn_store_fence(void) {}
  * (cbn_kernels' stage_rows). With AVX, blocks of 8x8 floats or 4x4 doubles are transposed
  * in registers, so both sides move whole vectors. */
 #ifdef __AVX__
-static inline void cbn_transpose_block_f32(const float *src, int64_t src_stride, float *dst,
-                                           int64_t dst_stride) {
-    __m256 r[8], t[8], u[8];
+static inline void cbn_transpose_store_f32(__m256 r[8], float *dst, int64_t dst_stride) {
+    __m256 t[8], u[8];
     int q;
-    for (q = 0; q < 8; q++) r[q] = _mm256_loadu_ps(src + q * src_stride);
     for (q = 0; q < 8; q += 2) {
         t[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
         t[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
@@ -329,11 +328,26 @@ static inline void cbn_transpose_block_f32(const float *src, int64_t src_stride,
                          _mm256_permute2f128_ps(u[q], u[q + 4], 0x31));
     }
 }
+static inline void cbn_transpose_block_f32(const float *src, int64_t src_stride, float *dst,
+                                           int64_t dst_stride, const cbn_v8d *affine) {
+    __m256 r[8];
+    int q;
+    for (q = 0; q < 8; q++)
+        r[q] = affine == NULL ? _mm256_loadu_ps(src + q * src_stride)
+               : (__m256)cbn_narrow((cbn_load_f32(src + q * src_stride) - affine[0])
+                                    * affine[1] + affine[2]);
+    cbn_transpose_store_f32(r, dst, dst_stride);
+}
 static inline void cbn_transpose_block_f64(const double *src, int64_t src_stride, double *dst,
-                                           int64_t dst_stride) {
+                                           int64_t dst_stride, const cbn_v8d *affine) {
     __m256d r[4], t[4];
     int q;
-    for (q = 0; q < 4; q++) r[q] = _mm256_loadu_pd(src + q * src_stride);
+    for (q = 0; q < 4; q++) {
+        r[q] = _mm256_loadu_pd(src + q * src_stride);
+        if (affine != NULL)
+            r[q] = (r[q] - _mm256_set1_pd(affine[0][0])) * _mm256_set1_pd(affine[1][0])
+                   + _mm256_set1_pd(affine[2][0]);
+    }
     for (q = 0; q < 4; q += 2) {
         t[q] = _mm256_unpacklo_pd(r[q], r[q + 1]);
         t[q + 1] = _mm256_unpackhi_pd(r[q], r[q + 1]);
@@ -345,24 +359,44 @@ static inline void cbn_transpose_block_f64(const double *src, int64_t src_stride
     }
 }
 #define CBN_TRANSPOSE_BLOCKS(S, B)                                                           \
-    for (; r0 + B <= n_r; r0 += B) {                                                         \
-        for (c = 0; c + B <= n_c; c += B)                                                    \
-            cbn_transpose_block_##S(src + r0 * src_stride + c, src_stride,                   \
-                                    dst + c * dst_stride + r0, dst_stride);                  \
-        for (; c < n_c; c++)                                                                 \
-            for (r = r0; r < r0 + B; r++) dst[c * dst_stride + r] = src[r * src_stride + c]; \
+    n_rb = n_r - n_r % B;                                                                    \
+    n_cb = n_c - n_c % B;                                                                    \
+    int64_t r0, c0;                                                                          \
+    if (llabs(dst_stride) > llabs(src_stride)) {                                             \
+        for (c0 = 0; c0 < n_cb; c0 += B)                                                     \
+            for (r0 = 0; r0 < n_rb; r0 += B)                                                 \
+                cbn_transpose_block_##S(src + r0 * src_stride + c0, src_stride,              \
+                                        dst + c0 * dst_stride + r0, dst_stride, av);         \
+    } else {                                                                                 \
+        for (r0 = 0; r0 < n_rb; r0 += B)                                                     \
+            for (c0 = 0; c0 < n_cb; c0 += B)                                                 \
+                cbn_transpose_block_##S(src + r0 * src_stride + c0, src_stride,              \
+                                        dst + c0 * dst_stride + r0, dst_stride, av);         \
     }
 #else
 #define CBN_TRANSPOSE_BLOCKS(S, B)
 #endif
 
+/* The blocks run along the side whose rows are far apart (a whole array apart, often a
+ * multiple of 4 KiB, so that they share the L1's sets): B of its rows at a time, each
+ * finished before the next B, since more than the L1's 8 ways of such rows would evict
+ * each other's lines between the blocks that fill them. With affine (the mean, scale and
+ * shift of one feature, broadcast), the values are normalized on the way, each
+ * rounded as normalize_run rounds it: a row group's tile goes from one operand to the other
+ * in one pass instead of through a buffer. */
 #define CBN_DEFINE_TRANSPOSE(T, S, B)                                                        \
 static void cbn_transpose_##S(const T *src, int64_t src_stride, int64_t n_r, int64_t n_c,    \
-                              T *dst, int64_t dst_stride) {                                  \
-    int64_t r0 = 0, r, c;                                                                    \
+                              T *dst, int64_t dst_stride, const double *affine) {            \
+    int64_t n_rb = 0, n_cb = 0, r, c;                                                        \
+    cbn_v8d broadcast[3];                                                                    \
+    const cbn_v8d *av = affine == NULL ? NULL : broadcast;                                   \
+    for (r = 0; r < 3 && affine != NULL; r++) broadcast[r] = (cbn_v8d){0} + affine[r];       \
+    (void)av;                                                                                \
     CBN_TRANSPOSE_BLOCKS(S, B)                                                               \
-    for (r = r0; r < n_r; r++)                                                               \
-        for (c = 0; c < n_c; c++) dst[c * dst_stride + r] = src[r * src_stride + c];         \
+    for (r = 0; r < n_r; r++)                                                                \
+        for (c = r < n_rb ? n_cb : 0; c < n_c; c++)                                          \
+            dst[c * dst_stride + r] = affine == NULL ? src[r * src_stride + c]               \
+                : (T)((src[r * src_stride + c] - affine[0]) * affine[1] + affine[2]);        \
 }
 
 CBN_DEFINE_TRANSPOSE(float, f32, 8)
@@ -373,16 +407,19 @@ CBN_DEFINE_TRANSPOSE(double, f64, 4)
  * segments far apart, which the hardware prefetchers do not follow. */
 static void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, int64_t n_rows,
                               int64_t width, int64_t itemsize, int for_writing) {
-    int64_t outer, n_outer, n_inner, i, k, line = 64 / itemsize;
+    int64_t outer, n_outer, n_inner, k;
+    const char *q, *last;
     if (step == 1) { outer = row_stride; n_outer = n_rows; n_inner = width; }
     else if (row_stride == 1) { outer = step; n_outer = width; n_inner = n_rows; }
     else return;
-    for (k = 0; k < n_outer; k++)
-        for (i = 0; i < n_inner + line; i += line) {
-            const char *q = p + (k * outer + (i < n_inner ? i : n_inner - 1)) * itemsize;
+    for (k = 0; k < n_outer; k++) {     /* each line of each contiguous piece once */
+        q = p + k * outer * itemsize;
+        last = q + (n_inner - 1) * itemsize;
+        for (q = (const char *)((uintptr_t)q & ~(uintptr_t)63); q <= last; q += 64) {
             if (for_writing) __builtin_prefetch(q, 1, 3);
             else __builtin_prefetch(q, 0, 3);
         }
+    }
 }
 
 static inline cbn_v8d cbn_parameter(const double *p, int64_t i, int per_element) {

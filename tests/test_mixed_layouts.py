@@ -12,6 +12,7 @@ from threadpoolctl import threadpool_limits
 import cbn
 import cbn.api
 from cbn import _kernels, reference
+from cbn._layout import make_plan
 
 from budget import examples
 from layouts import assert_close, in_layout
@@ -75,7 +76,10 @@ def nchw_as_nhwc(values):
 
 
 LAYOUT_MAKERS = {"C": np.ascontiguousarray, "F": np.asfortranarray, "NCHW": nchw_as_nhwc}
-PAIRS = [("F", "C"), ("C", "F"), ("NCHW", "C"), ("C", "NCHW")]
+# F beside NCHW-stored: row groups walked feature by feature (features_outer), y's tile
+# normalized within the transpose (normalize_transposed), 19 images and rows of 12 making
+# partial 8 x 8 blocks.
+PAIRS = [("F", "C"), ("C", "F"), ("NCHW", "C"), ("C", "NCHW"), ("F", "NCHW"), ("NCHW", "F")]
 
 
 def run_all(x, dy, out_like, axis=-1):
@@ -157,6 +161,22 @@ def test_row_groups_match_reference_and_threads(x_layout, other_layout, dtype):
     assert_close(parallel[4], dx_ref, dtype, condition=100)
     np.testing.assert_allclose(parallel[5], dgamma_ref, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(parallel[6], dbeta_ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("x_layout,other_layout,outer", [("F", "NCHW", True),
+                                                         ("NCHW", "F", True),
+                                                         ("C", "F", False)])
+def test_row_groups_walk_features_outer_where_every_operand_keeps_them_apart(
+        x_layout, other_layout, outer):
+    # NHWC x Fortran beside NCHW-stored: a feature is one block of x and planes of the other,
+    # each feature's groups in turn; x C beside Fortran (NCHW axis 1 below: images of a
+    # channel adjacent in the Fortran operand) keeps every feature's tile of a group.
+    values = np.zeros((6, 5, 7, 9))
+    x, other = LAYOUT_MAKERS[x_layout](values), LAYOUT_MAKERS[other_layout](values)
+    axes = (3,) if outer else (1,)
+    strides = tuple(tuple(s // 8 for s in a.strides) for a in (x, other, other))
+    plan = make_plan(values.shape, axes, strides)
+    assert plan.row_group > 1 and plan.features_outer == outer
 
 
 @pytest.mark.parametrize("axis,other", [(1, np.asfortranarray), (-1, np.asfortranarray),
