@@ -203,37 +203,44 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
 }
 
 /* The same two reductions along one contiguous run of n values of a single feature (the RI
- * loop order): A OP sum_i u and B OP sum_i u * (V), u being U (8 values from i on) or U1
- * (the value at i) and V or V1 beside it (c holds CONSTANT in every lane). Four vector
- * accumulators per sum keep the additions independent. */
-#define CBN_RUN_SUMS(CONSTANT, U, V, U1, V1, A, B, OP)                                       \
+ * loop order), or along n_rows such runs in turn (NEXT_ROW moves the pointers to the next;
+ * a row group's tile): A OP sum_i u and B OP sum_i u * (V), u being U (8 values from i on)
+ * or U1 (the value at i) and V or V1 beside it (c holds CONSTANT in every lane). Four vector
+ * accumulators per sum keep the additions independent; a tile's rows share them, so that
+ * they are reduced once per tile, not once per short row. */
+#define CBN_ROWS_SUMS(N_ROWS, NEXT_ROW, CONSTANT, U, V, U1, V1, A, B, OP)                    \
     cbn_v8d c = {0};                                                                         \
     cbn_acc a[4], b[4];                                                                      \
-    int64_t i = 0, q;                                                                        \
+    int64_t i, q, row;                                                                       \
     double ta = 0.0, tb = 0.0;                                                               \
     cbn_acc_zero(a, 4);                                                                      \
     cbn_acc_zero(b, 4);                                                                      \
     c += CONSTANT;                                                                           \
-    for (; i + 32 <= n; i += 32)                                                             \
-        _Pragma("GCC unroll 4")                                                              \
-        for (q = 0; q < 4; q++) {                                                            \
-            cbn_v8d u = U;                                                                   \
-            cbn_acc_add(&a[q], u);                                                           \
-            cbn_acc_add(&b[q], u * (V));                                                     \
+    for (row = 0; row < (N_ROWS); row++, NEXT_ROW) {                                         \
+        for (i = 0; i + 32 <= n; i += 32)                                                    \
+            _Pragma("GCC unroll 4")                                                          \
+            for (q = 0; q < 4; q++) {                                                        \
+                cbn_v8d u = U;                                                               \
+                cbn_acc_add(&a[q], u);                                                       \
+                cbn_acc_add(&b[q], u * (V));                                                 \
+            }                                                                                \
+        for (; i < n; i++) {                                                                 \
+            double u = U1;                                                                   \
+            ta += u;                                                                         \
+            tb += u * (V1);                                                                  \
         }                                                                                    \
-    for (; i < n; i++) {                                                                     \
-        double u = U1;                                                                       \
-        ta += u;                                                                             \
-        tb += u * (V1);                                                                      \
     }                                                                                        \
     *(A) OP cbn_reduce(a) + ta;                                                              \
     *(B) OP cbn_reduce(b) + tb;
+#define CBN_RUN_SUMS(CONSTANT, U, V, U1, V1, A, B, OP)                                       \
+    CBN_ROWS_SUMS(1, (void)0, CONSTANT, U, V, U1, V1, A, B, OP)
 
-/* The gradient sums along a run: dy is read through DY(S, i) and DY1(S, i), as in
- * CBN_GRADIENT_SUMS_BODY. */
-#define CBN_GRADIENT_RUN_BODY(T, S, DY, DY1)                                                 \
-    CBN_RUN_SUMS(mean, DY(S, i + 8 * q), cbn_load_##S(x + i + 8 * q) - c, DY1(S, i),         \
-                 x[i] - mean, sum_dy, sum_dy_xc, +=)
+/* The gradient sums along a run (or n_rows runs): dy is read through DY(S, i) and
+ * DY1(S, i), as in CBN_GRADIENT_SUMS_BODY. */
+#define CBN_GRADIENT_ROWS_BODY(T, S, DY, DY1, N_ROWS, NEXT_ROW)                              \
+    CBN_ROWS_SUMS(N_ROWS, NEXT_ROW, mean, DY(S, i + 8 * q), cbn_load_##S(x + i + 8 * q) - c, \
+                  DY1(S, i), x[i] - mean, sum_dy, sum_dy_xc, +=)
+#define CBN_GRADIENT_RUN_BODY(T, S, DY, DY1) CBN_GRADIENT_ROWS_BODY(T, S, DY, DY1, 1, (void)0)
 
 #define CBN_DY_RUN(S, i) cbn_load_##S(dy + (i))
 #define CBN_DY1_RUN(S, i) dy[i]
@@ -245,6 +252,12 @@ static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double
 static void cbn_gradient_sums_run_##S(const T *dy, const T *x, int64_t n, double mean,       \
                                       double *sum_dy, double *sum_dy_xc) {                   \
     CBN_GRADIENT_RUN_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN)                                     \
+}                                                                                           \
+static void cbn_gradient_sums_tile_##S(const T *dy, int64_t dy_row_step, const T *x,         \
+                                       int64_t x_row_step, int64_t n_rows, int64_t n,        \
+                                       double mean, double *sum_dy, double *sum_dy_xc) {     \
+    CBN_GRADIENT_ROWS_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN, n_rows,                            \
+                           (dy += dy_row_step, x += x_row_step))                             \
 }
 
 /* Sum of four vectors' lanes in a fixed order. */
