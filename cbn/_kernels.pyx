@@ -1250,7 +1250,7 @@ cdef void normalize_planes(const Grid *g, const floating *x, const Walk *xw, flo
 # pass over the whole array (15-30x the matched call). The odd operand's tile is transposed
 # through a per-thread buffer (8x8 blocks in registers), so the SIMD loops serve it; where
 # only an output's or only x's tile is odd, normalizing is done within that transpose (no
-# buffer: 41.7M instructions to 19.1M for NHWC x Fortran, out= stored NCHW). The next tile
+# buffer: 32.8M instructions to 19.7M for NHWC x Fortran, out= stored NCHW). The next tile
 # is prefetched (its pieces are far apart). Where every operand keeps each feature's groups
 # nearer than the next feature (plan.features_outer), each feature's groups are walked in
 # turn: there walking every feature's tile of a group touched both whole arrays per group
