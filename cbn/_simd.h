@@ -493,8 +493,8 @@ CBN_DEFINE_STREAMING(double, f64)
 #define CBN_MAX_WIDTH 1024
 static inline void cbn_wrapped(double *target, const double *source, int64_t width,
                                int64_t from, int64_t n) {
-    int64_t j;
-    for (j = 0; j < n; j++) target[j] = source[(from + j) % width];
+    int64_t j, k = from % width;
+    for (j = 0; j < n; j++, k = k + 1 == width ? 0 : k + 1) target[j] = source[k];
 }
 
 #define CBN_DEFINE_ROW_STREAMING(T, S)                                                       \
