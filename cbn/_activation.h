@@ -89,9 +89,8 @@ static inline void cbn_set_bits(uint8_t *mask, int64_t b, uint32_t bits, int n, 
 }
 
 /* Set bits [b, b + n) (n <= 64) from `bits`, as cbn_set_bits; 64 bits starting a byte,
- * all the calling run's own, in one 8-byte OR. The vector loop gathers its signs that far,
- * from the start of the byte its first bit is in, instead of storing a byte (two halves of
- * bytes, mid-byte) per 8 elements. */
+ * all the calling run's own, in one 8-byte OR, not a byte (or two half bytes, mid-byte) per
+ * 8 elements. */
 static inline void cbn_set_word(uint8_t *mask, int64_t b, uint64_t bits, int n, int64_t lo,
                                 int64_t hi) {
     uint64_t old;
@@ -107,6 +106,23 @@ static inline void cbn_set_word(uint8_t *mask, int64_t b, uint64_t bits, int n, 
     for (; n > 0; n -= take, b += take, bits >>= take) {
         take = n < 8 ? n : 8;
         cbn_set_bits(mask, b, (uint32_t)(bits & 0xFF), take, lo, hi);
+    }
+}
+
+/* Gathers bits into a word that starts at bit *at (a byte's first bit; the word's bits
+ * below the first gathered one are 0): appends the n (<= 8) low bits of `signs`, stores a
+ * full word (cbn_set_word, in the run [lo, hi)) and carries what did not fit. Every mask
+ * writer goes through it, so that bytes are stored once, whole where the run owns them. */
+static inline __attribute__((always_inline)) void cbn_gather_bits(
+        uint8_t *mask, int64_t *at, uint64_t *word, int *held, uint32_t signs, int n,
+        int64_t lo, int64_t hi) {
+    *word |= (uint64_t)signs << *held;
+    *held += n;
+    if (*held >= 64) {
+        cbn_set_word(mask, *at, *word, 64, lo, hi);
+        *at += 64;
+        *held -= 64;
+        *word = *held ? (uint64_t)(signs >> (n - *held)) : 0;
     }
 }
 
@@ -216,19 +232,17 @@ static inline CBN_VEC_##S cbn_dz8_##S(const T *dy, int64_t dy_step, const T *y, 
     other = kind == CBN_ACT_LEAKY_RELU ? d * (T)alpha : d * (v + (T)alpha);                  \
     return (CBN_VEC_##S)(((CBN_MASK_##S)d & keep) | ((CBN_MASK_##S)other & ~keep));          \
 }                                                                                            \
-/* Bits b + i = (y[i] > 0) for i in [from, to) of a run of n adjacent bits, a byte at a time:  \
- * an atomic OR per element, next to streaming stores, drains the write-combining buffers    \
- * (a masked forward then took 1.8x the unmasked one), and bytes wholly inside the run are   \
- * the run's own. */                                                                         \
+/* Bits b + i = (y[i] > 0) for i in [from, to) of a run of n adjacent bits, gathered: an     \
+ * atomic OR per element, next to streaming stores, drains the write-combining buffers (a    \
+ * masked forward then took 1.8x the unmasked one). */                                       \
 static inline void cbn_set_signs_##S(uint8_t *mask, int64_t b, const T *y, int64_t from,     \
                                      int64_t to, int64_t n) {                                \
-    uint32_t bits;                                                                           \
-    int64_t i, k, take;                                                                      \
-    for (i = from; i < to; i += take) {                                                      \
-        take = to - i < 8 ? to - i : 8;                                                      \
-        for (bits = 0, k = 0; k < take; k++) bits |= (uint32_t)(y[i + k] > 0) << k;          \
-        cbn_set_bits(mask, b + i, bits, (int)take, b, b + n);                                \
-    }                                                                                        \
+    uint64_t word = 0;                                                                       \
+    int held = (int)((b + from) & 7);                                                        \
+    int64_t i, at = b + from - held;                                                         \
+    for (i = from; i < to; i++)                                                              \
+        cbn_gather_bits(mask, &at, &word, &held, y[i] > 0, 1, b, b + n);                     \
+    if (held) cbn_set_word(mask, at, word, held, b, b + n);                                  \
 }                                                                                            \
 /* Bits b + f * bit_step + r = (y[r * y_row_stride + f] > 0) of n_rows rows of width        \
  * features whose rows' bits are adjacent (a channels_last or transposed view of x, the mask \
@@ -243,15 +257,9 @@ static void cbn_set_row_signs_##S(uint8_t *mask, int64_t b, int64_t bit_step, co
         first = b + f * bit_step;                                                            \
         held = (int)(first & 7);                                                             \
         at = first - held;                                                                   \
-        for (word = 0, r = 0; r < n_rows; r++) {                                             \
-            word |= (uint64_t)(y[r * y_row_stride + f] > 0) << held;                         \
-            if (++held == 64) {                                                              \
-                cbn_set_word(mask, at, word, 64, first, first + n_rows);                     \
-                at += 64;                                                                    \
-                held = 0;                                                                    \
-                word = 0;                                                                    \
-            }                                                                                \
-        }                                                                                    \
+        for (word = 0, r = 0; r < n_rows; r++)                                               \
+            cbn_gather_bits(mask, &at, &word, &held, y[r * y_row_stride + f] > 0, 1, first,  \
+                            first + n_rows);                                                 \
         if (held) cbn_set_word(mask, at, word, held, first, first + n_rows);                 \
     }                                                                                        \
 }                                                                                            \
@@ -274,7 +282,6 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
         int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
     uint64_t word = 0;                                                                       \
-    uint32_t signs;                                                                          \
     int k, held = (int)((b + i) & 7);   /* word's bits start the byte of bit b + i */        \
     int64_t at = b + i - held;                                                               \
     CBN_VEC_##S v, zero = {0};                                                               \
@@ -289,15 +296,8 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         if (mask) {                                                                          \
             positive = v > zero;                                                             \
             if (bit_step == 1) {                                                             \
-                signs = cbn_signs_##S(positive);                                             \
-                word |= (uint64_t)signs << held;                                             \
-                held += 8;                                                                   \
-                if (held >= 64) {                                                            \
-                    cbn_set_word(mask, at, word, 64, b, b + n);                              \
-                    at += 64;                                                                \
-                    held -= 64;                                                              \
-                    word = held ? (uint64_t)(signs >> (8 - held)) : 0;                       \
-                }                                                                            \
+                cbn_gather_bits(mask, &at, &word, &held, cbn_signs_##S(positive), 8, b,      \
+                                b + n);                                                      \
             } else {                                                                         \
                 for (k = 0; k < 8; k++)                                                      \
                     cbn_set_bit(mask, b + (i + k) * bit_step, positive[k] & 1);              \
