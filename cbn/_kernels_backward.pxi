@@ -1,0 +1,461 @@
+# ---------------------------------------------------------------------------------------
+# Backward (training mode)
+# ---------------------------------------------------------------------------------------
+# Part of cbn/_kernels.pyx, which includes it: one module, so the loops inline across files.
+
+cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                const floating *x, const Walk *xw, Py_ssize_t item,
+                                const double *mean, double *scratch, double *chunk_dy,
+                                double *chunk_dy_xc) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef double *acc_dy = scratch
+    cdef double *acc_dy_xc = scratch + g.tile_width
+    cdef floating *stage = <floating *>(scratch + 2 * g.tile_width)
+    cdef const floating *dy_tile = dy + dyw.feature_offsets[it.fo] + it.fi0 * dyw.feature_stride
+    cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
+    cdef Py_ssize_t j, n
+    for j in range(it.width):
+        acc_dy[j] = 0.0
+        acc_dy_xc[j] = 0.0
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        prefetch_next_run(g, runs, n, dy_tile, dyw, it.width, False)
+        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
+        add_gradient_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                          dyw.feature_stride, x_tile + row_offset(xw, runs.ro, runs.ri),
+                          xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
+                          acc_dy, acc_dy_xc, stage, stage + g.stage_elements)
+        advance(g, &runs, n)
+    for j in range(it.width):
+        chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
+        chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
+
+
+cdef void ri_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
+                           const floating *x, const Walk *xw, RiItem it, double mean,
+                           double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over the item, run by run."""
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                     x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, n, mean,
+                     sum_dy, sum_dy_xc)
+        advance(g, &runs, n)
+
+
+cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                 const floating *x, const Walk *xw, floating *dx,
+                                 const Walk *dxw, Py_ssize_t item, const GradientFactors *k,
+                                 floating *stage) noexcept nogil:
+    """dx of an FI item, run by run. With an activation (k.act.fused), dz = dy·act'(z)
+    takes dy's place, act' from y's rows (staged in activation_slot 0) or from the mask,
+    and dz is stored as the residual's gradient if one is wanted (staged in slot 1)."""
+    cdef const Activation *act = k.act
+    cdef FiItem it = fi_item(g, item)
+    cdef const floating *dy_tile = tile_of(dy, dyw, &it)
+    cdef const floating *x_tile = tile_of(x, xw, &it)
+    cdef const floating *o_tile = NULL
+    cdef floating *dx_tile = dx + dxw.feature_offsets[it.fo] + it.fi0 * dxw.feature_stride
+    cdef const Walk *rw = act.residual_gradient_walk
+    cdef floating *r_tile = NULL
+    cdef floating *r_rows = NULL
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
+    cdef Py_ssize_t n, r
+    cdef int64_t dy_row_stride, x_row_stride, o_row_stride = 0, dx_row_stride, r_row_stride = 0
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
+    cdef const floating *o_rows = NULL
+    cdef floating *dx_rows
+    cdef int64_t b, bit_row_stride = 0, bit_step = 0
+    cdef bint dx_staged = dxw.feature_stride != 1
+    cdef bint r_staged = False
+    cdef bint stream
+    if act.residual_gradient != NULL:
+        r_tile = (<floating *>act.residual_gradient + rw.feature_offsets[it.fo]
+                  + it.fi0 * rw.feature_stride)
+        r_staged = rw.feature_stride != 1
+    stream = g.stream and not dx_staged and not r_staged
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+    elif act.fused:
+        o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
+        input_gradient_rows(dy_tile + it.r_begin * dyw.row_stride, dyw.row_stride,
+                            x_tile + it.r_begin * xw.row_stride, xw.row_stride,
+                            dx_tile + it.r_begin * dxw.row_stride, dxw.row_stride,
+                            it.r_end - it.r_begin, it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                            k.coef_xc + it.f0, k.offset + it.f0, True)
+        cbn_store_fence()
+        return
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                         stage + g.stage_elements)
+        if o_tile != NULL:
+            o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                             activation_slot(g, stage, 0))
+        if not g.stream:
+            prefetch_next_run(g, runs, n, dx_tile, dxw, it.width, True)
+        dx_row_stride = dxw.row_stride
+        dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
+                              dxw.feature_stride, it.width, stage + 2 * g.stage_elements)
+        if r_tile != NULL:
+            r_row_stride = rw.row_stride
+            r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
+                                 rw.feature_stride, it.width, activation_slot(g, stage, 1))
+        if act.fused:
+            b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
+            for r in range(n):
+                act_input_gradient(dy_rows + r * dy_row_stride,
+                                   NULL if o_rows == NULL else o_rows + r * o_row_stride,
+                                   x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
+                                   NULL if r_rows == NULL else r_rows + r * r_row_stride,
+                                   it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                                   k.coef_xc + it.f0, k.offset + it.f0, True, act,
+                                   stream and whole_lines(dx_rows + r * dx_row_stride, it.width)
+                                   and (r_rows == NULL
+                                        or whole_lines(r_rows + r * r_row_stride, it.width)),
+                                   b + r * bit_row_stride, bit_step)
+        else:
+            input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,
+                                dx_row_stride, n, it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                                k.coef_xc + it.f0, k.offset + it.f0, stream)
+        if dx_staged:
+            unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
+                         dxw.row_stride, dxw.feature_stride)
+        if r_staged:
+            unstage_rows(r_rows, n, it.width, r_tile + row_offset(rw, runs.ro, runs.ri),
+                         rw.row_stride, rw.feature_stride)
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef void ri_input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                 const floating *x, const Walk *xw, floating *dx,
+                                 const Walk *dxw, RiItem it, double mean, double coef_dy,
+                                 double coef_xc, double offset) noexcept nogil:
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef floating *dx_feature = dx + feature_offset(dxw, g, it.f)
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        input_gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
+                           x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride,
+                           dx_feature + row_offset(dxw, runs.ro, runs.ri), dxw.row_stride, n,
+                           mean, coef_dy, coef_xc, offset, g.stream)
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef struct GradientFactors:
+    const double *mean
+    const double *var
+    const double *gamma
+    double epsilon
+    Py_ssize_t count        # elements per feature in the whole batch (may span shards)
+    double *sum_dy          # Σ dy: dbeta
+    double *sum_dy_xhat     # Σ dy·(x − mean) until scaled by inv_std: dgamma
+    double *coef_dy
+    double *coef_xc
+    double *offset
+    const Activation *act
+
+
+cdef inline void scale_to_xhat(Py_ssize_t f, GradientFactors *k) noexcept nogil:
+    """Σ dy·(x − mean) becomes Σ dy·x̂ = dgamma."""
+    k.sum_dy_xhat[f] /= sqrt(k.var[f] + k.epsilon)
+
+
+cdef inline void gradient_factors(Py_ssize_t f, GradientFactors *k) noexcept nogil:
+    """dx = γ·inv_std·(dy − Σdy/n − x̂·Σdy·x̂/n), folded into per-feature coefficients."""
+    cdef double inv_std = 1.0 / sqrt(k.var[f] + k.epsilon)
+    cdef double scale = (1.0 if k.gamma == NULL else k.gamma[f]) * inv_std
+    k.coef_dy[f] = scale
+    k.coef_xc[f] = -scale * inv_std * k.sum_dy_xhat[f] / k.count
+    k.offset[f] = -scale * k.sum_dy[f] / k.count
+
+
+cdef inline void gradient_sums_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                    const floating *x, const Walk *xw, const Buffers *ws,
+                                    double *scratch, GradientFactors *k,
+                                    Py_ssize_t item) noexcept nogil:
+    cdef RiItem it
+    if g.features_inner:
+        if k.act.fused:
+            fi_gradient_sums_activate_item(g, dy, dyw, x, xw, item, k.mean, scratch, ws.chunk_a,
+                                           ws.chunk_b, k.act)
+        else:
+            fi_gradient_sums_item(g, dy, dyw, x, xw, item, k.mean, scratch, ws.chunk_a,
+                                  ws.chunk_b)
+    else:
+        it = ri_item(g, item)
+        ri_gradient_sums_any(g, dy, dyw, x, xw, it, k.mean[it.f],
+                             &ws.chunk_a[it.chunk * g.n_features + it.f],
+                             &ws.chunk_b[it.chunk * g.n_features + it.f], k.act)
+
+
+cdef inline void ri_gradient_sums_any(const Grid *g, const floating *dy, const Walk *dyw,
+                                      const floating *x, const Walk *xw, RiItem it,
+                                      double mean, double *sum_dy, double *sum_dy_xc,
+                                      const Activation *act) noexcept nogil:
+    """sum_dy, sum_dy_xc = the item's Σ dy, Σ dy·(x − mean) (of dz with an activation)."""
+    sum_dy[0] = 0.0
+    sum_dy_xc[0] = 0.0
+    if act.fused:
+        ri_gradient_sums_activate(g, dy, dyw, x, xw, it, mean, sum_dy, sum_dy_xc, act)
+    else:
+        ri_gradient_sums(g, dy, dyw, x, xw, it, mean, sum_dy, sum_dy_xc)
+
+
+cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw,
+                              const floating *x, const Walk *xw, const Buffers *ws,
+                              GradientFactors *k) noexcept nogil:
+    """Σ dy and Σ dy·x̂ of every feature, summed over chunks in chunk order."""
+    cdef Py_ssize_t item, f, c
+    if g.planes and g.n_threads == 1:
+        for item in range(g.n_chunks):
+            planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
+                                       <floating *>ws.scratch, k.act)
+    elif g.planes:
+        for item in prange(g.n_chunks, num_threads=g.n_threads, schedule="dynamic"):
+            planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
+                                       <floating *>(ws.scratch
+                                                    + threadid() * ws.scratch_per_thread),
+                                       k.act)
+    elif g.n_threads == 1:
+        for item in range(g.n_items):
+            gradient_sums_item(g, dy, dyw, x, xw, ws, ws.scratch, k, item)
+    else:
+        for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+            gradient_sums_item(g, dy, dyw, x, xw, ws,
+                               ws.scratch + threadid() * ws.scratch_per_thread, k, item)
+    for f in range(g.n_features):
+        k.sum_dy[f] = 0.0
+        k.sum_dy_xhat[f] = 0.0
+    for c in range(g.n_chunks):     # chunk order, vectorized across features
+        for f in range(g.n_features):
+            k.sum_dy[f] += ws.chunk_a[c * g.n_features + f]
+            k.sum_dy_xhat[f] += ws.chunk_b[c * g.n_features + f]
+    for f in range(g.n_features):
+        scale_to_xhat(f, k)
+
+
+cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Walk *dyw,
+                                     const floating *x, const Walk *xw, const double *mean,
+                                     Py_ssize_t c, double *chunk_dy, double *chunk_dy_xc,
+                                     floating *stage, const Activation *act) noexcept nogil:
+    """Chunk c of a planes grid outer row by outer row: per feature the same runs as
+    ri_gradient_sums (ri_gradient_sums_activate) over the chunk, so the same bits; with row
+    groups, a group's tile at a time, its runs summed into one set of accumulators where
+    both operands' runs are contiguous, a staged operand read from its copy (cbn.api then
+    never fuses an activation into such a plan's backward, whose RI loops read it in place:
+    with an activation, a group is one outer row and a run is its n_ri elements)."""
+    cdef Py_ssize_t rows_per_chunk = g.chunk_length // g.n_ri
+    cdef Py_ssize_t ro0 = c * rows_per_chunk, ro, f
+    cdef Py_ssize_t ro1 = min(g.n_ro, ro0 + rows_per_chunk)
+    cdef double *sum_dy = chunk_dy + c * g.n_features
+    cdef double *sum_dy_xc = chunk_dy_xc + c * g.n_features
+    for f in range(g.n_features):
+        sum_dy[f] = 0.0
+        sum_dy_xc[f] = 0.0
+    cdef Py_ssize_t n_rows
+    if g.group_features == 1:   # each feature's groups in turn: the same runs, another order
+        for f in range(g.n_features):
+            ro = ro0
+            while ro < ro1:
+                n_rows = group_length(g, ro, ro1)
+                group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, &sum_dy[f],
+                                    &sum_dy_xc[f], stage, act)
+                ro += n_rows
+        return
+    ro = ro0
+    while ro < ro1:     # a row group at a time (one row unless grouped)
+        n_rows = group_length(g, ro, ro1)
+        for f in range(g.n_features):
+            group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, &sum_dy[f],
+                                &sum_dy_xc[f], stage, act)
+        ro += n_rows
+
+
+cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
+                                     const floating *x, const Walk *xw, const double *mean,
+                                     Py_ssize_t f, Py_ssize_t ro, Py_ssize_t n_rows,
+                                     double *sum_dy, double *sum_dy_xc, floating *stage,
+                                     const Activation *act) noexcept nogil:
+    """Feature f's sums over the group of n_rows outer rows from ro, tile by tile (the
+    tile's runs reduced once: 62M instructions to 50M for NHWC x Fortran, dy stored NCHW)."""
+    cdef Py_ssize_t t, segment, ri, n
+    cdef int64_t dy_step = group_step(g, dyw), x_step = group_step(g, xw)
+    cdef floating *dy_stage = stage
+    cdef floating *x_stage = stage + g.group_rows * g.group_run
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, f)
+    cdef RiItem plane
+    if act.fused:
+        for t in range(ro, ro + n_rows):
+            plane.f, plane.r_begin, plane.r_end = f, t * g.n_ri, (t + 1) * g.n_ri
+            ri_gradient_sums_activate(g, dy, dyw, x, xw, plane, mean[f], sum_dy, sum_dy_xc,
+                                      act)
+        return
+    for segment in range(ceil_div(g.n_ri, g.group_run)):
+        ri = segment * g.group_run
+        n = min(g.group_run, g.n_ri - ri)
+        group_prefetch_next(g, dy, dyw, f, ro, ri, n_rows, False)
+        group_prefetch_next(g, x, xw, f, ro, ri, n_rows, False)
+        group_stage(g, dy_feature, dyw, ro, ri, n_rows, n, dy_stage)
+        group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
+        if dy_step == 1 and x_step == 1:    # the tile's runs into one set of accumulators
+            tile_gradient_sums(group_row(g, <floating *>dy_feature, dyw, ro, 0, ri, n, dy_stage),
+                               group_row_step(g, dyw, n),
+                               group_row(g, <floating *>x_feature, xw, ro, 0, ri, n, x_stage),
+                               group_row_step(g, xw, n), n_rows, n, mean[f], sum_dy, sum_dy_xc)
+            continue
+        for t in range(n_rows):
+            gradient_run(group_row(g, <floating *>dy_feature, dyw, ro, t, ri, n, dy_stage),
+                         dy_step, group_row(g, <floating *>x_feature, xw, ro, t, ri, n, x_stage),
+                         x_step, n, mean[f], sum_dy, sum_dy_xc)
+
+
+cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dyw,
+                               const floating *x, const Walk *xw, floating *dx, const Walk *dxw,
+                               const Buffers *ws, GradientFactors *k) noexcept nogil:
+    """dx from the sums already in k."""
+    cdef Py_ssize_t item, f
+    for f in range(g.n_features):
+        gradient_factors(f, k)
+    if g.planes:
+        input_gradient_planes(g, dy, dyw, x, xw, dx, dxw, k, ws)
+        return
+    if g.n_threads == 1:
+        for item in range(g.n_items):
+            input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item, ws.scratch)
+        return
+    for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
+        input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item,
+                            ws.scratch + threadid() * ws.scratch_per_thread)
+
+
+cdef void input_gradient_planes(const Grid *g, const floating *dy, const Walk *dyw,
+                                const floating *x, const Walk *xw, floating *dx,
+                                const Walk *dxw, const GradientFactors *k,
+                                const Buffers *ws) noexcept nogil:
+    """RI dx outer row by outer row, in memory order (see normalize_planes), by row groups."""
+    cdef Py_ssize_t i
+    if g.n_threads == 1:
+        for i in range(planes_items(g)):
+            input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i % group_count(g)),
+                                 item_features(g, i), <floating *>ws.scratch)
+        return
+    for i in prange(planes_items(g), num_threads=g.n_threads, schedule="dynamic"):
+        input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i % group_count(g)),
+                             item_features(g, i),
+                             <floating *>(ws.scratch + threadid() * ws.scratch_per_thread))
+
+
+cdef inline void input_gradient_group(const Grid *g, const floating *dy, const Walk *dyw,
+                                      const floating *x, const Walk *xw, floating *dx,
+                                      const Walk *dxw, const GradientFactors *k,
+                                      Py_ssize_t ro, Py_ssize_t f0,
+                                      floating *stage) noexcept nogil:
+    """dx of group_features features from f0 in the outer rows of the group from ro."""
+    cdef Py_ssize_t f, t, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
+    cdef bint stream = g.stream and not group_staged(g, dxw)
+    cdef int64_t dy_step = group_step(g, dyw), x_step = group_step(g, xw)
+    cdef int64_t dx_step = group_step(g, dxw)
+    cdef floating *dy_stage = stage
+    cdef floating *x_stage = stage + g.group_rows * g.group_run
+    cdef floating *dx_stage = stage + 2 * g.group_rows * g.group_run
+    cdef const floating *dy_feature
+    cdef const floating *x_feature
+    cdef floating *dx_feature
+    cdef RiItem plane
+    for f in range(f0, f0 + g.group_features):
+        if k.act.fused:     # elementwise: the activated runs read every operand in place
+            plane.f = f
+            for t in range(n_rows):
+                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
+                ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, plane, k)
+            continue
+        dy_feature = dy + feature_offset(dyw, g, f)
+        x_feature = x + feature_offset(xw, g, f)
+        dx_feature = dx + feature_offset(dxw, g, f)
+        for segment in range(ceil_div(g.n_ri, g.group_run)):
+            ri = segment * g.group_run
+            n = min(g.group_run, g.n_ri - ri)
+            group_prefetch_next(g, dy, dyw, f, ro, ri, n_rows, False)
+            group_prefetch_next(g, x, xw, f, ro, ri, n_rows, False)
+            if not stream:
+                group_prefetch_next(g, dx, dxw, f, ro, ri, n_rows, True)
+            group_stage(g, dy_feature, dyw, ro, ri, n_rows, n, dy_stage)
+            group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
+            for t in range(n_rows):
+                input_gradient_run(group_row(g, <floating *>dy_feature, dyw, ro, t, ri, n,
+                                             dy_stage), dy_step,
+                                   group_row(g, <floating *>x_feature, xw, ro, t, ri, n,
+                                             x_stage), x_step,
+                                   group_row(g, dx_feature, dxw, ro, t, ri, n, dx_stage),
+                                   dx_step, n, k.mean[f], k.coef_dy[f], k.coef_xc[f],
+                                   k.offset[f], stream)
+            group_flush(g, dx_stage, dx_feature, dxw, ro, ri, n_rows, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef inline void input_gradient_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                     const floating *x, const Walk *xw, floating *dx,
+                                     const Walk *dxw, const GradientFactors *k,
+                                     Py_ssize_t item, double *scratch) noexcept nogil:
+    cdef RiItem it
+    if g.features_inner:
+        fi_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, item, k, <floating *>scratch)
+    else:
+        ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, ri_item(g, item), k)
+
+
+cdef inline void ri_input_gradient_any(const Grid *g, const floating *dy, const Walk *dyw,
+                                       const floating *x, const Walk *xw, floating *dx,
+                                       const Walk *dxw, RiItem it,
+                                       const GradientFactors *k) noexcept nogil:
+    if k.act.fused:
+        ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, it, k)
+    else:
+        ri_input_gradient_item(g, dy, dyw, x, xw, dx, dxw, it, k.mean[it.f], k.coef_dy[it.f],
+                               k.coef_xc[it.f], k.offset[it.f])
+
+
+cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, const floating *x,
+                         const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
+                         GradientFactors *k) noexcept nogil:
+    cdef Py_ssize_t f
+    if g.features_inner or g.n_chunks > 1:
+        gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
+        input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
+    elif g.n_threads == 1:
+        for f in range(g.n_features):
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
+    else:
+        for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
+            fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)
+
+
+cdef inline void fused_backward_feature(const Grid *g, const floating *dy, const Walk *dyw,
+                                        const floating *x, const Walk *xw, floating *dx,
+                                        const Walk *dxw, GradientFactors *k,
+                                        Py_ssize_t f) noexcept nogil:
+    """One chunk per feature: its input gradient follows its sums while x, dy are in cache."""
+    cdef RiItem it = ri_item(g, f)
+    ri_gradient_sums_any(g, dy, dyw, x, xw, it, k.mean[f], &k.sum_dy[f], &k.sum_dy_xhat[f],
+                         k.act)
+    scale_to_xhat(f, k)
+    gradient_factors(f, k)
+    ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, it, k)

@@ -1,0 +1,282 @@
+# ---------------------------------------------------------------------------------------
+# Activations (and a residual) fused into the loops
+# ---------------------------------------------------------------------------------------
+# Part of cbn/_kernels.pyx, which includes it: one module, so the loops inline across files.
+# Forward: the normalization of a row or run, plus the residual, plus the activation, in
+# registers before the one store of y (cbn/_activation.h). Backward: dz = dy·act'(z) is
+# formed in registers where the plain loops load dy, in their sums and in the dx loop,
+# which also stores dz as the residual's gradient. Work split, runs and summation order
+# are the plain kernels' own, so the results are bitwise batch norm composed with the
+# activation. Operands whose features are not adjacent are staged as in the plain loops.
+
+cdef inline floating *activation_slot(const Grid *g, floating *stage, int k) noexcept nogil:
+    """FI backward: slot k (0 or 1) of rows_per_run x tile_width elements after the three
+    stages (y's and the residual gradient's rows)."""
+    return stage + 3 * g.stage_elements + k * g.rows_per_run * g.tile_width
+
+
+cdef inline floating act_scalar(floating z, const Activation *act) noexcept nogil:
+    if floating is float:
+        return cbn_act_f32(z, act.kind, act.alpha)
+    else:
+        return cbn_act_f64(z, act.kind, act.alpha)
+
+
+cdef inline floating dz_at(floating dy, const floating *y, int64_t y_step, int64_t b,
+                          int64_t bit_step, Py_ssize_t i, const Activation *act) noexcept nogil:
+    """dz of element i of a run: act' from y[i * y_step], or from bit b + i * bit_step."""
+    if floating is float:
+        return cbn_dz1_f32(dy, y, y_step, act.mask, b, bit_step, i, act.kind, act.alpha)
+    else:
+        return cbn_dz1_f64(dy, y, y_step, act.mask, b, bit_step, i, act.kind, act.alpha)
+
+
+cdef inline int64_t mask_bit(const Activation *act, const Grid *g, Py_ssize_t f, Py_ssize_t ro,
+                             Py_ssize_t ri) noexcept nogil:
+    """The mask bit of feature f's element (ro, ri); 0 without a mask."""
+    if act.mask == NULL:
+        return 0
+    return feature_offset(act.mask_walk, g, f) + row_offset(act.mask_walk, ro, ri)
+
+
+cdef inline void normalize_act(const floating *x, const floating *residual, floating *y,
+                               Py_ssize_t n, const double *mean, const double *scale,
+                               const double *shift, bint per_element, const Activation *act,
+                               bint stream, int64_t b, int64_t bit_step) noexcept nogil:
+    if floating is float:
+        cbn_normalize_act_f32(x, residual, y, n, mean, scale, shift, per_element, act.kind,
+                              act.alpha, stream, act.mask, b, bit_step)
+    else:
+        cbn_normalize_act_f64(x, residual, y, n, mean, scale, shift, per_element, act.kind,
+                              act.alpha, stream, act.mask, b, bit_step)
+
+
+cdef inline void set_row_signs(unsigned char *mask, int64_t b, int64_t bit_step,
+                               const floating *y, int64_t y_row_stride, Py_ssize_t n_rows,
+                               Py_ssize_t width) noexcept nogil:
+    if floating is float:
+        cbn_set_row_signs_f32(mask, b, bit_step, y, y_row_stride, n_rows, width)
+    else:
+        cbn_set_row_signs_f64(mask, b, bit_step, y, y_row_stride, n_rows, width)
+
+
+cdef inline void act_input_gradient(const floating *dy, const floating *y, const floating *x,
+                                    floating *dx, floating *dres, Py_ssize_t n,
+                                    const double *mean, const double *coef_dy,
+                                    const double *coef_xc, const double *offset,
+                                    bint per_element, const Activation *act, bint stream,
+                                    int64_t b, int64_t bit_step) noexcept nogil:
+    if floating is float:
+        cbn_act_input_gradient_f32(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc, offset,
+                                   per_element, act.kind, act.alpha, stream, act.mask, b,
+                                   bit_step)
+    else:
+        cbn_act_input_gradient_f64(dy, y, x, dx, dres, n, mean, coef_dy, coef_xc, offset,
+                                   per_element, act.kind, act.alpha, stream, act.mask, b,
+                                   bit_step)
+
+
+cdef inline const floating *tile_of(const floating *base, const Walk *w,
+                                    const FiItem *it) noexcept nogil:
+    return base + w.feature_offsets[it.fo] + it.fi0 * w.feature_stride
+
+
+cdef inline const floating *rows_of(const Grid *g, const floating *tile, const Walk *w,
+                                    const Runs *runs, Py_ssize_t n, Py_ssize_t width,
+                                    int64_t *row_stride, floating *stage) noexcept nogil:
+    """The run's rows of a tile as rows of adjacent features (staged if need be)."""
+    prefetch_next_run(g, runs[0], n, tile, w, width, False)
+    row_stride[0] = w.row_stride
+    return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride, w.feature_stride, n,
+                      width, stage)
+
+
+cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
+                                     floating *y, const Walk *yw, RiItem it, double mean,
+                                     double scale, double shift,
+                                     const Activation *act) noexcept nogil:
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef floating *y_feature = y + feature_offset(yw, g, it.f)
+    cdef const floating *r_feature = NULL
+    cdef const floating *x_run
+    cdef const floating *r_run = NULL
+    cdef floating *y_run
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, i
+    cdef int64_t xs = xw.row_stride, ys = yw.row_stride, rs = 1, b
+    cdef int64_t bit_step = 0 if act.mask == NULL else act.mask_walk.row_stride
+    cdef floating z
+    if act.residual != NULL:
+        r_feature = <const floating *>act.residual + feature_offset(act.residual_walk, g, it.f)
+        rs = act.residual_walk.row_stride
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        x_run = x_feature + row_offset(xw, runs.ro, runs.ri)
+        y_run = y_feature + row_offset(yw, runs.ro, runs.ri)
+        if r_feature != NULL:
+            r_run = r_feature + row_offset(act.residual_walk, runs.ro, runs.ri)
+        b = mask_bit(act, g, it.f, runs.ro, runs.ri)
+        if xs == 1 and ys == 1 and rs == 1:
+            normalize_act(x_run, r_run, y_run, n, &mean, &scale, &shift, False, act, g.stream,
+                          b, bit_step)
+        else:
+            for i in range(n):
+                z = <floating>((x_run[i * xs] - mean) * scale + shift)
+                if r_run != NULL:
+                    z = <floating>(z + r_run[i * rs])
+                z = act_scalar(z, act)
+                y_run[i * ys] = z
+                if act.mask != NULL:
+                    cbn_set_bit(act.mask, b + i * bit_step, z > 0)
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()
+
+
+cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                         const floating *x, const Walk *xw, Py_ssize_t item,
+                                         const double *mean, double *scratch,
+                                         double *chunk_dy, double *chunk_dy_xc,
+                                         const Activation *act) noexcept nogil:
+    cdef FiItem it = fi_item(g, item)
+    cdef double *acc_dy = scratch
+    cdef double *acc_dy_xc = scratch + g.tile_width
+    cdef floating *stage = <floating *>(scratch + 2 * g.tile_width)
+    cdef const floating *dy_tile = tile_of(dy, dyw, &it)
+    cdef const floating *x_tile = tile_of(x, xw, &it)
+    cdef const floating *o_tile = NULL
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
+    cdef const floating *o_rows = NULL
+    cdef int64_t dy_row_stride, x_row_stride, o_row_stride = 0, bit_row_stride = 0, bit_step = 0
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
+    cdef Py_ssize_t j, n
+    if act.mask != NULL:
+        bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
+    else:
+        o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    for j in range(it.width):
+        acc_dy[j] = 0.0
+        acc_dy_xc[j] = 0.0
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
+        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                         stage + g.stage_elements)
+        if o_tile != NULL:
+            o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
+                             stage + 2 * g.stage_elements)
+        if floating is float:
+            cbn_act_gradient_sums_f32(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
+                                      x_row_stride, n, it.width, mean + it.f0, act.kind,
+                                      act.alpha, acc_dy, acc_dy_xc, act.mask,
+                                      mask_bit(act, g, it.f0, runs.ro, runs.ri),
+                                      bit_row_stride, bit_step)
+        else:
+            cbn_act_gradient_sums_f64(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
+                                      x_row_stride, n, it.width, mean + it.f0, act.kind,
+                                      act.alpha, acc_dy, acc_dy_xc, act.mask,
+                                      mask_bit(act, g, it.f0, runs.ro, runs.ri),
+                                      bit_row_stride, bit_step)
+        advance(g, &runs, n)
+    for j in range(it.width):
+        chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
+        chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
+
+
+cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Walk *dyw,
+                                    const floating *x, const Walk *xw, RiItem it, double mean,
+                                    double *sum_dy, double *sum_dy_xc,
+                                    const Activation *act) noexcept nogil:
+    """ri_gradient_sums of dz: the same runs, dz formed where dy is loaded, and the same
+    loop as the composed call's on its dz (gradient_run: the SIMD one for unit steps)."""
+    cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
+    cdef const floating *o_run = NULL
+    cdef const floating *dy_run
+    cdef const floating *x_run
+    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = 0, b, bit_step = 0
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, i
+    cdef double dz
+    if act.mask != NULL:
+        bit_step = act.mask_walk.row_stride
+    else:
+        os = act.output_walk.row_stride
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        dy_run = dy_feature + row_offset(dyw, runs.ro, runs.ri)
+        x_run = x_feature + row_offset(xw, runs.ro, runs.ri)
+        if act.mask == NULL:
+            o_run = (<const floating *>act.output + feature_offset(act.output_walk, g, it.f)
+                     + row_offset(act.output_walk, runs.ro, runs.ri))
+        b = mask_bit(act, g, it.f, runs.ro, runs.ri)
+        if act.unit_dz_step and xs == 1:
+            if floating is float:
+                cbn_act_gradient_sums_run_f32(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
+                                              act.alpha, sum_dy, sum_dy_xc, act.mask, b,
+                                              bit_step)
+            else:
+                cbn_act_gradient_sums_run_f64(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
+                                              act.alpha, sum_dy, sum_dy_xc, act.mask, b,
+                                              bit_step)
+        else:
+            for i in range(n):
+                dz = dz_at(dy_run[i * dys], o_run, os, b, bit_step, i, act)
+                sum_dy[0] += dz
+                sum_dy_xc[0] += dz * (x_run[i * xs] - mean)
+        advance(g, &runs, n)
+
+
+cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
+                                          const floating *x, const Walk *xw, floating *dx,
+                                          const Walk *dxw, RiItem it,
+                                          const GradientFactors *k) noexcept nogil:
+    cdef const Activation *act = k.act
+    cdef const Walk *ow = act.output_walk
+    cdef const Walk *rw = act.residual_gradient_walk
+    cdef const floating *dy_run = dy + feature_offset(dyw, g, it.f)
+    cdef const floating *x_run = x + feature_offset(xw, g, it.f)
+    cdef const floating *o_run = NULL
+    cdef floating *dx_run = dx + feature_offset(dxw, g, it.f)
+    cdef floating *r_run = NULL
+    cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = 1
+    cdef int64_t dxs = dxw.row_stride, rs = 1, b, bit_step = 0
+    cdef double mean = k.mean[it.f], coef_dy = k.coef_dy[it.f], coef_xc = k.coef_xc[it.f]
+    cdef double offset = k.offset[it.f]
+    cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
+    cdef Py_ssize_t n, i, at
+    cdef floating dz
+    if act.residual_gradient != NULL:
+        r_run = <floating *>act.residual_gradient + feature_offset(rw, g, it.f)
+        rs = rw.row_stride
+    if act.mask != NULL:
+        bit_step = act.mask_walk.row_stride
+    else:
+        o_run = <const floating *>act.output + feature_offset(ow, g, it.f)
+        os = ow.row_stride
+    while runs.r < runs.end:
+        n = run_length(g, &runs)
+        b = mask_bit(act, g, it.f, runs.ro, runs.ri)
+        if dys == 1 and xs == 1 and os == 1 and dxs == 1 and rs == 1:
+            act_input_gradient(dy_run + row_offset(dyw, runs.ro, runs.ri),
+                               NULL if o_run == NULL else o_run + row_offset(ow, runs.ro, runs.ri),
+                               x_run + row_offset(xw, runs.ro, runs.ri),
+                               dx_run + row_offset(dxw, runs.ro, runs.ri),
+                               NULL if r_run == NULL else r_run + row_offset(rw, runs.ro, runs.ri),
+                               n, &mean, &coef_dy, &coef_xc, &offset, False, act, g.stream, b,
+                               bit_step)
+        else:
+            for i in range(n):
+                at = runs.ri + i
+                dz = dz_at(dy_run[row_offset(dyw, runs.ro, at)],
+                           NULL if o_run == NULL else o_run + row_offset(ow, runs.ro, at), 0,
+                           b, bit_step, i, act)
+                dx_run[row_offset(dxw, runs.ro, at)] = <floating>(
+                    coef_dy * dz + coef_xc * (x_run[row_offset(xw, runs.ro, at)] - mean)
+                    + offset)
+                if r_run != NULL:
+                    r_run[row_offset(rw, runs.ro, at)] = dz
+        advance(g, &runs, n)
+    if g.stream:
+        cbn_store_fence()

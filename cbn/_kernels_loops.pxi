@@ -1,0 +1,316 @@
+# ---------------------------------------------------------------------------------------
+# Inner loops
+# ---------------------------------------------------------------------------------------
+# Part of cbn/_kernels.pyx, which includes it: one module, so the loops inline across files.
+
+cdef inline void transpose(const floating *src, int64_t src_stride, Py_ssize_t n_r,
+                           Py_ssize_t n_c, floating *dst, int64_t dst_stride,
+                           const double *affine=NULL) noexcept nogil:
+    """dst[c * dst_stride + r] = src[r * src_stride + c] (_simd.h: 8x8 blocks in registers);
+    with affine (mean, scale, shift), normalized on the way."""
+    if floating is float:
+        cbn_transpose_f32(src, src_stride, n_r, n_c, dst, dst_stride, affine)
+    else:
+        cbn_transpose_f64(src, src_stride, n_r, n_c, dst, dst_stride, affine)
+
+
+# FI tiles of an operand whose features are not adjacent (a Fortran-ordered or transposed x
+# beside a C-ordered dy, a stepped view) are copied one run of rows at a time into a
+# per-thread stage of rows of adjacent features, and outputs written there are copied back:
+# the SIMD loops then serve every operand, and the copy, a blocked transpose within the
+# caches, reads and writes whole cache lines of the operand in its own order.
+cdef inline const floating *stage_rows(const floating *p, int64_t *row_stride, int64_t step,
+                                       Py_ssize_t n_rows, Py_ssize_t width,
+                                       floating *stage) noexcept nogil:
+    """n_rows x width elements of p as rows of adjacent features: p itself if its features
+    are adjacent, else their copy in stage (then *row_stride becomes width)."""
+    cdef Py_ssize_t r, j
+    if step == 1:
+        return p
+    if row_stride[0] == 1:
+        transpose(p, step, width, n_rows, stage, width)
+    else:
+        for r in range(n_rows):
+            for j in range(width):
+                stage[r * width + j] = p[r * row_stride[0] + j * step]
+    row_stride[0] = width
+    return stage
+
+
+cdef inline floating *output_rows(floating *p, int64_t *row_stride, int64_t step,
+                                  Py_ssize_t width, floating *stage) noexcept nogil:
+    """Where to write rows of adjacent features bound for p: p, or stage (then copied back
+    with unstage_rows, and *row_stride becomes width)."""
+    if step == 1:
+        return p
+    row_stride[0] = width
+    return stage
+
+
+cdef inline void unstage_rows(const floating *stage, Py_ssize_t n_rows, Py_ssize_t width,
+                              floating *p, int64_t row_stride, int64_t step) noexcept nogil:
+    """Copy rows of adjacent features from stage to p's own layout (stage_rows' inverse)."""
+    cdef Py_ssize_t r, j
+    if row_stride == 1:
+        transpose(stage, width, n_rows, width, p, step)
+        return
+    for r in range(n_rows):
+        for j in range(width):
+            p[r * row_stride + j * step] = stage[r * width + j]
+
+
+cdef inline void add_shifted_rows(const floating *p, int64_t row_stride, int64_t step,
+                                  Py_ssize_t n_rows, Py_ssize_t width, const double *shift,
+                                  double *s1, double *s2, floating *stage) noexcept nogil:
+    """s1 += Σ (x − shift), s2 += Σ (x − shift)² over n_rows rows of width features."""
+    p = stage_rows(p, &row_stride, step, n_rows, width, stage)
+    if floating is float:
+        cbn_shifted_sums_f32(p, row_stride, n_rows, width, shift, s1, s2)
+    else:
+        cbn_shifted_sums_f64(p, row_stride, n_rows, width, shift, s1, s2)
+
+
+cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n, double shift,
+                                  double *s1, double *s2) noexcept nogil:
+    """s1 = Σ (x − shift), s2 = Σ (x − shift)² over a run."""
+    cdef Py_ssize_t i
+    cdef double d
+    if step == 1:
+        if floating is float:
+            cbn_shifted_sums_run_f32(p, n, shift, s1, s2)
+        else:
+            cbn_shifted_sums_run_f64(p, n, shift, s1, s2)
+        return
+    s1[0] = 0.0
+    s2[0] = 0.0
+    for i in range(n):
+        d = p[i * step] - shift
+        s1[0] += d
+        s2[0] += d * d
+
+
+cdef inline void normalize_row(const floating *x, floating *y, Py_ssize_t n, const double *mean,
+                               const double *scale, const double *shift,
+                               bint stream) noexcept nogil:
+    cdef Py_ssize_t j
+    if stream:
+        if floating is float:
+            cbn_normalize_stream_f32(x, y, n, mean, scale, shift, 1)
+        else:
+            cbn_normalize_stream_f64(x, y, n, mean, scale, shift, 1)
+        return
+    for j in range(n):
+        y[j] = <floating>((x[j] - mean[j]) * scale[j] + shift[j])
+
+
+cdef inline bint back_to_back(Py_ssize_t width, int64_t a, int64_t b, int64_t c) noexcept nogil:
+    """Whether rows of width features with these row strides form single contiguous runs
+    (then whole runs are streamed, not row by row)."""
+    return 8 <= width <= CBN_MAX_WIDTH and a == width and b == width and c == width
+
+
+cdef inline bint wide_rows(Py_ssize_t width, int n_factors) noexcept nogil:
+    """Whether rows of width features are written strip by strip (_simd.h's strips): where
+    their n_factors per-feature factor arrays take more than half the L1d."""
+    return width * n_factors * <Py_ssize_t>sizeof(double) > strip_min_bytes
+
+
+cdef inline bint lines_apart(const floating *out, int64_t row_stride) noexcept nogil:
+    """Whether an output's rows are whole cache lines apart: then each row streams the same
+    features, and the strips stream (the lines beyond them take ordinary stores)."""
+    return ((row_stride * <int64_t>sizeof(floating)) % 64 == 0
+            and (<uintptr_t>out) % sizeof(floating) == 0)
+
+
+cdef inline void normalize_rows(const floating *x, int64_t x_row_stride, floating *y,
+                                int64_t y_row_stride, Py_ssize_t n_rows, Py_ssize_t width,
+                                const double *mean, const double *scale, const double *shift,
+                                bint stream) noexcept nogil:
+    cdef Py_ssize_t r
+    if wide_rows(width, 3) and stream and back_to_back(width, x_row_stride, y_row_stride, width):
+        if floating is float:
+            cbn_normalize_flat_strips_f32(x, y, n_rows, width, mean, scale, shift)
+        else:
+            cbn_normalize_flat_strips_f64(x, y, n_rows, width, mean, scale, shift)
+        return
+    if wide_rows(width, 3) and (not stream or lines_apart(y, y_row_stride)):
+        if floating is float:
+            cbn_normalize_strips_f32(x, x_row_stride, y, y_row_stride, n_rows, width, mean,
+                                     scale, shift, stream)
+        else:
+            cbn_normalize_strips_f64(x, x_row_stride, y, y_row_stride, n_rows, width, mean,
+                                     scale, shift, stream)
+        return
+    if stream and back_to_back(width, x_row_stride, y_row_stride, width):
+        if floating is float:
+            cbn_normalize_rows_stream_f32(x, y, n_rows, width, mean, scale, shift)
+        else:
+            cbn_normalize_rows_stream_f64(x, y, n_rows, width, mean, scale, shift)
+        return
+    for r in range(n_rows):
+        normalize_row(x + r * x_row_stride, y + r * y_row_stride, width, mean, scale, shift,
+                      stream and whole_lines(y + r * y_row_stride, width))
+
+
+cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, int64_t y_step,
+                               Py_ssize_t n, double mean, double scale,
+                               double shift, bint stream) noexcept nogil:
+    cdef Py_ssize_t i
+    if x_step == 1 and y_step == 1:
+        if stream:
+            if floating is float:
+                cbn_normalize_stream_f32(x, y, n, &mean, &scale, &shift, 0)
+            else:
+                cbn_normalize_stream_f64(x, y, n, &mean, &scale, &shift, 0)
+            return
+        for i in range(n):
+            y[i] = <floating>((x[i] - mean) * scale + shift)
+    else:
+        for i in range(n):
+            y[i * y_step] = <floating>((x[i * x_step] - mean) * scale + shift)
+
+
+cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride, int64_t dy_step,
+                                   const floating *x, int64_t x_row_stride, int64_t x_step,
+                                   Py_ssize_t n_rows, Py_ssize_t width, const double *mean,
+                                   double *sum_dy, double *sum_dy_xc, floating *dy_stage,
+                                   floating *x_stage) noexcept nogil:
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over n_rows rows of width features."""
+    dy = stage_rows(dy, &dy_row_stride, dy_step, n_rows, width, dy_stage)
+    x = stage_rows(x, &x_row_stride, x_step, n_rows, width, x_stage)
+    if floating is float:
+        cbn_gradient_sums_f32(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
+                              sum_dy, sum_dy_xc)
+    else:
+        cbn_gradient_sums_f64(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
+                              sum_dy, sum_dy_xc)
+
+
+cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floating *x,
+                              int64_t x_step, Py_ssize_t n, double mean,
+                              double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over a run."""
+    cdef Py_ssize_t i
+    cdef double g
+    if dy_step == 1 and x_step == 1:
+        if floating is float:
+            cbn_gradient_sums_run_f32(dy, x, n, mean, sum_dy, sum_dy_xc)
+        else:
+            cbn_gradient_sums_run_f64(dy, x, n, mean, sum_dy, sum_dy_xc)
+        return
+    for i in range(n):
+        g = dy[i * dy_step]
+        sum_dy[0] += g
+        sum_dy_xc[0] += g * (x[i * x_step] - mean)
+
+
+cdef inline void tile_gradient_sums(const floating *dy, int64_t dy_row_step,
+                                    const floating *x, int64_t x_row_step, Py_ssize_t n_rows,
+                                    Py_ssize_t n, double mean, double *sum_dy,
+                                    double *sum_dy_xc) noexcept nogil:
+    """gradient_run over n_rows runs of n contiguous elements, *_row_step apart, reduced once."""
+    if floating is float:
+        cbn_gradient_sums_tile_f32(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
+                                   sum_dy_xc)
+    else:
+        cbn_gradient_sums_tile_f64(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
+                                   sum_dy_xc)
+
+
+# dx = coef_dy * dy + coef_xc * (x - mean) + offset: the training-mode gradient, with the
+# per-feature factors computed once in gradient_factors.
+cdef inline void input_gradient_row(const floating *dy, const floating *x, floating *dx,
+                                    Py_ssize_t n, const double *mean, const double *coef_dy,
+                                    const double *coef_xc, const double *offset,
+                                    bint stream) noexcept nogil:
+    cdef Py_ssize_t j
+    if stream:
+        if floating is float:
+            cbn_input_gradient_stream_f32(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
+        else:
+            cbn_input_gradient_stream_f64(dy, x, dx, n, mean, coef_dy, coef_xc, offset, 1)
+        return
+    for j in range(n):
+        dx[j] = <floating>(coef_dy[j] * dy[j] + coef_xc[j] * (x[j] - mean[j]) + offset[j])
+
+
+cdef inline void input_gradient_rows(const floating *dy, int64_t dy_row_stride,
+                                     const floating *x, int64_t x_row_stride, floating *dx,
+                                     int64_t dx_row_stride, Py_ssize_t n_rows,
+                                     Py_ssize_t width, const double *mean,
+                                     const double *coef_dy, const double *coef_xc,
+                                     const double *offset, bint stream) noexcept nogil:
+    cdef Py_ssize_t r
+    if wide_rows(width, 4) and stream and back_to_back(width, dy_row_stride, x_row_stride,
+                                                       dx_row_stride):
+        if floating is float:
+            cbn_input_gradient_flat_strips_f32(dy, x, dx, n_rows, width, mean, coef_dy, coef_xc,
+                                               offset)
+        else:
+            cbn_input_gradient_flat_strips_f64(dy, x, dx, n_rows, width, mean, coef_dy, coef_xc,
+                                               offset)
+        return
+    if wide_rows(width, 4) and (not stream or lines_apart(dx, dx_row_stride)):
+        if floating is float:
+            cbn_input_gradient_strips_f32(dy, dy_row_stride, x, x_row_stride, dx, dx_row_stride,
+                                          n_rows, width, mean, coef_dy, coef_xc, offset, stream)
+        else:
+            cbn_input_gradient_strips_f64(dy, dy_row_stride, x, x_row_stride, dx, dx_row_stride,
+                                          n_rows, width, mean, coef_dy, coef_xc, offset, stream)
+        return
+    if stream and back_to_back(width, dy_row_stride, x_row_stride, dx_row_stride):
+        if floating is float:
+            cbn_input_gradient_rows_stream_f32(dy, x, dx, n_rows, width, mean, coef_dy,
+                                               coef_xc, offset)
+        else:
+            cbn_input_gradient_rows_stream_f64(dy, x, dx, n_rows, width, mean, coef_dy,
+                                               coef_xc, offset)
+        return
+    for r in range(n_rows):
+        input_gradient_row(dy + r * dy_row_stride, x + r * x_row_stride, dx + r * dx_row_stride,
+                           width, mean, coef_dy, coef_xc, offset,
+                           stream and whole_lines(dx + r * dx_row_stride, width))
+
+
+cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const floating *x,
+                                    int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
+                                    double mean, double coef_dy, double coef_xc,
+                                    double offset, bint stream) noexcept nogil:
+    cdef Py_ssize_t i
+    if dy_step == 1 and x_step == 1 and dx_step == 1:
+        if stream:
+            if floating is float:
+                cbn_input_gradient_stream_f32(dy, x, dx, n, &mean, &coef_dy, &coef_xc, &offset,
+                                              0)
+            else:
+                cbn_input_gradient_stream_f64(dy, x, dx, n, &mean, &coef_dy, &coef_xc, &offset,
+                                              0)
+            return
+        for i in range(n):
+            dx[i] = <floating>(coef_dy * dy[i] + coef_xc * (x[i] - mean) + offset)
+    else:
+        for i in range(n):
+            dx[i * dx_step] = <floating>(coef_dy * dy[i * dy_step]
+                                         + coef_xc * (x[i * x_step] - mean) + offset)
+
+
+# Chan, Golub & LeVeque (1979): fold a block's (n_b, mean_b, M2_b) into a running
+# (n_a, mean_a, M2_a) without cancellation; weight_b = n_b / n, cross = n_a * n_b / n.
+cdef inline void chan_update(double *mean, double *m2, double mean_b, double m2_b,
+                             double weight_b, double cross) noexcept nogil:
+    cdef double delta = mean_b - mean[0]
+    mean[0] += delta * weight_b
+    m2[0] += m2_b + delta * delta * cross
+
+
+# A block's moments from its shifted sums: mean = K + S1/n, M2 = S2 − S1·(S1/n). The shift
+# K is the running mean of the item (the block's first values for its first block), so S1
+# is small and the subtraction loses nothing that matters; M2 >= 0 is restored if rounding
+# took it below. S1·(S1/n) <= S2 overflows only where S2 does (S1² alone can, and the
+# clamp would turn the -inf into a finite, wrong 0).
+cdef inline void shifted_to_moments(double shift, double s1, double s2, Py_ssize_t n,
+                                    double *mean, double *m2) noexcept nogil:
+    mean[0] = shift + s1 / n
+    m2[0] = s2 - s1 * (s1 / n)
+    if m2[0] < 0.0:
+        m2[0] = 0.0
