@@ -3,6 +3,7 @@
 torch.nn's module is the oracle here (it is the contract: a drop-in replacement). Skipped
 when torch is missing (``pip install -e ".[torch]"``), except under CI=true, where it fails.
 """
+import copy
 import subprocess
 import sys
 
@@ -258,6 +259,52 @@ def test_convert_swaps_every_batch_norm_keeping_weights():
     assert type(synchronized[0]) is ct.SyncBatchNorm
     assert type(ct.convert(torch.nn.SyncBatchNorm(2))) is ct.SyncBatchNorm
     assert type(ct.convert(torch.nn.BatchNorm2d(2))) is ct.BatchNorm2d
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["local", "sync"])
+def test_convert_keeps_what_is_attached_to_each_module(sync):
+    """The module objects stay (only their class changes): hooks and their handles, the
+    training flag, the parameters (an optimizer built before trains them, requires_grad
+    as set), dtype, state_dict hooks, and a module used twice stays one module."""
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(3, dtype=torch.float64)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 1, dtype=torch.float64), norm, norm)
+    norm.eval()                                        # the model's other modules train
+    norm.bias.requires_grad_(False)
+    theirs = copy.deepcopy(model)
+    calls = []
+
+    def log(what):
+        return lambda module, *args: calls.append((what, module))
+
+    handles = [norm.register_forward_pre_hook(log("pre")),
+               norm.register_forward_hook(log("forward")),
+               norm.register_full_backward_hook(log("backward")),
+               norm.register_state_dict_post_hook(
+                   lambda module, state, prefix, local: state.update({prefix + "extra": 1})),
+               norm.register_load_state_dict_pre_hook(log("load"))]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (theirs, model)]
+    assert ct.convert(model, sync=sync) is model
+    assert model[1] is norm and model[2] is norm and not norm.training and model[0].training
+    assert type(norm) is (ct.SyncBatchNorm if sync else ct.BatchNorm2d)
+    x = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    for m, optimizer in zip((theirs, model), optimizers):
+        m(x).square().sum().backward()
+        optimizer.step()
+    assert calls == [("pre", norm), ("forward", norm)] * 2 + [("backward", norm)] * 2
+    assert norm.bias.grad is None and norm.weight.dtype == torch.float64
+    for got, want in zip(model.parameters(), theirs.parameters()):
+        assert torch.allclose(got, want, rtol=1e-12, atol=0), "the optimizer's step"
+    state = model.state_dict()
+    assert state["1.extra"] == state["2.extra"] == 1
+    model.load_state_dict({k: v for k, v in state.items() if not k.endswith("extra")})
+    assert calls[-2:] == [("load", norm)] * 2
+    for handle in handles:
+        handle.remove()
+    calls.clear()
+    model(x).sum().backward()
+    model.load_state_dict(model.state_dict())
+    assert calls == [] and "1.extra" not in model.state_dict()
 
 
 def relu_model(dtype):

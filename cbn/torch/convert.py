@@ -1,59 +1,47 @@
-"""``convert(model)``: swap every ``torch.nn`` batch-norm module for cbn's."""
+"""``convert(model)``: turn every ``torch.nn`` batch-norm module into cbn's, in place."""
 import collections
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d, CbnForward
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from .sync import SyncBatchNorm
 
 _LOCAL = {torch.nn.BatchNorm1d: BatchNorm1d, torch.nn.BatchNorm2d: BatchNorm2d,
           torch.nn.BatchNorm3d: BatchNorm3d}
 
 
-def _replacement(module, sync, process_group):
-    """cbn's module for a torch batch-norm module (sharing its parameters and buffers), or
-    None if ``module`` is not one to replace."""
-    if not isinstance(module, _BatchNorm) or isinstance(module, SyncBatchNorm):
-        return None
+def _target(module, sync):
+    """The class cbn's conversion gives ``module``, or None if it is not one to convert."""
     if sync and getattr(module, "fused_relu", False):
         raise ValueError("a batch norm with a fused ReLU cannot become a SyncBatchNorm "
                          "(which has no fused ReLU): convert with sync=True before, or "
                          "instead of, fuse_relu=True")
-    arguments = (module.num_features, module.eps, module.momentum, module.affine,
-                 module.track_running_stats)
-    if isinstance(module, torch.nn.SyncBatchNorm):   # it was meant to synchronise: keep that
-        new = SyncBatchNorm(*arguments, process_group or module.process_group)
-    elif sync and (type(module) in _LOCAL or isinstance(module, CbnForward)):
-        new = SyncBatchNorm(*arguments, process_group)
-    elif type(module) in _LOCAL:
-        new = _LOCAL[type(module)](*arguments)
-    else:   # cbn's own module, a subclass with its own forward, a lazy module: left alone
-        return None
-    # The same Parameter and buffer objects, as torch.nn.SyncBatchNorm.convert_sync_batchnorm
-    # does: an optimizer built before the conversion keeps training them.
-    new.weight, new.bias = module.weight, module.bias
-    for name in ("running_mean", "running_var", "num_batches_tracked"):
-        setattr(new, name, getattr(module, name))
-    new.train(module.training)
-    if hasattr(module, "qconfig"):
-        new.qconfig = module.qconfig
-    return new
+    if type(module) is torch.nn.SyncBatchNorm:   # it was meant to synchronise: keep that
+        return SyncBatchNorm
+    if sync and (type(module) in _LOCAL or type(module) in _LOCAL.values()):
+        return SyncBatchNorm
+    # cbn's own modules, subclasses with their own forward, lazy modules: left alone
+    return _LOCAL.get(type(module))
 
 
 def convert(model, sync=False, process_group=None, fuse_relu=False):
-    """Swap every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` for cbn's module (and every
-    ``torch.nn.SyncBatchNorm`` for cbn's SyncBatchNorm, keeping its process group), sharing
-    the parameter and buffer tensors, so weights, running statistics and optimizer state
-    carry over.
+    """Turn every ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` into cbn's module (and every
+    ``torch.nn.SyncBatchNorm`` into cbn's SyncBatchNorm, keeping its process group), in
+    place: each module object stays and only its class changes (cbn's classes subclass
+    torch's and replace ``forward``; ``torch.nn.utils.parametrize`` changes classes the same
+    way). So everything attached to it stays: its parameters and buffers (the same objects,
+    so an optimizer built before keeps training them, with their ``requires_grad``, dtype and
+    device), the training flag, forward, pre-forward, backward and state_dict hooks (and
+    their handles), other attributes, and every reference to it, shared modules included.
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` keeps the parameters, buffers, training
+    flag and ``qconfig`` but builds new modules, without the hooks.
 
     Parameters
     ----------
     model : torch.nn.Module
-        Changed in place (its children are replaced); if ``model`` itself is a batch-norm
-        module, its replacement is returned.
+        Changed in place, ``model`` itself too if it is a batch-norm module.
     sync : bool
-        Replace with :class:`cbn.torch.SyncBatchNorm` (statistics synchronised over
+        Convert to :class:`cbn.torch.SyncBatchNorm` (statistics synchronised over
         ``process_group``, None meaning the default group) instead of the local modules,
         cbn's local modules included.
     fuse_relu : bool
@@ -63,26 +51,19 @@ def convert(model, sync=False, process_group=None, fuse_relu=False):
     Returns
     -------
     torch.nn.Module
-        ``model`` (or its replacement). Modules that are already what was asked for are
-        left alone.
+        ``model``. Modules that are already what was asked for are left alone.
     """
     if sync and fuse_relu:
         raise ValueError("fuse_relu fuses into cbn's local modules; SyncBatchNorm has no "
                          "fused ReLU (pass sync=False or fuse_relu=False)")
-    model = _converted(model, sync, process_group)
+    targets = [(module, _target(module, sync)) for module in model.modules()]  # all checked
+    for module, target in targets:                                            # before any
+        if target is SyncBatchNorm:                                           # changes
+            module.process_group = process_group or getattr(module, "process_group", None)
+        if target is not None:
+            module.__class__ = target
     if fuse_relu:
         _fuse_relus(model)
-    return model
-
-
-def _converted(model, sync, process_group):
-    replacement = _replacement(model, sync, process_group)
-    if replacement is not None:
-        return replacement
-    for name, child in model.named_children():
-        converted = _converted(child, sync, process_group)
-        if converted is not child:
-            setattr(model, name, converted)
     return model
 
 
