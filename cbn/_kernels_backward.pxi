@@ -437,7 +437,9 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
                          const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
                          GradientFactors *k) noexcept nogil:
     cdef Py_ssize_t f
-    if g.features_inner or g.n_chunks > 1:
+    # Row groups sum tile by tile, unlike a feature's runs in turn: the sums of every
+    # backward are gradient_sums_nogil's bits, whatever dx's layout adds to the plan.
+    if g.features_inner or g.n_chunks > 1 or g.row_group > 1:
         gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
         input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
     elif g.n_threads == 1:

@@ -237,9 +237,9 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
     plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
     gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
                               _parameter(plan, beta, "beta", features))
-    if x.size and not plan.agree:
-        mean, var = _statistics_then_normalization(_plan(x.shape, axes, x.itemsize, x.strides),
-                                                   plan, x, y, gamma, beta, epsilon)
+    stats = _plan(x.shape, axes, x.itemsize, x.strides)
+    if x.size and plan.work(0) != stats.work(0):
+        mean, var = _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon)
         return _finish(x_in, y, out), mean, var
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if x.size:
@@ -252,8 +252,9 @@ def _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon, *fus
     normalization (with ``fused``: activation kind, alpha, residual, mask) in ``plan``.
     Returns the feature-shaped mean and var.
 
-    Where x and y disagree on layout, the statistics are taken in x's own plan, which reads
-    x in memory order, not in the tiles (or staged copies) that serve y."""
+    Where y's layout would change how x is split into work or read (x and y disagree on
+    layout, or only x's axes merge), the statistics are taken in x's own plan: they are a
+    function of x alone, the same bits as batch_stats(x) whatever ``out=`` is."""
     mean, var = np.empty(stats.n_features), np.empty(stats.n_features)
     _kernels.batch_stats(stats.kernel, x, mean, var)
     mean, var = stats.from_kernel(mean), stats.from_kernel(var)
@@ -309,8 +310,7 @@ def _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residua
     mask = np.zeros((x.size + 7) // 8, np.uint8) if return_mask else None
     extra = (() if residual is None else (residual.strides,)) + (
         () if mask is None else (_bit_strides(x.shape, x.itemsize),))
-    plain = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
-    plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides, *extra) if extra else plain
+    plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides, *extra)
     kind, alpha = (0, 0.0) if act is None else (act.kind, act.alpha)
     masked = () if mask is None else (mask,)
     gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
@@ -325,13 +325,13 @@ def _fused_normalization(x, gamma, beta, axis, epsilon, out, activation, residua
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if not x.size:
         return (_finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)) + masked
-    if plan.work(0) == plain.work(0) and plain.agree:
+    stats = _plan(x.shape, axes, x.itemsize, x.strides)
+    if plan.work(0) == stats.work(0):
         _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var, kind,
                                     alpha, residual, mask)
         return (_finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)) + masked
-    # A residual or mask laid out so that it changes the work split, or x and y laid out
-    # unlike: the plain call's statistics (bitwise), then the normalization in the fused plan.
-    stats = plain if plain.agree else _plan(x.shape, axes, x.itemsize, x.strides)
+    # y, a residual or a mask laid out so that it changes the work split: x's own
+    # statistics (bitwise the plain call's), then the normalization in the fused plan.
     mean, var = _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon, kind,
                                                alpha, residual, mask)
     return (_finish(x_in, y, out), mean, var) + masked
@@ -359,7 +359,8 @@ def _composed_float16(x, gamma, beta, axis, epsilon, out, act, residual, statist
     return (y, mean, var) + masked
 
 
-def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through=None):
+def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through=None,
+              own_sums=False):
     """Validated backward arguments bound to the kernels.
 
     Returns (x as given, plan, kernel, dx buffer, dgamma, dbeta, dres) where dgamma and dbeta
@@ -370,6 +371,8 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
     _dense_strides of dy) if ``residual``, else dres is None. The composed call it equals runs on a dz laid out as dres; where adding y and
     dres to the plan would split the work unlike that call, dz is formed in dres (or a
     temporary) first and the plain kernel runs on it: bitwise the same either way.
+    ``own_sums``: the kernel computes the sums too, in dy's and x's own plan (_SumsInOwnPlan)
+    where dx's layout would change them.
     """
     x_in, x = _data(x)
     axes, n, features = _axes(x.shape, _axis_key(axis))
@@ -400,9 +403,10 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
         fused = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides,
                       sign_strides, *(() if dres is None else (dres.strides,)))
         plain = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), x.strides, dx.strides)
+        own = _plan(x.shape, axes, x.itemsize, _dense_strides(dy), x.strides)
         # Row groups sum a staged operand from its copy, where the fused loops read it in
         # place: such a plan forms dz first, as one whose work split differs.
-        if fused.work(1) == plain.work(1) and not fused.row_groups:
+        if fused.work(1) == own.work(1) == plain.work(1) and not fused.row_groups:
             plan = fused
         else:
             dz = _empty_like(dy, dense=True) if dres is None else dres
@@ -413,16 +417,38 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
         _parameter(plan, var, "var", features, required=True),
         _parameter(plan, gamma, "gamma", features))
     dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
+    own = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides) if own_sums else plan
     if not x.size:
         kernel = None
     elif act is None:
         kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
                                    dbeta, n)
+        if own.work(0) != plan.work(0) or own.work(1) != plan.work(1):
+            kernel = _SumsInOwnPlan(own, plan, kernel, (dgamma, dbeta), n, dy, x, None,
+                                    own.to_kernel(plan.from_kernel(mean)),
+                                    own.to_kernel(plan.from_kernel(var)), None, epsilon)
     else:
         kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
                                    dbeta, n, act.kind, act.alpha, y, dres,
                                    plain.kernel.layout.operands[0].row_stride == 1, mask)
     return x_in, plan, kernel, dx, dgamma, dbeta, dres
+
+
+class _SumsInOwnPlan:
+    """A backward whose dx is laid out so that it would change how dy and x are split into
+    work or read: the sums are taken in dy's and x's own plan, the same bits as without
+    ``out=``, then dx from them in the plan with dx."""
+
+    def __init__(self, own, plan, kernel, totals, count, *sums_arguments):
+        self.own, self.plan, self.kernel, self.totals = own, plan, kernel, totals
+        self.own_totals = np.zeros(own.n_features), np.zeros(own.n_features)
+        self.sums = _kernels.Gradient(own.kernel, *sums_arguments, *self.own_totals, count)
+
+    def backward(self):
+        self.sums.sums()
+        for total, own_total in zip(self.totals, self.own_totals):
+            total[...] = self.plan.to_kernel(self.own.from_kernel(own_total))
+        self.kernel.input_gradient()
 
 
 def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, out=None,
@@ -449,7 +475,7 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
         return _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y,
                                  residual, mask)
     x_in, plan, kernel, dx, dgamma, dbeta, _ = _gradient(dy, x, mean, var, gamma, axis,
-                                                         epsilon, True, out)
+                                                         epsilon, True, out, own_sums=True)
     if kernel is not None:
         kernel.backward()
     return _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)
@@ -487,7 +513,8 @@ def _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y
         grads = batch_norm_backward(dz, x_in, mean, var, gamma, axis, epsilon, out=out)
         return grads + (dz,) if residual else grads
     x_in, plan, kernel, dx, dgamma, dbeta, dres = _gradient(
-        dy, x_in, mean, var, gamma, axis, epsilon, True, out, (act, y, bool(residual), mask))
+        dy, x_in, mean, var, gamma, axis, epsilon, True, out, (act, y, bool(residual), mask),
+        own_sums=True)
     if kernel is not None:
         kernel.backward()
     grads = _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)

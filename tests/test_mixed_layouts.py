@@ -49,6 +49,9 @@ def test_every_layout_pairing_matches_reference(case):
     assert y is out
     assert_close(y, y_ref, dtype, condition=1e4)
     assert_close(mean, mean_ref, np.float64, condition=1e4)
+    # The statistics are x's alone: out='s layout does not change their bits.
+    for own, got in zip(cbn.batch_stats(x, axis=axis), (mean, var)):
+        assert own.tobytes() == got.tobytes()
 
     out = in_layout(np.zeros_like(values), out_layout, rng)
     y = cbn.batch_norm_inference(x, mean_ref, var_ref, gamma, beta, axis=axis, out=out)
@@ -65,6 +68,11 @@ def test_every_layout_pairing_matches_reference(case):
     np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-9, atol=1e-9)
     sums = cbn.api.gradient_sums(dy, x, mean_ref, var_ref, axis=axis)
     np.testing.assert_allclose(sums[0], dgamma_ref, rtol=1e-9, atol=1e-9)
+    # Nor do they change the sums', or dx's: the same bits as without out=, and the sums
+    # gradient_sums' (what a sharded backward all-reduces).
+    unplaced = cbn.batch_norm_backward(dy, x, mean_ref, var_ref, gamma, axis=axis)
+    for own, got in zip(unplaced + sums, (dx, dgamma, dbeta, dgamma, dbeta)):
+        assert own.tobytes() == np.ascontiguousarray(got).tobytes()
 
     np.testing.assert_array_equal(x, values)     # inputs untouched
     np.testing.assert_array_equal(dy, dy_values)
