@@ -221,7 +221,7 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
                               const floating *x, const Walk *xw, const Buffers *ws,
                               GradientFactors *k) noexcept nogil:
     """Σ dy and Σ dy·x̂ of every feature, summed over chunks in chunk order."""
-    cdef Py_ssize_t item, f, c
+    cdef Py_ssize_t item, f
     if g.planes and g.n_threads == 1:
         for item in range(g.n_chunks):
             planes_gradient_sums_chunk(g, dy, dyw, x, xw, k.mean, item, ws.chunk_a, ws.chunk_b,
@@ -240,14 +240,19 @@ cdef void gradient_sums_nogil(const Grid *g, const floating *dy, const Walk *dyw
             gradient_sums_item(g, dy, dyw, x, xw, ws,
                                ws.scratch + threadid() * ws.scratch_per_thread, k, item)
     for f in range(g.n_features):
-        k.sum_dy[f] = 0.0
-        k.sum_dy_xhat[f] = 0.0
-    for c in range(g.n_chunks):     # chunk order, vectorized across features
-        for f in range(g.n_features):
-            k.sum_dy[f] += ws.chunk_a[c * g.n_features + f]
-            k.sum_dy_xhat[f] += ws.chunk_b[c * g.n_features + f]
-    for f in range(g.n_features):
-        scale_to_xhat(f, k)
+        combine_chunks(g, ws, k, f)
+
+
+cdef inline void combine_chunks(const Grid *g, const Buffers *ws, GradientFactors *k,
+                                Py_ssize_t f) noexcept nogil:
+    """Feature f's Σ dy and Σ dy·x̂ from its chunks' partial sums, in chunk order."""
+    cdef Py_ssize_t c
+    k.sum_dy[f] = 0.0
+    k.sum_dy_xhat[f] = 0.0
+    for c in range(g.n_chunks):
+        k.sum_dy[f] += ws.chunk_a[c * g.n_features + f]
+        k.sum_dy_xhat[f] += ws.chunk_b[c * g.n_features + f]
+    scale_to_xhat(f, k)
 
 
 cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Walk *dyw,
@@ -271,12 +276,8 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
     cdef Py_ssize_t n_rows
     if g.group_features == 1:   # each feature's groups in turn: the same runs, another order
         for f in range(g.n_features):
-            ro = ro0
-            while ro < ro1:
-                n_rows = group_length(g, ro, ro1)
-                group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, &sum_dy[f],
-                                    &sum_dy_xc[f], stage, act)
-                ro += n_rows
+            feature_chunk_sums(g, dy, dyw, x, xw, mean, f, ro0, ro1, &sum_dy[f], &sum_dy_xc[f],
+                               stage, act)
         return
     ro = ro0
     while ro < ro1:     # a row group at a time (one row unless grouped)
@@ -284,6 +285,20 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
         for f in range(g.n_features):
             group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, &sum_dy[f],
                                 &sum_dy_xc[f], stage, act)
+        ro += n_rows
+
+
+cdef inline void feature_chunk_sums(const Grid *g, const floating *dy, const Walk *dyw,
+                                    const floating *x, const Walk *xw, const double *mean,
+                                    Py_ssize_t f, Py_ssize_t ro0, Py_ssize_t ro1,
+                                    double *sum_dy, double *sum_dy_xc, floating *stage,
+                                    const Activation *act) noexcept nogil:
+    """Feature f's sums over outer rows ro0 .. ro1 (a chunk), group by group."""
+    cdef Py_ssize_t ro = ro0, n_rows
+    while ro < ro1:
+        n_rows = group_length(g, ro, ro1)
+        group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, sum_dy, sum_dy_xc, stage,
+                            act)
         ro += n_rows
 
 
@@ -312,6 +327,10 @@ cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Wa
         n = min(g.group_run, g.n_ri - ri)
         group_prefetch_next(g, dy, dyw, f, ro, ri, n_rows, False)
         group_prefetch_next(g, x, xw, f, ro, ri, n_rows, False)
+        if pair_tile(g, dyw, xw):
+            pair_gradient_sums(g, dy_feature, dyw, x_feature, xw, ro, ri, n_rows, n, mean[f],
+                               sum_dy, sum_dy_xc)
+            continue
         group_stage(g, dy_feature, dyw, ro, ri, n_rows, n, dy_stage)
         group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
         if dy_step == 1 and x_step == 1:    # the tile's runs into one set of accumulators
@@ -324,6 +343,79 @@ cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Wa
             gradient_run(group_row(g, <floating *>dy_feature, dyw, ro, t, ri, n, dy_stage),
                          dy_step, group_row(g, <floating *>x_feature, xw, ro, t, ri, n, x_stage),
                          x_step, n, mean[f], sum_dy, sum_dy_xc)
+
+
+# Row groups where exactly one of dy and x is staged (NHWC: x Fortran beside a dy stored as
+# NCHW, or the other way round): a tile's sums, and its dx, in one pass each, the blocks of
+# the input laid out unlike the other (and, for dx, unlike dx) transposed in registers as
+# they are read (cbn_*_pair in _simd.h), no buffer. With planes_backward_feature, a whole
+# backward of NHWC (32, 56, 56, 64) float32, x Fortran beside dy stored NCHW, went from 98.8M
+# to 60.9M instructions (callgrind, avx2 level; the matched call 34.9M) and from 3.7-6.3x to
+# 1.4-2.7x the matched call's time (one thread, interleaved, on a loaded machine).
+cdef inline bint pair_tile(const Grid *g, const Walk *dyw, const Walk *xw) noexcept nogil:
+    """Whether exactly one of dy and x is staged, the other running along the tile's rows."""
+    return (group_staged(g, dyw) != group_staged(g, xw) and group_step(g, dyw) == 1
+            and group_step(g, xw) == 1)
+
+
+cdef inline bint pair_steps(const Grid *g, const Walk *dyw, const Walk *xw, bint transposed,
+                            int64_t *a_step, int64_t *b_step) noexcept nogil:
+    """Whether dy is the a of cbn_*_pair, and a's and b's steps: a is the input in place (its
+    rows the tile's), or with transposed the staged one (the tile walked as its transpose,
+    its rows the staged input's: dx laid out like that one)."""
+    cdef bint a_is_dy = group_staged(g, dyw) == transposed
+    cdef const Walk *aw = dyw if a_is_dy else xw
+    cdef const Walk *bw = xw if a_is_dy else dyw
+    a_step[0] = aw.row_stride if transposed else aw.group_stride
+    b_step[0] = bw.group_stride if transposed else bw.row_stride
+    return a_is_dy
+
+
+cdef inline void pair_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
+                                    const floating *x, const Walk *xw, Py_ssize_t ro,
+                                    Py_ssize_t ri, Py_ssize_t n_rows, Py_ssize_t n, double mean,
+                                    double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """group_gradient_sums of a tile (dy, x at their feature) where pair_tile holds."""
+    cdef int64_t a_step, b_step
+    cdef bint a_is_dy = pair_steps(g, dyw, xw, False, &a_step, &b_step)
+    cdef const floating *a = (dy + row_offset(dyw, ro, ri) if a_is_dy
+                              else x + row_offset(xw, ro, ri))
+    cdef const floating *b = (x + row_offset(xw, ro, ri) if a_is_dy
+                              else dy + row_offset(dyw, ro, ri))
+    if floating is float:
+        cbn_gradient_sums_pair_f32(a, a_step, b, b_step, n_rows, n, a_is_dy, mean, sum_dy,
+                                   sum_dy_xc)
+    else:
+        cbn_gradient_sums_pair_f64(a, a_step, b, b_step, n_rows, n, a_is_dy, mean, sum_dy,
+                                   sum_dy_xc)
+
+
+cdef inline void pair_input_gradient(const Grid *g, const floating *dy, const Walk *dyw,
+                                     const floating *x, const Walk *xw, floating *dx,
+                                     const Walk *dxw, Py_ssize_t ro, Py_ssize_t ri,
+                                     Py_ssize_t n_rows, Py_ssize_t n, double mean,
+                                     double coef_dy, double coef_xc,
+                                     double offset) noexcept nogil:
+    """input_gradient_group's tile (dy, x, dx at their feature) where pair_tile holds and dx
+    runs along the tile's rows (dx_step 1): walked as dx is laid out."""
+    cdef bint transposed = group_staged(g, dxw)
+    cdef int64_t a_step, b_step
+    cdef bint a_is_dy = pair_steps(g, dyw, xw, transposed, &a_step, &b_step)
+    cdef const floating *a = (dy + row_offset(dyw, ro, ri) if a_is_dy
+                              else x + row_offset(xw, ro, ri))
+    cdef const floating *b = (x + row_offset(xw, ro, ri) if a_is_dy
+                              else dy + row_offset(dyw, ro, ri))
+    cdef int64_t dx_step = dxw.row_stride if transposed else dxw.group_stride
+    cdef Py_ssize_t tile_rows = n if transposed else n_rows
+    cdef Py_ssize_t tile_run = n_rows if transposed else n
+    if floating is float:
+        cbn_input_gradient_pair_f32(a, a_step, b, b_step, dx + row_offset(dxw, ro, ri), dx_step,
+                                    tile_rows, tile_run, a_is_dy, mean, coef_dy, coef_xc,
+                                    offset)
+    else:
+        cbn_input_gradient_pair_f64(a, a_step, b, b_step, dx + row_offset(dxw, ro, ri), dx_step,
+                                    tile_rows, tile_run, a_is_dy, mean, coef_dy, coef_xc,
+                                    offset)
 
 
 cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dyw,
@@ -396,6 +488,11 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
             group_prefetch_next(g, x, xw, f, ro, ri, n_rows, False)
             if not stream:
                 group_prefetch_next(g, dx, dxw, f, ro, ri, n_rows, True)
+            if pair_tile(g, dyw, xw) and dx_step == 1 and not stream:
+                pair_input_gradient(g, dy_feature, dyw, x_feature, xw, dx_feature, dxw, ro, ri,
+                                    n_rows, n, k.mean[f], k.coef_dy[f], k.coef_xc[f],
+                                    k.offset[f])
+                continue
             group_stage(g, dy_feature, dyw, ro, ri, n_rows, n, dy_stage)
             group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
             for t in range(n_rows):
@@ -438,7 +535,19 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
                          GradientFactors *k) noexcept nogil:
     cdef Py_ssize_t f
     # Row groups sum tile by tile, unlike a feature's runs in turn: the sums of every
-    # backward are gradient_sums_nogil's bits, whatever dx's layout adds to the plan.
+    # backward are gradient_sums_nogil's bits, whatever dx's layout adds to the plan
+    # (planes_backward_feature's too).
+    if g.planes and g.group_features == 1:
+        if g.n_threads == 1:
+            for f in range(g.n_features):
+                planes_backward_feature(g, dy, dyw, x, xw, dx, dxw, ws, k, f,
+                                        <floating *>ws.scratch)
+            return
+        for f in prange(g.n_features, num_threads=g.n_threads, schedule="dynamic"):
+            planes_backward_feature(g, dy, dyw, x, xw, dx, dxw, ws, k, f,
+                                    <floating *>(ws.scratch
+                                                 + threadid() * ws.scratch_per_thread))
+        return
     if g.features_inner or g.n_chunks > 1 or g.row_group > 1:
         gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
         input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
@@ -461,3 +570,26 @@ cdef inline void fused_backward_feature(const Grid *g, const floating *dy, const
     scale_to_xhat(f, k)
     gradient_factors(f, k)
     ri_input_gradient_any(g, dy, dyw, x, xw, dx, dxw, it, k)
+
+
+cdef void planes_backward_feature(const Grid *g, const floating *dy, const Walk *dyw,
+                                  const floating *x, const Walk *xw, floating *dx,
+                                  const Walk *dxw, const Buffers *ws, GradientFactors *k,
+                                  Py_ssize_t f, floating *stage) noexcept nogil:
+    """Row groups walked feature by feature (plan.features_outer): feature f's sums, chunk by
+    chunk (each chunk's as planes_gradient_sums_chunk sums it, added in chunk order: the
+    same bits as the two passes), then its dx while its data is still in L2. Two passes over
+    all the features read x and dy from memory twice (NHWC (32, 56, 56, 64) x Fortran
+    beside NCHW-stored: a feature is 392 KiB of each)."""
+    cdef Py_ssize_t c, i, rows_per_chunk = g.chunk_length // g.n_ri
+    for c in range(g.n_chunks):
+        ws.chunk_a[c * g.n_features + f] = 0.0
+        ws.chunk_b[c * g.n_features + f] = 0.0
+        feature_chunk_sums(g, dy, dyw, x, xw, k.mean, f, c * rows_per_chunk,
+                           min(g.n_ro, (c + 1) * rows_per_chunk),
+                           &ws.chunk_a[c * g.n_features + f], &ws.chunk_b[c * g.n_features + f],
+                           stage, k.act)
+    combine_chunks(g, ws, k, f)
+    gradient_factors(f, k)
+    for i in range(group_count(g)):
+        input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i), f, stage)

@@ -67,6 +67,24 @@ cdef extern from "_simd.h":
                            double *dst, int64_t dst_stride, const double *affine) noexcept nogil
     void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, int64_t n_rows,
                            int64_t width, int64_t itemsize, int for_writing) noexcept nogil
+    void cbn_gradient_sums_pair_f32(const float *a, int64_t a_step, const float *b,
+                                    int64_t b_step, int64_t n_rows, int64_t n, int a_is_dy,
+                                    double mean, double *sum_dy,
+                                    double *sum_dy_xc) noexcept nogil
+    void cbn_gradient_sums_pair_f64(const double *a, int64_t a_step, const double *b,
+                                    int64_t b_step, int64_t n_rows, int64_t n, int a_is_dy,
+                                    double mean, double *sum_dy,
+                                    double *sum_dy_xc) noexcept nogil
+    void cbn_input_gradient_pair_f32(const float *a, int64_t a_step, const float *b,
+                                     int64_t b_step, float *dx, int64_t dx_step,
+                                     int64_t n_rows, int64_t n, int a_is_dy, double mean,
+                                     double coef_dy, double coef_xc,
+                                     double offset) noexcept nogil
+    void cbn_input_gradient_pair_f64(const double *a, int64_t a_step, const double *b,
+                                     int64_t b_step, double *dx, int64_t dx_step,
+                                     int64_t n_rows, int64_t n, int a_is_dy, double mean,
+                                     double coef_dy, double coef_xc,
+                                     double offset) noexcept nogil
     void cbn_normalize_strips_f32(const float *x, int64_t x_row_stride, float *y,
                                   int64_t y_row_stride, int64_t n_rows, int64_t width,
                                   const double *mean, const double *scale, const double *shift,

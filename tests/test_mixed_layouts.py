@@ -211,3 +211,42 @@ def test_fused_backward_with_row_groups_is_the_composed_call_bitwise():
     composed = cbn.batch_norm_backward(np.where(y > 0, dy, 0), x, mean, var, axis=1)
     for a, b in zip(fused, composed):
         assert a.tobytes() == b.tobytes()
+
+
+@pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,dy_layout", [("F", "NCHW"), ("NCHW", "F")])
+def test_row_group_backward_of_unlike_inputs_same_bits_every_way(x_layout, dy_layout, dtype,
+                                                                 streaming):
+    # NHWC x Fortran beside dy stored as NCHW (and the other way round): each tile's sums and
+    # dx in one pass, dy's or x's 8x8 blocks transposed in registers (cbn_*_pair), feature by
+    # feature. 19 images and rows of 12: whole and partial blocks both ways; 2 chunks. dx laid
+    # out like x (the tile walked as its transpose) or like dy, the sums of the backward (one
+    # pass per feature) and of gradient_sums (two passes) must agree bitwise, for 1 and 2
+    # threads.
+    rng = np.random.default_rng(13)
+    values = (rng.standard_normal((19, 9, 12, 64)) * 2 + 1).astype(dtype)
+    dy_values = rng.standard_normal(values.shape).astype(dtype)
+    x = LAYOUT_MAKERS[x_layout](values)
+    dy = LAYOUT_MAKERS[dy_layout](dy_values)
+    mean, var = cbn.batch_stats(x)
+    assert make_plan(values.shape, (3,), tuple(tuple(s // values.itemsize for s in a.strides)
+                                               for a in (dy, x))).features_outer
+    results = []
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="openmp"):
+            like_x = cbn.batch_norm_backward(dy, x, mean, var)
+            like_dy = cbn.batch_norm_backward(dy, x, mean, var,
+                                              out=LAYOUT_MAKERS[dy_layout](np.empty_like(values)))
+            sums = cbn.api.gradient_sums(dy, x, mean, var)
+        results.append((like_x, like_dy, sums))
+    for like_x, like_dy, sums in results:
+        assert like_x[0].tobytes() == like_dy[0].tobytes()
+        for a, b in zip(like_x[1:], sums):
+            assert a.tobytes() == b.tobytes()
+    for a, b in zip(results[0][0], results[1][0]):
+        assert a.tobytes() == b.tobytes()
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy_values, values, mean, var)
+    assert_close(results[0][0][0], dx_ref, dtype, condition=100)
+    np.testing.assert_allclose(results[0][0][1], dgamma_ref, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(results[0][0][2], dbeta_ref, rtol=1e-9, atol=1e-9)
