@@ -234,17 +234,29 @@ def batch_norm_forward(x, gamma=None, beta=None, axis=-1, epsilon=1e-3, *, out=N
     axes, _, features = _axes(x.shape, _axis_key(axis))
     epsilon = _checks.as_epsilon(epsilon)
     y = _output(x_in, x, out)
+    gamma, beta = _apart_from(out, _checks.as_parameter(gamma, "gamma", features),
+                              _checks.as_parameter(beta, "beta", features))
+    mean, var = _forward_checked(x, y, gamma, beta, axes, epsilon)
+    return _finish(x_in, y, out), mean, var
+
+
+def _forward_checked(x, y, gamma, beta, axes, epsilon, kind=0, alpha=0.0):
+    """The training forward (with activation ``kind``, ``alpha``) of arguments checked as
+    batch_norm_forward checks them (cbn.torch checks them once per layer call): x and y
+    native, aligned float32 or float64 arrays of one shape and dtype, y sharing no memory
+    with x, gamma or beta; gamma and beta float64 of the feature shape, or None; axes
+    sorted kept axes; epsilon a float >= 0. Returns the feature-shaped mean and var."""
     plan = _plan(x.shape, axes, x.itemsize, x.strides, y.strides)
-    gamma, beta = _apart_from(out, _parameter(plan, gamma, "gamma", features),
-                              _parameter(plan, beta, "beta", features))
+    gamma, beta = (None if v is None else plan.to_kernel(v) for v in (gamma, beta))
+    fused = (kind, alpha, None, None) if kind else ()
     stats = _plan(x.shape, axes, x.itemsize, x.strides)
     if x.size and plan.work(0) != stats.work(0):
-        mean, var = _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon)
-        return _finish(x_in, y, out), mean, var
+        return _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon, *fused)
     mean, var = np.empty(plan.n_features), np.empty(plan.n_features)
     if x.size:
-        _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var)
-    return _finish(x_in, y, out), plan.from_kernel(mean), plan.from_kernel(var)
+        _kernels.batch_norm_forward(plan.kernel, x, y, gamma, beta, epsilon, mean, var,
+                                    *fused)
+    return plan.from_kernel(mean), plan.from_kernel(var)
 
 
 def _statistics_then_normalization(stats, plan, x, y, gamma, beta, epsilon, *fused):
@@ -421,17 +433,25 @@ def _gradient(dy, x, mean, var, gamma, axis, epsilon, with_dx, out=None, through
     if not x.size:
         kernel = None
     elif act is None:
-        kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
-                                   dbeta, n)
-        if own.work(0) != plan.work(0) or own.work(1) != plan.work(1):
-            kernel = _SumsInOwnPlan(own, plan, kernel, (dgamma, dbeta), n, dy, x, None,
-                                    own.to_kernel(plan.from_kernel(mean)),
-                                    own.to_kernel(plan.from_kernel(var)), None, epsilon)
+        kernel = _plain_gradient(plan, own, dy, x, dx, mean, var, gamma, epsilon, dgamma,
+                                 dbeta, n)
     else:
         kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
                                    dbeta, n, act.kind, act.alpha, y, dres,
                                    plain.kernel.layout.operands[0].row_stride == 1, mask)
     return x_in, plan, kernel, dx, dgamma, dbeta, dres
+
+
+def _plain_gradient(plan, own, dy, x, dx, mean, var, gamma, epsilon, dgamma, dbeta, n):
+    """The kernel of a backward without activation, bound to kernel-order arguments in
+    ``plan``; its sums taken in plan ``own`` (dy's and x's) where that splits them unlike."""
+    kernel = _kernels.Gradient(plan.kernel, dy, x, dx, mean, var, gamma, epsilon, dgamma,
+                               dbeta, n)
+    if own.work(0) != plan.work(0) or own.work(1) != plan.work(1):
+        kernel = _SumsInOwnPlan(own, plan, kernel, (dgamma, dbeta), n, dy, x, None,
+                                own.to_kernel(plan.from_kernel(mean)),
+                                own.to_kernel(plan.from_kernel(var)), None, epsilon)
+    return kernel
 
 
 class _SumsInOwnPlan:
@@ -479,6 +499,22 @@ def batch_norm_backward(dy, x, mean, var, gamma=None, axis=-1, epsilon=1e-3, *, 
     if kernel is not None:
         kernel.backward()
     return _finish(x_in, dx, out), plan.from_kernel(dgamma), plan.from_kernel(dbeta)
+
+
+def _backward_checked(dy, x, dx, mean, var, gamma, axes, epsilon):
+    """batch_norm_backward's dx (written to ``dx``) and feature-shaped (dgamma, dbeta), of
+    arguments checked as it checks them (cbn.torch checks them once per layer call): dy, x
+    and dx native, aligned arrays of one shape and dtype (float32 or float64), dx sharing no
+    memory with the others; mean, var, and gamma or None, float64 of the feature shape;
+    axes sorted kept axes; epsilon a float >= 0."""
+    plan = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides, dx.strides)
+    dgamma, dbeta = np.zeros(plan.n_features), np.zeros(plan.n_features)
+    if x.size:
+        own = _plan(x.shape, axes, x.itemsize, dy.strides, x.strides)
+        mean, var, gamma = (None if v is None else plan.to_kernel(v) for v in (mean, var, gamma))
+        _plain_gradient(plan, own, dy, x, dx, mean, var, gamma, epsilon, dgamma, dbeta,
+                        x.size // plan.n_features).backward()
+    return plan.from_kernel(dgamma), plan.from_kernel(dbeta)
 
 
 def _backward_through(dy, x, mean, var, gamma, axis, epsilon, out, activation, y, residual,

@@ -7,6 +7,7 @@ import copy
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from processes import environment, unavailable
@@ -233,6 +234,41 @@ def test_empty_batch_like_torch():
 def test_bad_input(name, x, error, match):
     with pytest.raises(error, match=match):
         getattr(ct, name)(3)(x())
+
+
+def test_the_checks_made_once_per_call_and_misaligned_tensors(monkeypatch):
+    """The module checks its eps and parameters as the core API checks epsilon and gamma
+    (once per call, not per kernel); a tensor made by torch.from_numpy on misaligned memory
+    (x, or the gradient) reaches the kernels as an aligned copy, with the same results."""
+    for name in ("_forward_checked", "_backward_checked"):
+        def aligned_only(*args, checked=getattr(_functions, name)):
+            assert all(a.flags.aligned for a in args if isinstance(a, np.ndarray))
+            return checked(*args)
+        monkeypatch.setattr(_functions, name, aligned_only)
+    x = torch.randn(4, 3, 2, 2)
+    module = ct.BatchNorm2d(3)
+    module.eps = -1.0
+    with pytest.raises(ValueError, match="epsilon"):
+        module(x)
+    module.eps = 1e-5
+    module.weight = torch.nn.Parameter(torch.ones(4))
+    with pytest.raises(ValueError, match="weight has shape"):
+        module(x)
+
+    def misaligned(t):
+        raw = np.zeros(t.numel() * t.element_size() + 1, np.uint8)
+        view = torch.from_numpy(raw[1:].view(np.float32).reshape(t.shape))
+        assert view.data_ptr() % t.element_size()
+        return view.copy_(t)
+
+    dy = torch.randn(4, 3, 2, 2)
+    theirs, ours = pair("BatchNorm2d", 3, torch.float32)
+    want = step(theirs, x, dy)
+    x = misaligned(x).requires_grad_()
+    y = ours(x)
+    got = y, torch.autograd.grad(y, [x, ours.weight, ours.bias], misaligned(dy))
+    for i, (g, w) in enumerate(zip([got[0], *got[1]], [want[0], *want[1]])):
+        assert_close(g, w, torch.float32, f"output {i}")
 
 
 def test_convert_swaps_every_batch_norm_keeping_weights():

@@ -24,12 +24,16 @@ import torch
 from torch.autograd.function import once_differentiable
 
 import cbn
-from cbn.api import gradient_sums
+from cbn import _checks
+from cbn.activation import as_activation
+from cbn.api import _backward_checked, _forward_checked, gradient_sums
 
 from ._memory import empty_like
 
 COMPUTED = (torch.float32, torch.float64)
 ACCEPTED = COMPUTED + (torch.float16, torch.bfloat16)
+CHANNELS = (1,)        # the kept axis of every BatchNormNd input, as cbn's sorted axes
+RELU = as_activation("relu")
 
 
 def check_input(x, num_features):
@@ -60,8 +64,16 @@ def computed(t):
 
 
 def array(t):
-    """A NumPy view of a CPU tensor's memory (no copy)."""
-    return t.detach().numpy()
+    """A NumPy view of a CPU tensor's memory (no copy): ``force`` detaches it, in one call
+    (no new tensor)."""
+    return t.numpy(force=True)
+
+
+def readable(t):
+    """A NumPy view of t for the kernels to read: a copy where t's memory is misaligned for
+    its dtype (a tensor made by ``torch.from_numpy`` can be), as the core API makes one."""
+    view = array(t)
+    return view if view.flags.aligned else view.copy()
 
 
 def vector(t):
@@ -69,8 +81,13 @@ def vector(t):
     core API uses in float64; only bfloat16, which NumPy lacks, is converted here."""
     if t is None:
         return None
-    t = t.detach()
-    return (t.double() if t.dtype == torch.bfloat16 else t).numpy()
+    return (t.detach().double() if t.dtype == torch.bfloat16 else t).numpy(force=True)
+
+
+def checked_parameter(t, name, num_features):
+    """A weight or bias as the float64 vector the kernels read (None stays None), checked as
+    the core API checks a gamma or beta (real dtype, shape)."""
+    return _checks.as_parameter(vector(t), name, (num_features,))
 
 
 def delivered(result, like):
@@ -150,20 +167,29 @@ class Training(torch.autograd.Function):
     """``y = Training.apply(x, weight, bias, eps, relu, statistics)``: batch statistics;
     ``y = relu(BN(x))`` if ``relu``. The batch mean and biased variance (float64 NumPy
     arrays, for the module's running statistics) are appended to the list ``statistics``:
-    as outputs of the Function they would cost autograd's handling of two more tensors."""
+    as outputs of the Function they would cost autograd's handling of two more tensors.
+
+    The arguments are checked once per layer call, here, as the core API checks them (the
+    input by the module's ``check_input``; epsilon, weight and bias here), and the kernels
+    are called through the core's entries for checked arguments, forward and backward: the
+    core API's checks at each kernel call took an eighth of a small layer's forward and
+    backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, epsilon, relu, statistics):
         work = computed(x)
         y = empty_like(work)
-        if per_channel_count(x):
-            _, mean, var = cbn.batch_norm_forward(array(work), vector(weight), vector(bias),
-                                                  axis=1, epsilon=epsilon, out=array(y),
-                                                  activation="relu" if relu else None)
+        epsilon = _checks.as_epsilon(epsilon)
+        gamma = checked_parameter(weight, "weight", x.shape[1])
+        beta = checked_parameter(bias, "bias", x.shape[1])
+        if per_channel_count(x):   # y is new: it shares no memory with x, gamma or beta
+            mean, var = _forward_checked(readable(work), array(y), gamma, beta, CHANNELS,
+                                         epsilon, *((RELU.kind, RELU.alpha) if relu else ()))
         else:   # an empty batch: nothing to normalise, no statistics (PyTorch's behaviour)
             mean, var = np.zeros(x.shape[1]), np.zeros(x.shape[1])
         result = delivered(y, x)
         remember(ctx, x, weight, bias, mean, var, epsilon, y if relu else None)
+        ctx.gamma = gamma    # the weight as checked; saved too, so a change is caught
         statistics += mean, var
         return result
 
@@ -177,13 +203,14 @@ class Training(torch.autograd.Function):
             # output on the fly: faster than torch.nn.ReLU's backward (which writes a new
             # tensor) followed by batch norm's, or even with it, and the same bits (README,
             # Speed).
-            fused = {} if relu_output is None else {"activation": "relu",
-                                                    "y": array(relu_output)}
             dx = empty_like(work)
-            _, dgamma, dbeta = cbn.batch_norm_backward(array(dy), array(work), mean, var,
-                                                       vector(weight), axis=1,
-                                                       epsilon=epsilon, out=array(dx),
-                                                       **fused)
+            if relu_output is None:
+                dgamma, dbeta = _backward_checked(readable(dy), readable(work), array(dx),
+                                                  mean, var, ctx.gamma, CHANNELS, epsilon)
+            else:
+                _, dgamma, dbeta = cbn.batch_norm_backward(
+                    array(dy), array(work), mean, var, ctx.gamma, axis=1, epsilon=epsilon,
+                    out=array(dx), activation="relu", y=array(relu_output))
         else:   # one read of dy and x for the parameters' gradients alone
             if relu_output is not None:
                 dy = torch.ops.aten.threshold_backward(dy, relu_output, 0)

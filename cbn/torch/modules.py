@@ -20,6 +20,7 @@ gives an empty output and leaves the running statistics alone.
 ``torch.nn.ReLU`` that followed the module) makes ``forward`` return ``relu(BN(x))``: in
 training in the same pass as the normalization, forward and backward.
 """
+import numpy as np
 import torch
 
 from . import _functions
@@ -51,7 +52,7 @@ class CbnForward:
                                (self.running_var, var * (count / (count - 1)))):
             if running.dtype in _functions.COMPUTED:   # in place through a NumPy view: a
                 view = running.numpy()                 # few µs where torch ops cost tens
-                view[...] = view * (1.0 - factor) + batch * factor
+                np.add(view * (1.0 - factor), batch * factor, out=view)
             else:
                 with torch.no_grad():
                     running.copy_(running.double() * (1.0 - factor)
