@@ -85,6 +85,9 @@ cdef Py_ssize_t parallel_min_bytes = 1 << 17
 # FI rows whose per-feature factors (3 doubles a feature for y, 4 for dx) take at least this
 # many bytes are normalized strip by strip, the factors held in registers (_simd.h's strips):
 cdef Py_ssize_t strip_min_bytes = 1 << 62
+# FI second passes walk their items last to first (walk's second_pass) where the first pass
+# read at most this many bytes:
+cdef Py_ssize_t descend_max_bytes = 0
 
 
 def set_stream_min_bytes(Py_ssize_t n_bytes):
@@ -106,6 +109,14 @@ def set_strip_min_bytes(Py_ssize_t n_bytes):
     returns the old one."""
     global strip_min_bytes
     old, strip_min_bytes = strip_min_bytes, n_bytes
+    return old
+
+
+def set_descend_max_bytes(Py_ssize_t n_bytes):
+    """Set the most bytes a first pass may have read for the FI second pass after it to walk
+    its items last to first; returns the old one."""
+    global descend_max_bytes
+    old, descend_max_bytes = descend_max_bytes, n_bytes
     return old
 
 

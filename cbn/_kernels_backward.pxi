@@ -430,10 +430,10 @@ cdef void input_gradient_nogil(const Grid *g, const floating *dy, const Walk *dy
         return
     if g.n_threads == 1:
         for item in range(g.n_items):
-            input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item, ws.scratch)
+            input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, walk_item(g, item), ws.scratch)
         return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, item,
+        input_gradient_item(g, dy, dyw, x, xw, dx, dxw, k, walk_item(g, item),
                             ws.scratch + threadid() * ws.scratch_per_thread)
 
 
@@ -534,6 +534,7 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
                          const Walk *xw, floating *dx, const Walk *dxw, const Buffers *ws,
                          GradientFactors *k) noexcept nogil:
     cdef Py_ssize_t f
+    cdef Grid second = second_pass(g, 2 * g.n_bytes)
     # Row groups sum tile by tile, unlike a feature's runs in turn: the sums of every
     # backward are gradient_sums_nogil's bits, whatever dx's layout adds to the plan
     # (planes_backward_feature's too).
@@ -550,7 +551,7 @@ cdef void backward_nogil(const Grid *g, const floating *dy, const Walk *dyw, con
         return
     if g.features_inner or g.n_chunks > 1 or g.row_group > 1:
         gradient_sums_nogil(g, dy, dyw, x, xw, ws, k)
-        input_gradient_nogil(g, dy, dyw, x, xw, dx, dxw, ws, k)
+        input_gradient_nogil(&second, dy, dyw, x, xw, dx, dxw, ws, k)
     elif g.n_threads == 1:
         for f in range(g.n_features):
             fused_backward_feature(g, dy, dyw, x, xw, dx, dxw, k, f)

@@ -107,10 +107,11 @@ cdef void normalize_items(const Grid *g, const floating *x, const Walk *xw, floa
         return
     if g.n_threads == 1:
         for item in range(g.n_items):
-            normalize_item(g, x, xw, y, yw, item, mean, scale, shift, ws.scratch, act)
+            normalize_item(g, x, xw, y, yw, walk_item(g, item), mean, scale, shift,
+                           ws.scratch, act)
         return
     for item in prange(g.n_items, num_threads=g.n_threads, schedule="dynamic"):
-        normalize_item(g, x, xw, y, yw, item, mean, scale, shift,
+        normalize_item(g, x, xw, y, yw, walk_item(g, item), mean, scale, shift,
                        ws.scratch + threadid() * ws.scratch_per_thread, act)
 
 
@@ -354,10 +355,11 @@ cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floati
                         double epsilon, double *mean, double *var, double *scale,
                         const Activation *act) noexcept nogil:
     cdef Py_ssize_t f
+    cdef Grid second = second_pass(g, g.n_bytes)
     if not g.features_inner and g.n_chunks == 1:
         fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, act)
         return
     compute_moments(g, x, xw, ws, mean, var)
     for f in range(g.n_features):
         normalization_factors(f, var, gamma, epsilon, scale)
-    normalize_items(g, x, xw, y, yw, mean, scale, shift, ws, act)
+    normalize_items(&second, x, xw, y, yw, mean, scale, shift, ws, act)

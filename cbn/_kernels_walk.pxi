@@ -19,6 +19,7 @@ cdef struct Grid:
     Py_ssize_t stage_elements
     Py_ssize_t n_chunks, chunk_length                # rows (FI) or reduced elements (RI)
     Py_ssize_t n_items
+    bint descending     # FI items taken last to first (a second pass: see second_pass)
     int n_threads
 
 
@@ -80,6 +81,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
                                  for o in plan.operands))
     g.n_threads = 1
     g.stage_elements = 0
+    g.descending = False
     if g.n_rows == 0 or g.n_features == 0:   # nothing to compute: an empty grid
         g.tile_width = g.n_tiles = g.rows_per_block = g.rows_per_run = 1
         g.n_chunks = g.chunk_length = 1
@@ -174,6 +176,29 @@ cdef inline FiItem fi_item(const Grid *g, Py_ssize_t item) noexcept nogil:
     it.r_begin = it.chunk * g.chunk_length
     it.r_end = min(it.r_begin + g.chunk_length, g.n_rows)
     return it
+
+
+# Second passes. The training forward's normalizing pass and the backward's input-gradient
+# pass read the data their first pass (statistics, sums) has just read, in the same item
+# order. An FI item is a chunk of rows (512 KiB of a dense (32, 56, 56, 64) float32), so
+# walking the items last to first starts on what the first pass read last, still in L2 and
+# the LLC, and reuses it before it is evicted. Elementwise passes: no sum's order changes,
+# so the bits are the same in either direction and for any thread count. It pays while a
+# good part of what the first pass read is still cached: up to descend_max_bytes
+# (cbn._machine: twice the LLC the OS reports). On the 25.7 MB NHWC forward a simulated
+# 32 MiB LLC (cachegrind) missed a third less; timed on a loaded 2-core EPYC (one thread,
+# passes bound more by arithmetic and stores than by memory there) the kernels gained about
+# 1 %, cbn.torch's channels_last layer about 3 %, and 4x the LLC nothing either way.
+cdef inline Grid second_pass(const Grid *g, Py_ssize_t first_pass_bytes) noexcept nogil:
+    """g for the pass over the data a first pass (which read first_pass_bytes) just walked."""
+    cdef Grid second = g[0]
+    second.descending = g.features_inner and first_pass_bytes <= descend_max_bytes
+    return second
+
+
+cdef inline Py_ssize_t walk_item(const Grid *g, Py_ssize_t i) noexcept nogil:
+    """The item taken i-th."""
+    return g.n_items - 1 - i if g.descending else i
 
 
 # A RI item: reduced elements [r_begin, r_end) of feature f = (fo, fi).

@@ -12,6 +12,11 @@ What follows the machine is only how that work is stored and scheduled, never it
   for this CPU in a user cache file, since on some CPUs streaming stores are slow at any size;
 * the serial cut-off, ``parallel_min_bytes``: an operand smaller than a few L1 data caches
   takes about as long to process as starting the OpenMP team does.
+* the direction of second passes, up to ``descend_max_bytes`` read by the first: the
+  training forward's normalization and the backward's input gradient over features-inner
+  data walk its chunks of rows last to first, starting on what the statistics (sums) pass
+  read last, while that is still in the caches. It pays while a good part of what the first
+  pass read can still be cached: up to twice the LLC (beyond, a quarter or less of it);
 * strips, from ``strip_min_bytes`` of per-feature factors a row: rows of features innermost
   whose factor arrays (3 doubles a feature to normalize, 4 for the input gradient) take half
   the L1d or more are written strip by strip with the factors held in registers; loaded at
@@ -121,13 +126,15 @@ class Thresholds:
     parallel_min_bytes: int
     stream_reason: str
     strip_min_bytes: int
+    descend_max_bytes: int
 
     def describe(self):
         stream = ("never" if self.stream_min_bytes >= NEVER
                   else f"outputs from {_size(self.stream_min_bytes)}")
         return (f"streaming stores: {stream} ({self.stream_reason}); one thread below "
                 f"{_size(self.parallel_min_bytes)}; factors in registers from "
-                f"{_size(self.strip_min_bytes)} a row")
+                f"{_size(self.strip_min_bytes)} a row; second passes last to first after "
+                f"first passes of up to {_size(self.descend_max_bytes)}")
 
 
 def thresholds(caches, calibration=None):
@@ -137,7 +144,7 @@ def thresholds(caches, calibration=None):
         stream_min = caches.llc if calibration["stream_pays"] else NEVER
         reason = (f"calibrated: streaming {calibration['stream_ms']:.1f} ms, ordinary "
                   f"{calibration['plain_ms']:.1f} ms on {_size(calibration['bytes'])}")
-    return Thresholds(stream_min, 4 * caches.l1d, reason, caches.l1d // 2)
+    return Thresholds(stream_min, 4 * caches.l1d, reason, caches.l1d // 2, 2 * caches.llc)
 
 
 # --- calibration, cached per CPU ------------------------------------------------------------
@@ -218,6 +225,7 @@ def apply(kernels, chosen):
     kernels.set_stream_min_bytes(chosen.stream_min_bytes)
     kernels.set_parallel_min_bytes(chosen.parallel_min_bytes)
     kernels.set_strip_min_bytes(chosen.strip_min_bytes)
+    kernels.set_descend_max_bytes(chosen.descend_max_bytes)
 
 
 def _read(path):

@@ -64,6 +64,7 @@ def test_thresholds_follow_the_caches_and_the_calibration():
     assert _machine.thresholds(caches).stream_min_bytes == 36 * MIB
     assert _machine.thresholds(caches).parallel_min_bytes == 128 * KIB
     assert _machine.thresholds(caches).strip_min_bytes == 16 * KIB
+    assert _machine.thresholds(caches).descend_max_bytes == 72 * MIB
     slow = {"stream_pays": False, "stream_ms": 12.9, "plain_ms": 7.3, "bytes": 72 * MIB}
     assert _machine.thresholds(caches, slow).stream_min_bytes == _machine.NEVER
     assert "12.9 ms" in _machine.thresholds(caches, slow).describe()
@@ -106,6 +107,9 @@ def test_the_kernels_use_this_machines_thresholds():
     old = _kernels.set_strip_min_bytes(0)
     _kernels.set_strip_min_bytes(old)
     assert old == chosen.strip_min_bytes
+    old = _kernels.set_descend_max_bytes(0)
+    _kernels.set_descend_max_bytes(old)
+    assert old == chosen.descend_max_bytes
 
 
 LAYOUTS = [((64, 6, 6, 64), -1, "C"), ((48, 16, 9, 9), 1, "C"), ((40, 6, 6, 64), -1, "F"),
@@ -117,7 +121,8 @@ LAYOUTS = [((64, 6, 6, 64), -1, "C"), ((48, 16, 9, 9), 1, "C"), ((40, 6, 6, 64),
 def test_streaming_strips_and_the_serial_cut_off_never_change_bits(shape, axis, layout, dtype):
     """Every combination against none: streaming stores (outputs 16 bytes past a cache line,
     as NumPy allocates them, stream from the next line on), strips of factors in registers
-    (forced onto every width here), and the parallel split."""
+    (forced onto every width here), the parallel split, and second passes last to first
+    (with the parallel split and without; with a ReLU and its mask too)."""
     rng = np.random.default_rng(1)
     x, dy = (rng.standard_normal(shape).astype(dtype) + 3 for _ in range(2))
     if layout == "F":
@@ -139,21 +144,30 @@ def test_streaming_strips_and_the_serial_cut_off_never_change_bits(shape, axis, 
                                             out=past_a_line()),
                    cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis,
                                            out=past_a_line())[0])
-                + cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis))
+                + cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis)
+                + relu_forward_backward())
 
-    def with_thresholds(stream, parallel, strip):
-        old = (_kernels.set_stream_min_bytes(stream), _kernels.set_parallel_min_bytes(parallel),
-               _kernels.set_strip_min_bytes(strip))
+    def relu_forward_backward():
+        y, mean, var, mask = cbn.batch_norm_forward(x, gamma, gamma, axis=axis,
+                                                    activation="relu", return_mask=True)
+        return (y, mask) + cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis,
+                                                   activation="relu", mask=mask)
+
+    setters = (_kernels.set_stream_min_bytes, _kernels.set_parallel_min_bytes,
+               _kernels.set_strip_min_bytes, _kernels.set_descend_max_bytes)
+
+    def with_thresholds(*thresholds):
+        old = [setter(value) for setter, value in zip(setters, thresholds)]
         try:
             return outputs()
         finally:
-            _kernels.set_stream_min_bytes(old[0])
-            _kernels.set_parallel_min_bytes(old[1])
-            _kernels.set_strip_min_bytes(old[2])
+            for setter, value in zip(setters, old):
+                setter(value)
 
     never = _machine.NEVER
-    plain = with_thresholds(never, never, never)
-    for thresholds in ((0, 0, never), (0, never, 0), (never, 0, 0)):
+    plain = with_thresholds(never, never, never, 0)
+    for thresholds in ((0, 0, never, never), (0, never, 0, 0), (never, 0, 0, never),
+                       (never, never, never, never)):
         for got, expected in zip(with_thresholds(*thresholds), plain):
             np.testing.assert_array_equal(got, expected, strict=True, err_msg=str(thresholds))
 
