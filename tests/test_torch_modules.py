@@ -14,6 +14,7 @@ from processes import environment, unavailable
 
 try:
     import torch
+    import cbn
     import cbn.torch as ct
     from cbn.torch import _functions
 except ImportError:
@@ -269,6 +270,27 @@ def test_the_checks_made_once_per_call_and_misaligned_tensors(monkeypatch):
     got = y, torch.autograd.grad(y, [x, ours.weight, ours.bias], misaligned(dy))
     for i, (g, w) in enumerate(zip([got[0], *got[1]], [want[0], *want[1]])):
         assert_close(g, w, torch.float32, f"output {i}")
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "channels_last", "strided", "transposed", "1d-T",
+                                    "3d-channels_last"])
+def test_the_module_gives_the_core_apis_bits(layout):
+    """The layer reaches the kernels through the core's entries for checked arguments: the
+    same bits as cbn.batch_norm_forward and batch_norm_backward on the same memory."""
+    name, shape, arrange = LAYOUTS[layout]
+    _, ours = pair(name, shape[1], torch.float32)
+    generator = torch.Generator().manual_seed(3)
+    x, dy = (arrange(torch.randn(shape, generator=generator)) + 2 for _ in range(2))
+    x.requires_grad_()
+    y = ours(x)
+    got = [y] + list(torch.autograd.grad(y, [x, ours.weight, ours.bias], dy))
+    w, b = ours.weight.detach().numpy(), ours.bias.detach().numpy()
+    want_y, mean, var = cbn.batch_norm_forward(x.detach().numpy(), w, b, axis=1,
+                                               epsilon=ours.eps)
+    want = [want_y] + list(cbn.batch_norm_backward(dy.numpy(), x.detach().numpy(), mean, var,
+                                                   w, axis=1, epsilon=ours.eps))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.detach().numpy().tobytes() == w.astype(np.float32).tobytes(), f"output {i}"
 
 
 def test_convert_swaps_every_batch_norm_keeping_weights():
