@@ -2,8 +2,8 @@
 
 The kernels read and write the tensors' own memory: a CPU tensor's ``.numpy()`` is a view of
 its storage whatever its strides (contiguous, channels_last, sliced), and outputs are made
-with ``torch.empty_like`` (x's memory format) and filled through their NumPy views with the
-core API's ``out=``. The channel dimension of every ``BatchNormNd`` input is dim 1, cbn's
+with ``torch.empty_like`` (x's memory format) and filled through their NumPy views (the
+core API's ``out=``, or its entries for checked arguments). The channel dimension of every ``BatchNormNd`` input is dim 1, cbn's
 ``axis=1``. float32 and float64 are computed in place; float16 and bfloat16 (which NumPy
 cannot view) are computed in float32 and the results converted back, as PyTorch's CPU kernels
 do. Per-channel statistics and parameter gradients are accumulated in float64 by the kernels.
