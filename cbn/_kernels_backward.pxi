@@ -65,13 +65,13 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     cdef floating *r_tile = NULL
     cdef floating *r_rows = NULL
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
-    cdef Py_ssize_t n, r
+    cdef Py_ssize_t n
     cdef int64_t dy_row_stride, x_row_stride, o_row_stride = 0, dx_row_stride, r_row_stride = 0
     cdef const floating *dy_rows
     cdef const floating *x_rows
     cdef const floating *o_rows = NULL
     cdef floating *dx_rows
-    cdef int64_t b, bit_row_stride = 0, bit_step = 0
+    cdef int64_t bit_row_stride = 0, bit_step = 0
     cdef bint dx_staged = dxw.feature_stride != 1
     cdef bint r_staged = False
     cdef bint stream
@@ -110,18 +110,12 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
             r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
                                  rw.feature_stride, it.width, activation_slot(g, stage, 1))
         if act.fused:
-            b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
-            for r in range(n):
-                act_input_gradient(dy_rows + r * dy_row_stride,
-                                   NULL if o_rows == NULL else o_rows + r * o_row_stride,
-                                   x_rows + r * x_row_stride, dx_rows + r * dx_row_stride,
-                                   NULL if r_rows == NULL else r_rows + r * r_row_stride,
-                                   it.width, k.mean + it.f0, k.coef_dy + it.f0,
-                                   k.coef_xc + it.f0, k.offset + it.f0, True, act,
-                                   stream and whole_lines(dx_rows + r * dx_row_stride, it.width)
-                                   and (r_rows == NULL
-                                        or whole_lines(r_rows + r * r_row_stride, it.width)),
-                                   b + r * bit_row_stride, bit_step)
+            act_input_gradient_rows(dy_rows, dy_row_stride, o_rows, o_row_stride, x_rows,
+                                    x_row_stride, dx_rows, dx_row_stride, r_rows,
+                                    r_row_stride, n, it.width, k.mean + it.f0,
+                                    k.coef_dy + it.f0, k.coef_xc + it.f0, k.offset + it.f0,
+                                    act, stream, mask_bit(act, g, it.f0, runs.ro, runs.ri),
+                                    bit_row_stride, bit_step)
         else:
             input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,
                                 dx_row_stride, n, it.width, k.mean + it.f0, k.coef_dy + it.f0,

@@ -182,6 +182,34 @@ cdef extern from "_activation.h":
                                        double mean, int kind, double alpha, double *sum_dy,
                                        double *sum_dy_xc, const unsigned char *mask, int64_t b,
                                        int64_t bit_step) noexcept nogil
+    void cbn_act_normalize_strips_f32(const float *x, int64_t x_row_stride,
+                                      const float *residual, int64_t r_row_stride, float *y,
+                                      int64_t y_row_stride, int64_t n_rows, int64_t width,
+                                      const double *mean, const double *scale,
+                                      const double *shift, int kind, double alpha, int stream,
+                                      unsigned char *mask, int64_t bit0,
+                                      int64_t mask_row_stride) noexcept nogil
+    void cbn_act_normalize_strips_f64(const double *x, int64_t x_row_stride,
+                                      const double *residual, int64_t r_row_stride, double *y,
+                                      int64_t y_row_stride, int64_t n_rows, int64_t width,
+                                      const double *mean, const double *scale,
+                                      const double *shift, int kind, double alpha, int stream,
+                                      unsigned char *mask, int64_t bit0,
+                                      int64_t mask_row_stride) noexcept nogil
+    void cbn_act_input_gradient_strips_f32(
+        const float *dy, int64_t dy_row_stride, const float *y, int64_t y_row_stride,
+        const float *x, int64_t x_row_stride, float *dx, int64_t dx_row_stride, float *dres,
+        int64_t dres_row_stride, int64_t n_rows, int64_t width, const double *mean,
+        const double *coef_dy, const double *coef_xc, const double *offset, int kind,
+        double alpha, int stream, const unsigned char *mask, int64_t bit0,
+        int64_t mask_row_stride) noexcept nogil
+    void cbn_act_input_gradient_strips_f64(
+        const double *dy, int64_t dy_row_stride, const double *y, int64_t y_row_stride,
+        const double *x, int64_t x_row_stride, double *dx, int64_t dx_row_stride,
+        double *dres, int64_t dres_row_stride, int64_t n_rows, int64_t width,
+        const double *mean, const double *coef_dy, const double *coef_xc,
+        const double *offset, int kind, double alpha, int stream, const unsigned char *mask,
+        int64_t bit0, int64_t mask_row_stride) noexcept nogil
 
 cdef extern from "_platform.h":
     int cbn_openmp_enabled() noexcept nogil

@@ -76,6 +76,84 @@ cdef inline void act_input_gradient(const floating *dy, const floating *y, const
                                    bit_step)
 
 
+# Rows of an FI run. Wide rows (wide_rows) take the strips where normalize_rows and
+# input_gradient_rows take them (with streaming stores where every streamed output's rows
+# are whole lines apart at one offset in a line), else row by row; streaming row by row only
+# rows that fill whole lines. A mask's bits are set by the strips where a row's features
+# have adjacent bits (bit_step 1), else row by row.
+cdef inline void normalize_act_rows(const floating *x, int64_t x_row_stride,
+                                    const floating *residual, int64_t r_row_stride,
+                                    floating *y, int64_t y_row_stride, Py_ssize_t n_rows,
+                                    Py_ssize_t width, const double *mean, const double *scale,
+                                    const double *shift, const Activation *act, bint stream,
+                                    int64_t b, int64_t bit_row_stride,
+                                    int64_t bit_step) noexcept nogil:
+    cdef Py_ssize_t r
+    if (wide_rows(width, 3) and (act.mask == NULL or bit_step == 1)
+            and (not stream or lines_apart(y, y_row_stride))):
+        if floating is float:
+            cbn_act_normalize_strips_f32(x, x_row_stride, residual, r_row_stride, y,
+                                         y_row_stride, n_rows, width, mean, scale, shift,
+                                         act.kind, act.alpha, stream, act.mask, b,
+                                         bit_row_stride)
+        else:
+            cbn_act_normalize_strips_f64(x, x_row_stride, residual, r_row_stride, y,
+                                         y_row_stride, n_rows, width, mean, scale, shift,
+                                         act.kind, act.alpha, stream, act.mask, b,
+                                         bit_row_stride)
+        return
+    for r in range(n_rows):
+        normalize_act(x + r * x_row_stride,
+                      NULL if residual == NULL else residual + r * r_row_stride,
+                      y + r * y_row_stride, width, mean, scale, shift, True, act,
+                      stream and whole_lines(y + r * y_row_stride, width),
+                      b + r * bit_row_stride, bit_step)
+
+
+cdef inline bint same_lines(const floating *dx, int64_t dx_row_stride, const floating *dres,
+                            int64_t dres_row_stride) noexcept nogil:
+    """Whether dx's rows, and dres's if any, are whole lines apart at one offset in a line."""
+    return lines_apart(dx, dx_row_stride) and (
+        dres == NULL or (lines_apart(dres, dres_row_stride)
+                         and (<uintptr_t>dres) % 64 == (<uintptr_t>dx) % 64))
+
+
+cdef inline void act_input_gradient_rows(const floating *dy, int64_t dy_row_stride,
+                                         const floating *y, int64_t y_row_stride,
+                                         const floating *x, int64_t x_row_stride, floating *dx,
+                                         int64_t dx_row_stride, floating *dres,
+                                         int64_t dres_row_stride, Py_ssize_t n_rows,
+                                         Py_ssize_t width, const double *mean,
+                                         const double *coef_dy, const double *coef_xc,
+                                         const double *offset, const Activation *act,
+                                         bint stream, int64_t b, int64_t bit_row_stride,
+                                         int64_t bit_step) noexcept nogil:
+    cdef Py_ssize_t r
+    if (wide_rows(width, 4) and (act.mask == NULL or bit_step == 1)
+            and (not stream or same_lines(dx, dx_row_stride, dres, dres_row_stride))):
+        if floating is float:
+            cbn_act_input_gradient_strips_f32(dy, dy_row_stride, y, y_row_stride, x,
+                                              x_row_stride, dx, dx_row_stride, dres,
+                                              dres_row_stride, n_rows, width, mean, coef_dy,
+                                              coef_xc, offset, act.kind, act.alpha, stream,
+                                              act.mask, b, bit_row_stride)
+        else:
+            cbn_act_input_gradient_strips_f64(dy, dy_row_stride, y, y_row_stride, x,
+                                              x_row_stride, dx, dx_row_stride, dres,
+                                              dres_row_stride, n_rows, width, mean, coef_dy,
+                                              coef_xc, offset, act.kind, act.alpha, stream,
+                                              act.mask, b, bit_row_stride)
+        return
+    for r in range(n_rows):
+        act_input_gradient(dy + r * dy_row_stride, NULL if y == NULL else y + r * y_row_stride,
+                           x + r * x_row_stride, dx + r * dx_row_stride,
+                           NULL if dres == NULL else dres + r * dres_row_stride, width, mean,
+                           coef_dy, coef_xc, offset, True, act,
+                           stream and whole_lines(dx + r * dx_row_stride, width)
+                           and (dres == NULL or whole_lines(dres + r * dres_row_stride, width)),
+                           b + r * bit_row_stride, bit_step)
+
+
 cdef inline const floating *tile_of(const floating *base, const Walk *w,
                                     const FiItem *it) noexcept nogil:
     return base + w.feature_offsets[it.fo] + it.fi0 * w.feature_stride

@@ -19,7 +19,7 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     cdef floating *y_tile = y + yw.feature_offsets[it.fo] + it.fi0 * yw.feature_stride
     cdef const floating *r_tile = NULL
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
-    cdef Py_ssize_t n, r
+    cdef Py_ssize_t n
     cdef int64_t x_row_stride, y_row_stride, r_row_stride = 0
     cdef const floating *x_rows
     cdef const floating *r_rows = NULL
@@ -60,13 +60,9 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
                              yw.feature_stride, it.width, stage + g.stage_elements)
         if act.fused:
             b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
-            for r in range(n):
-                normalize_act(x_rows + r * x_row_stride,
-                              NULL if r_rows == NULL else r_rows + r * r_row_stride,
-                              y_rows + r * y_row_stride, it.width, mean + it.f0,
-                              scale + it.f0, shift + it.f0, True, &row_act,
-                              stream and whole_lines(y_rows + r * y_row_stride, it.width),
-                              b + r * bit_row_stride, bit_step)
+            normalize_act_rows(x_rows, x_row_stride, r_rows, r_row_stride, y_rows,
+                               y_row_stride, n, it.width, mean + it.f0, scale + it.f0,
+                               shift + it.f0, &row_act, stream, b, bit_row_stride, bit_step)
             if bits_by_rows:
                 set_row_signs(act.mask, b, bit_step, y_rows, y_row_stride, n, it.width)
         else:

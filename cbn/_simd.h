@@ -695,14 +695,27 @@ static inline void cbn_streamed_features(const void *out, int64_t itemsize, int6
     *body_end = *head + (width - *head) / line * line;
 }
 
+/* A strip's factors from feature j on, NV vectors of each, into registers: y's (m, s, b)
+ * and dx's (m, a, c, o). */
+#define CBN_Y_FACTORS(NV)                                                                    \
+    cbn_v8d m[NV], s[NV], b[NV];                                                             \
+    for (q = 0; q < NV; q++) {                                                               \
+        m[q] = cbn_load_f64(mean + j + 8 * q);                                               \
+        s[q] = cbn_load_f64(scale + j + 8 * q);                                              \
+        b[q] = cbn_load_f64(shift + j + 8 * q);                                              \
+    }
+#define CBN_DX_FACTORS(NV)                                                                   \
+    cbn_v8d m[NV], a[NV], c[NV], o[NV];                                                      \
+    for (q = 0; q < NV; q++) {                                                               \
+        m[q] = cbn_load_f64(mean + j + 8 * q);                                               \
+        a[q] = cbn_load_f64(coef_dy + j + 8 * q);                                            \
+        c[q] = cbn_load_f64(coef_xc + j + 8 * q);                                            \
+        o[q] = cbn_load_f64(offset + j + 8 * q);                                             \
+    }
+
 #define CBN_Y_STRIP(S, NV, STORE)                                                            \
     {                                                                                        \
-        cbn_v8d m[NV], s[NV], b[NV];                                                         \
-        for (q = 0; q < NV; q++) {                                                           \
-            m[q] = cbn_load_f64(mean + j + 8 * q);                                           \
-            s[q] = cbn_load_f64(scale + j + 8 * q);                                          \
-            b[q] = cbn_load_f64(shift + j + 8 * q);                                          \
-        }                                                                                    \
+        CBN_Y_FACTORS(NV)                                                                    \
         for (r = r0; r < r1; r++)                                                            \
             _Pragma("GCC unroll 8")                                                          \
             for (q = 0; q < NV; q++)                                                         \
@@ -719,13 +732,7 @@ static inline void cbn_streamed_features(const void *out, int64_t itemsize, int6
 
 #define CBN_DX_STRIP(S, NV, STORE)                                                           \
     {                                                                                        \
-        cbn_v8d m[NV], a[NV], c[NV], o[NV];                                                  \
-        for (q = 0; q < NV; q++) {                                                           \
-            m[q] = cbn_load_f64(mean + j + 8 * q);                                           \
-            a[q] = cbn_load_f64(coef_dy + j + 8 * q);                                        \
-            c[q] = cbn_load_f64(coef_xc + j + 8 * q);                                        \
-            o[q] = cbn_load_f64(offset + j + 8 * q);                                         \
-        }                                                                                    \
+        CBN_DX_FACTORS(NV)                                                                   \
         for (r = r0; r < r1; r++)                                                            \
             _Pragma("GCC unroll 4")                                                          \
             for (q = 0; q < NV; q++)                                                         \

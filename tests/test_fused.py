@@ -110,10 +110,19 @@ def streaming(request):
     _kernels.set_stream_min_bytes(old)
 
 
+@pytest.fixture(params=[False, True], ids=["rows", "strips"])
+def strips(request):
+    """Rows of any width strip by strip (_simd.h's strips, the factors in registers), as
+    rows whose factors take over half the L1d are written."""
+    old = _kernels.set_strip_min_bytes(0 if request.param else 1 << 62)
+    yield request.param
+    _kernels.set_strip_min_bytes(old)
+
+
 @settings(max_examples=60, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])   # set once per run
 @given(case=fused_case())
-def test_fused_calls_are_the_composed_calls_bitwise(case, streaming):
+def test_fused_calls_are_the_composed_calls_bitwise(case, streaming, strips):
     shape, axis, dtype, layouts, seed = (case["shape"], case["axis"], case["dtype"],
                                          case["layouts"], case["seed"])
     act = as_activation(case["activation"])
@@ -255,12 +264,12 @@ def test_fused_bitwise_identical_for_one_and_two_threads(shape, axis):
         assert a.tobytes() == b.tobytes()
 
 
-def off_the_line(shape, dtype=np.float32):
-    """An empty array starting 16 bytes past a cache line: a streamed run then begins with
-    scalar stores, and rows of whole lines are not line-aligned."""
+def off_the_line(shape, dtype=np.float32, offset=16):
+    """An empty array starting offset (16) bytes past a cache line: a streamed run then
+    begins with scalar stores, and rows of whole lines are not line-aligned."""
     size = math.prod(shape)
     buffer = np.empty(size + 64 // np.dtype(dtype).itemsize, dtype)
-    start = (-buffer.ctypes.data % 64 + 16) // buffer.itemsize
+    start = (-buffer.ctypes.data % 64 + offset) // buffer.itemsize
     return buffer[start:start + size].reshape(shape)
 
 
@@ -268,7 +277,8 @@ def off_the_line(shape, dtype=np.float32):
 @pytest.mark.parametrize("shape,axis,order", [
     ((150, 200), -1, None), ((3, 7, 9, 80), -1, None), ((6, 5, 37, 31), 1, None),
     ((10, 3, 37, 31), 1, None), ((3, 37, 31, 16), 1, (0, 3, 1, 2))])
-def test_mask_bits_past_whole_words_and_off_the_line(shape, axis, order, threads, streaming):
+def test_mask_bits_past_whole_words_and_off_the_line(shape, axis, order, threads, streaming,
+                                                     strips):
     """Runs long enough for the kernels' 64-bit words of mask bits, starting mid-byte
     (37 x 31 planes), into an out= off the cache line, on one and two threads; and x a
     channels_last view (order), whose bits are adjacent along rows, not features."""
@@ -282,6 +292,45 @@ def test_mask_bits_past_whole_words_and_off_the_line(shape, axis, order, threads
     plain = cbn.batch_norm_forward(x, axis=axis)[0]
     assert y is out and y.tobytes() == as_activation("relu").apply(plain).tobytes()
     assert mask.tobytes() == pack_mask(plain > 0).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("offset", [0, 16], ids=["on the line", "off the line"])
+def test_strips_of_every_width(dtype, offset, streaming, strips):
+    """Rows of 1-40 features and a few wider (strips of whole registers, of a line, of one
+    vector; scalar columns before and after the streamed lines), each width with another
+    activation and operands: y, the mask's bits (rows starting mid-byte for odd widths),
+    dx through y and through the mask, dres; outputs on and 16 bytes off a cache line."""
+    rng = np.random.default_rng(3)
+    for width in list(range(1, 41)) + [48, 56, 63, 64, 72, 80, 96, 130]:
+        shape = (11, width)
+        activation = ACTIVATIONS[width % len(ACTIVATIONS)]
+        act = as_activation(activation)
+        x, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+        residual = rng.standard_normal(shape).astype(dtype) if width % 3 == 0 else None
+        gamma, beta = rng.standard_normal(width), rng.standard_normal(width)
+        plain, mean, var = cbn.batch_norm_forward(x, gamma, beta)
+        expected = act.apply(plain if residual is None else plain + residual)
+        y = cbn.batch_norm_forward(x, gamma, beta, out=off_the_line(shape, dtype, offset),
+                                   activation=activation, residual=residual)[0]
+        assert y.tobytes() == expected.tobytes(), width
+        dz = act.gradient(dy, expected)
+        composed = cbn.batch_norm_backward(dz, x, mean, var, gamma) + (dz,)
+        grads = cbn.batch_norm_backward(dy, x, mean, var, gamma, activation=activation, y=y,
+                                        out=off_the_line(shape, dtype, offset),
+                                        residual=residual is not None)
+        through = [grads]
+        if act.name in MASKABLE:
+            *_, mask = cbn.batch_norm_forward(x, gamma, beta, activation=activation,
+                                              out=off_the_line(shape, dtype, offset),
+                                              residual=residual, return_mask=True)
+            assert mask.tobytes() == pack_mask(expected > 0).tobytes(), width
+            through.append(cbn.batch_norm_backward(
+                dy, x, mean, var, gamma, activation=activation, mask=mask,
+                out=off_the_line(shape, dtype, offset), residual=residual is not None))
+        for fused in through:
+            for got, want in zip(fused, composed):
+                assert got.tobytes() == want.tobytes(), width
 
 
 # ----------------------------------------------------------------------------------------
