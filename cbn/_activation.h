@@ -126,6 +126,13 @@ static inline __attribute__((always_inline)) void cbn_gather_bits(
     }
 }
 
+/* What a loop does with the mask's bits (a constant in the always-inlined loops): nothing
+ * (no mask), store a byte per vector (adjacent bits, each vector's starting a byte that the
+ * run owns), or anything else (gathered into words; or one by one). */
+#define CBN_NO_BITS 0
+#define CBN_ALIGNED_BITS 1
+#define CBN_ANY_BITS 2
+
 /* CALL (which names the activation K) with K each activation the kernels know, as a
  * constant: the always-inlined loops then hold that activation's code only. */
 #define CBN_BY_KIND(CALL)                                                                    \
@@ -276,11 +283,14 @@ static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y
 }                                                                                            \
 /* ... and with a mask, bit b + i * bit_step = (y[i] > 0), i.e. z > 0. */                    \
 /* The vector part from i on; returns where it stopped. Always inlined, so that a constant  \
- * kind (cbn_normalize_act's switch) leaves one activation's code in the loop. */            \
+ * kind (cbn_normalize_act's switch) leaves one activation's code in the loop, and a        \
+ * constant `bits`: CBN_NO_BITS (mask NULL), CBN_ALIGNED_BITS (adjacent bits, b + i starting \
+ * a byte: each vector's 8 bits are a byte of the run's own, stored as it is) or            \
+ * CBN_ANY_BITS (gathered into 64-bit words, or set one by one if not adjacent). */         \
 static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_##S(          \
         const T *x, const T *residual, T *y, int64_t i, int64_t n, const double *mean,       \
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
-        int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
+        int stream, uint8_t *mask, int64_t b, int64_t bit_step, int bits) {                  \
     uint64_t word = 0;                                                                       \
     int k, held = (int)((b + i) & 7);   /* word's bits start the byte of bit b + i */        \
     int64_t at = b + i - held;                                                               \
@@ -293,7 +303,9 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         if (residual) v += cbn_vec_load_##S(residual + i, 1);                                \
         v = cbn_act8_##S(v, kind, alpha);                                                    \
         cbn_vec_put_##S(y + i, v, stream);                                                   \
-        if (mask) {                                                                          \
+        if (bits == CBN_ALIGNED_BITS) {                                                      \
+            mask[(b + i) >> 3] = (uint8_t)cbn_signs_##S(v > zero);                           \
+        } else if (bits == CBN_ANY_BITS) {                                                   \
             positive = v > zero;                                                             \
             if (bit_step == 1) {                                                             \
                 cbn_gather_bits(mask, &at, &word, &held, cbn_signs_##S(positive), 8, b,      \
@@ -304,7 +316,7 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
             }                                                                                \
         }                                                                                    \
     }                                                                                        \
-    if (mask && bit_step == 1 && held)                                                       \
+    if (bits == CBN_ANY_BITS && bit_step == 1 && held)                                       \
         cbn_set_word(mask, at, word, held, b, b + n);                                        \
     return i;                                                                                \
 }                                                                                            \
@@ -320,9 +332,18 @@ static inline __attribute__((always_inline)) void cbn_normalize_act_##S(        
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
                                   kind, alpha, scalar_mask, b, bit_step);                    \
     if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, 0, i, n);                       \
-    CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale, shift,  \
-                                                  per_element, K, alpha, stream, mask, b,    \
-                                                  bit_step))                                 \
+    if (!mask)                                                                               \
+        CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
+                                                      shift, per_element, K, alpha, stream,  \
+                                                      NULL, b, bit_step, CBN_NO_BITS))       \
+    else if (bit_step == 1 && ((b + i) & 7) == 0)                                            \
+        CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
+                                                      shift, per_element, K, alpha, stream,  \
+                                                      mask, b, 1, CBN_ALIGNED_BITS))         \
+    else                                                                                     \
+        CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
+                                                      shift, per_element, K, alpha, stream,  \
+                                                      mask, b, bit_step, CBN_ANY_BITS))      \
     int64_t tail = i;                                                                        \
     for (; i < n; i++)                                                                       \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
@@ -475,9 +496,9 @@ static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T 
 CBN_DEFINE_ACTIVATION_SUMS(float, f32)
 CBN_DEFINE_ACTIVATION_SUMS(double, f64)
 
-/* Wide rows (FI, factors over half the L1d): _simd.h's strips (CBN_STRIPS), the factors of
+/* Rows of an FI run (any width from 8 on): _simd.h's strips (CBN_STRIPS), the factors of
  * a strip of features held in registers while a few rows pass them, as the plain calls
- * write such rows, with the residual, the activation and the mask's bits (adjacent along
+ * write wide rows, with the residual, the activation and the mask's bits (adjacent along
  * the features: bit_step 1) formed where the plain strips store y, and dz where they load
  * dy. Row by row the factors are reloaded at every element: dense rows of 1024 features
  * (24-32 KiB of factors) then took 1.2-1.3x the plain call's time. The same formulas as the
@@ -567,9 +588,6 @@ CBN_DEFINE_ACTIVATION_SUMS(double, f64)
  * its own copy, the loops then test nothing per vector (with the tests, the fused strips ran
  * 1.6x the plain strips' instructions, avx2). With streaming stores, dres (if any) starts at
  * dx's offset in a cache line. */
-#define CBN_NO_BITS 0
-#define CBN_ALIGNED_BITS 1
-#define CBN_ANY_BITS 2
 #define CBN_EXTRA (variant & 1)
 #define CBN_MASK_MODE (variant >> 1)
 
