@@ -9,27 +9,36 @@ import importlib
 import pytest
 from conftest import case_calls
 
-from cbn import _dispatch, _machine, api
+from cbn import _dispatch, _gradient, _machine, _plans, api
 from cbn import benchmark as cases
 
 RUNNABLE = [level for level in _dispatch.BUILT if level in _dispatch.SUPPORTED]
 CASES = cases.FULL_CASES[:3]       # NHWC, NCHW, dense
 
 
+KERNEL_CALLERS = (api, _gradient, _plans)
+
+
+def _use(module):
+    """Every module that calls the kernels calls ``module``'s; plans are per module, so
+    their caches are emptied."""
+    for caller in KERNEL_CALLERS:
+        caller._kernels = module
+    _plans.plan_of.cache_clear()
+    _plans.plan_and_own.cache_clear()
+
+
 @contextlib.contextmanager
 def kernels_of(level):
-    """cbn.api calling the kernels of ``level``; plans are per module, so their cache is
-    emptied on the way in and out."""
+    """cbn.api calling the kernels of ``level``."""
     module = importlib.import_module(f"cbn._kernels_{level}")
     _machine.apply(module, _machine.current())
     saved = api._kernels
-    api._kernels = module
-    api._plan.cache_clear()
+    _use(module)
     try:
         yield
     finally:
-        api._kernels = saved
-        api._plan.cache_clear()
+        _use(saved)
 
 
 @pytest.mark.skipif(len(RUNNABLE) < 2, reason="one SIMD level built or runnable here")

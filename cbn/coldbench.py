@@ -28,7 +28,7 @@ import math
 
 import numpy as np
 
-from . import _kernels, _machine, api, benchmark
+from . import _kernels, _machine, _plans, benchmark
 
 COLD_FACTOR = 4
 GOALS = {   # issue 9: (minimum torch / cbn, minimum fraction of STREAM)
@@ -88,7 +88,7 @@ def with_stream_threshold(call, n_bytes):
 def second_pass_in_cache(x, axis):
     """Whether the kernels' plan for x re-reads each feature from cache (cbn._kernels)."""
     axes = tuple(sorted(np.atleast_1d(axis) % x.ndim))
-    plan = api._plan(x.shape, axes, x.itemsize, x.strides, x.strides)
+    plan = _plans.plan_of(x.shape, axes, x.itemsize, x.strides, x.strides)
     return plan.kernel.second_pass_in_cache()
 
 

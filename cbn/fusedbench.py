@@ -15,7 +15,7 @@ Ratios: fused / BN (goals <= 1.1 forward, <= 1.15 backward) and (BN + NumPy) / f
 """
 import numpy as np
 
-from . import api, benchmark
+from . import _buffers, _plans, api, benchmark
 
 try:
     from threadpoolctl import threadpool_limits
@@ -29,11 +29,12 @@ def calls(case, dtype=np.float32, residual=False, seed=0):
     """{operation: {"BN": f, "fused": f, "BN + NumPy": f}} on one case's data."""
     rng = np.random.default_rng(seed)
     x = case.make(dtype, rng)
-    features = tuple(x.shape[a] for a in api._axes(x.shape, api._axis_key(case.axis))[0])
+    axes = _plans.feature_axes(x.shape, _plans.axis_key(case.axis))[0]
+    features = tuple(x.shape[a] for a in axes)
     gamma, beta = rng.standard_normal(features), rng.standard_normal(features)
     r = rng.standard_normal(x.shape, dtype=np.float32).astype(dtype) if residual else None
     dy = rng.standard_normal(x.shape, dtype=np.float32).astype(dtype)
-    y, dx = api._empty_like(x), api._empty_like(x)
+    y, dx = _buffers.empty_like(x), _buffers.empty_like(x)
     y_fused, mean, var, mask = api.batch_norm_forward(x, gamma, beta, case.axis,
                                                       activation="relu", residual=r,
                                                       return_mask=True)

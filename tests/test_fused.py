@@ -13,8 +13,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from threadpoolctl import threadpool_limits
 
 import cbn
-import cbn.api
-from cbn import _kernels, reference
+from cbn import _buffers, _kernels, _plans, reference
 from cbn.activation import MASKABLE, Activation, as_activation, pack_mask
 
 from layouts import assert_close, in_layout
@@ -161,7 +160,7 @@ def test_fused_calls_are_the_composed_calls_bitwise(case, streaming, strips):
         y=None if act is None else y_forward, residual=residual is not None)
     dz = dy   # the dz the fused backward stands for: laid out densely like dy
     if act is not None:
-        dz = cbn.api._empty_like(dy, dense=True)
+        dz = _buffers.empty_like(dy, dense=True)
         dz[...] = act.gradient(dy, y_forward)
     composed = cbn.batch_norm_backward(dz, x, mean, var, gamma, axis=axis,
                                        out=empty_in(out_layout, shape, dtype, seed))
@@ -227,7 +226,7 @@ def test_fused_backward_in_the_planes_order(shape, dtype, activation, through_ma
                                                  return_mask=True) if through_mask else
                           cbn.batch_norm_forward(x, gamma, axis=1, activation=activation)
                           + (None,))
-    kernel = cbn.api._plan(x.shape, (1,), x.itemsize, x.strides, x.strides).kernel
+    kernel = _plans.plan_of(x.shape, (1,), x.itemsize, x.strides, x.strides).kernel
     assert kernel.layout.n_row_outer >= 8 and not kernel.second_pass_in_cache()   # planes
     grads = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1, activation=activation,
                                     y=None if through_mask else y, mask=mask,

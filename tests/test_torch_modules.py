@@ -241,7 +241,7 @@ def test_the_checks_made_once_per_call_and_misaligned_tensors(monkeypatch):
     """The module checks its eps and parameters as the core API checks epsilon and gamma
     (once per call, not per kernel); a tensor made by torch.from_numpy on misaligned memory
     (x, or the gradient) reaches the kernels as an aligned copy, with the same results."""
-    for name in ("_forward_checked", "_backward_checked"):
+    for name in ("_forward_checked", "backward_checked"):
         def aligned_only(*args, checked=getattr(_functions, name)):
             assert all(a.flags.aligned for a in args if isinstance(a, np.ndarray))
             return checked(*args)

@@ -26,7 +26,8 @@ from torch.autograd.function import once_differentiable
 import cbn
 from cbn import _checks
 from cbn.activation import as_activation
-from cbn.api import _backward_checked, _forward_checked, gradient_sums
+from cbn._gradient import backward_checked
+from cbn.api import _forward_checked, gradient_sums
 
 from ._memory import empty_like
 
@@ -205,8 +206,8 @@ class Training(torch.autograd.Function):
             # Speed).
             dx = empty_like(work)
             if relu_output is None:
-                dgamma, dbeta = _backward_checked(readable(dy), readable(work), array(dx),
-                                                  mean, var, ctx.gamma, CHANNELS, epsilon)
+                dgamma, dbeta = backward_checked(readable(dy), readable(work), array(dx),
+                                                 mean, var, ctx.gamma, CHANNELS, epsilon)
             else:
                 _, dgamma, dbeta = cbn.batch_norm_backward(
                     array(dy), array(work), mean, var, ctx.gamma, axis=1, epsilon=epsilon,
