@@ -122,7 +122,7 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
                                 k.coef_xc + it.f0, k.offset + it.f0, stream)
         if dx_staged:
             unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
-                         dxw.row_stride, dxw.feature_stride)
+                         dxw.row_stride, dxw.feature_stride, g.stream)
         if r_staged:
             unstage_rows(r_rows, n, it.width, r_tile + row_offset(rw, runs.ro, runs.ri),
                          rw.row_stride, rw.feature_stride)

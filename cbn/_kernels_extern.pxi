@@ -65,6 +65,15 @@ cdef extern from "_simd.h":
                            float *dst, int64_t dst_stride, const double *affine) noexcept nogil
     void cbn_transpose_f64(const double *src, int64_t src_stride, int64_t n_r, int64_t n_c,
                            double *dst, int64_t dst_stride, const double *affine) noexcept nogil
+    void cbn_transpose_out_f32(const float *src, int64_t src_stride, int64_t n_r, int64_t n_c,
+                               float *dst, int64_t dst_stride, int stream) noexcept nogil
+    void cbn_transpose_out_f64(const double *src, int64_t src_stride, int64_t n_r,
+                               int64_t n_c, double *dst, int64_t dst_stride,
+                               int stream) noexcept nogil
+    void cbn_reverse_rows_f32(const float *src, int64_t src_stride, int64_t n_rows,
+                              int64_t width, float *dst, int64_t dst_stride) noexcept nogil
+    void cbn_reverse_rows_f64(const double *src, int64_t src_stride, int64_t n_rows,
+                              int64_t width, double *dst, int64_t dst_stride) noexcept nogil
     void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, int64_t n_rows,
                            int64_t width, int64_t itemsize, int for_writing) noexcept nogil
     void cbn_gradient_sums_pair_f32(const float *a, int64_t a_step, const float *b,

@@ -10,9 +10,9 @@
 # activation. Operands whose features are not adjacent are staged as in the plain loops.
 
 cdef inline floating *activation_slot(const Grid *g, floating *stage, int k) noexcept nogil:
-    """FI backward: slot k (0 or 1) of rows_per_run x tile_width elements after the three
-    stages (y's and the residual gradient's rows)."""
-    return stage + 3 * g.stage_elements + k * g.rows_per_run * g.tile_width
+    """FI backward: slot k (0 or 1), a stage's elements, after the three stages (y's and
+    the residual gradient's rows)."""
+    return stage + 3 * g.stage_elements + k * g.stage_elements
 
 
 cdef inline floating act_scalar(floating z, const Activation *act) noexcept nogil:

@@ -14,6 +14,15 @@ cdef inline void transpose(const floating *src, int64_t src_stride, Py_ssize_t n
         cbn_transpose_f64(src, src_stride, n_r, n_c, dst, dst_stride, affine)
 
 
+cdef inline void reverse_rows(const floating *src, int64_t src_stride, Py_ssize_t n_rows,
+                              Py_ssize_t width, floating *dst, int64_t dst_stride) noexcept nogil:
+    """dst[r * dst_stride + j] = src[r * src_stride + width - 1 - j] (_simd.h)."""
+    if floating is float:
+        cbn_reverse_rows_f32(src, src_stride, n_rows, width, dst, dst_stride)
+    else:
+        cbn_reverse_rows_f64(src, src_stride, n_rows, width, dst, dst_stride)
+
+
 # FI tiles of an operand whose features are not adjacent (a Fortran-ordered or transposed x
 # beside a C-ordered dy, a stepped view) are copied one run of rows at a time into a
 # per-thread stage of rows of adjacent features, and outputs written there are copied back:
@@ -23,40 +32,50 @@ cdef inline const floating *stage_rows(const floating *p, int64_t *row_stride, i
                                        Py_ssize_t n_rows, Py_ssize_t width,
                                        floating *stage) noexcept nogil:
     """n_rows x width elements of p as rows of adjacent features: p itself if its features
-    are adjacent, else their copy in stage (then *row_stride becomes width)."""
-    cdef Py_ssize_t r, j
+    are adjacent, else their copy in stage (then *row_stride becomes the stage's pitch)."""
+    cdef Py_ssize_t r, j, pitch = stage_pitch(width, sizeof(floating))
     if step == 1:
         return p
     if row_stride[0] == 1:
-        transpose(p, step, width, n_rows, stage, width)
+        transpose(p, step, width, n_rows, stage, pitch)
+    elif step == -1:    # features reversed: each row a contiguous run read from its end
+        reverse_rows(p - (width - 1), row_stride[0], n_rows, width, stage, pitch)
     else:
         for r in range(n_rows):
             for j in range(width):
-                stage[r * width + j] = p[r * row_stride[0] + j * step]
-    row_stride[0] = width
+                stage[r * pitch + j] = p[r * row_stride[0] + j * step]
+    row_stride[0] = pitch
     return stage
 
 
 cdef inline floating *output_rows(floating *p, int64_t *row_stride, int64_t step,
                                   Py_ssize_t width, floating *stage) noexcept nogil:
     """Where to write rows of adjacent features bound for p: p, or stage (then copied back
-    with unstage_rows, and *row_stride becomes width)."""
+    with unstage_rows, and *row_stride becomes the stage's pitch)."""
     if step == 1:
         return p
-    row_stride[0] = width
+    row_stride[0] = stage_pitch(width, sizeof(floating))
     return stage
 
 
 cdef inline void unstage_rows(const floating *stage, Py_ssize_t n_rows, Py_ssize_t width,
-                              floating *p, int64_t row_stride, int64_t step) noexcept nogil:
-    """Copy rows of adjacent features from stage to p's own layout (stage_rows' inverse)."""
-    cdef Py_ssize_t r, j
+                              floating *p, int64_t row_stride, int64_t step,
+                              bint stream=False) noexcept nogil:
+    """Copy rows of adjacent features from stage to p's own layout (stage_rows' inverse);
+    with stream, p's features along its rows in whole lines take streaming stores."""
+    cdef Py_ssize_t r, j, pitch = stage_pitch(width, sizeof(floating))
     if row_stride == 1:
-        transpose(stage, width, n_rows, width, p, step)
+        if floating is float:
+            cbn_transpose_out_f32(stage, pitch, n_rows, width, p, step, stream)
+        else:
+            cbn_transpose_out_f64(stage, pitch, n_rows, width, p, step, stream)
+        return
+    if step == -1:
+        reverse_rows(stage, pitch, n_rows, width, p - (width - 1), row_stride)
         return
     for r in range(n_rows):
         for j in range(width):
-            p[r * row_stride + j * step] = stage[r * width + j]
+            p[r * row_stride + j * step] = stage[r * pitch + j]
 
 
 cdef inline void add_shifted_rows(const floating *p, int64_t row_stride, int64_t step,

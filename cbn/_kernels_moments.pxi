@@ -166,7 +166,7 @@ cdef int allocate(Buffers *b, const Grid *g, Py_ssize_t tile_arrays,
     if g.row_group > 1:     # RI row groups: up to three tiles (group_stage, group_row)
         per_thread = 3 * g.group_rows * g.group_run
     if activated and g.features_inner:
-        per_thread += 2 * g.rows_per_run * g.tile_width
+        per_thread += 2 * g.stage_elements
     cdef Py_ssize_t partials = g.n_chunks * g.n_features
     b.scratch = <double *>malloc(sizeof(double) * (g.n_threads * per_thread + 2 * partials
                                                    + feature_arrays * g.n_features + 1))

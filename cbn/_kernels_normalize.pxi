@@ -70,7 +70,7 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
                            mean + it.f0, scale + it.f0, shift + it.f0, stream)
         if y_staged:
             unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
-                         yw.row_stride, yw.feature_stride)
+                         yw.row_stride, yw.feature_stride, g.stream)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()

@@ -59,6 +59,17 @@ cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef inline Py_ssize_t stage_pitch(Py_ssize_t width, Py_ssize_t itemsize) noexcept nogil:
+    """Elements from a stage's row to the next (stage_rows): width, one cache line more
+    where rows of width would be a multiple of 1 KiB apart. Such rows share the L1's sets
+    (dense rows of 1024 floats: all 32 rows of a run in one set per line), so the 8x8
+    transposes into or out of the stage, which walk 8 of its columns down all the rows,
+    evicted the stage's own lines before their other columns were read."""
+    if (width * itemsize) % 1024 == 0:
+        return width + 64 // itemsize
+    return width
+
+
 cdef Grid make_grid(plan, Py_ssize_t itemsize):
     cdef Grid g
     cdef Py_ssize_t n_blocks, wanted
@@ -100,7 +111,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
         g.n_items = g.n_fo * g.n_tiles
         if any(o.feature_stride != 1 for o in plan.operands):
             g.rows_per_run = min(g.rows_per_block, max(1, STAGE_ELEMENTS // g.tile_width))
-            g.stage_elements = g.rows_per_run * g.tile_width
+            g.stage_elements = g.rows_per_run * stage_pitch(g.tile_width, itemsize)
     else:
         g.tile_width = 1
         g.n_tiles = 1

@@ -423,6 +423,91 @@ static void cbn_transpose_##S(const T *src, int64_t src_stride, int64_t n_r, int
 CBN_DEFINE_TRANSPOSE(float, f32, 8)
 CBN_DEFINE_TRANSPOSE(double, f64, 4)
 
+/* cbn_transpose without affine, into an output: where stream is set and each of dst's rows
+ * (a feature of a staged output beside rows of adjacent features: dense x beside a
+ * Fortran-ordered out=) is whole 64-byte lines, the lines are written with streaming
+ * stores, each one whole by two consecutive stores (two 8x8 float or 4x4 double blocks
+ * transposed in registers: 16 or 8 rows of 8 or 4 features), so that no line is read
+ * first and none waits in a write-combining buffer for its other half; features beyond
+ * the blocks take ordinary stores (lines of their own). Ordinary stores read every line
+ * of such a tile first, each a separate miss: a run's pieces are far apart, too many for
+ * the prefetchers to follow. */
+#ifdef __AVX__
+#define CBN_DEFINE_TRANSPOSE_OUT(T, S, B, LOAD, STREAM, REGS, V)                             \
+static void cbn_transpose_out_##S(const T *src, int64_t src_stride, int64_t n_r,            \
+                                  int64_t n_c, T *dst, int64_t dst_stride, int stream) {     \
+    int64_t r0, c0, q;                                                                       \
+    V a[B], b[B];                                                                            \
+    if (!stream || !CBN_LINE_ALIGNED(dst) || (dst_stride * sizeof(T)) % 64 != 0             \
+        || (n_r * sizeof(T)) % 64 != 0) {                                                    \
+        cbn_transpose_##S(src, src_stride, n_r, n_c, dst, dst_stride, NULL);                 \
+        return;                                                                              \
+    }                                                                                        \
+    for (c0 = 0; c0 + B <= n_c; c0 += B)                                                     \
+        for (r0 = 0; r0 < n_r; r0 += 2 * B) {                                                \
+            for (q = 0; q < B; q++) {                                                        \
+                a[q] = LOAD(src + (r0 + q) * src_stride + c0);                               \
+                b[q] = LOAD(src + (r0 + B + q) * src_stride + c0);                           \
+            }                                                                                \
+            REGS(a);                                                                         \
+            REGS(b);                                                                         \
+            for (q = 0; q < B; q++) {                                                        \
+                STREAM(dst + (c0 + q) * dst_stride + r0, a[q]);                              \
+                STREAM(dst + (c0 + q) * dst_stride + r0 + B, b[q]);                          \
+            }                                                                                \
+        }                                                                                    \
+    if (c0 < n_c)                                                                            \
+        cbn_transpose_##S(src + c0, src_stride, n_r, n_c - c0, dst + c0 * dst_stride,       \
+                          dst_stride, NULL);                                                 \
+}
+CBN_DEFINE_TRANSPOSE_OUT(float, f32, 8, _mm256_loadu_ps, _mm256_stream_ps,
+                         cbn_transpose_regs_f32, __m256)
+CBN_DEFINE_TRANSPOSE_OUT(double, f64, 4, _mm256_loadu_pd, _mm256_stream_pd,
+                         cbn_transpose_regs_f64, __m256d)
+#else
+static void cbn_transpose_out_f32(const float *src, int64_t src_stride, int64_t n_r,
+                                  int64_t n_c, float *dst, int64_t dst_stride, int stream) {
+    (void)stream;
+    cbn_transpose_f32(src, src_stride, n_r, n_c, dst, dst_stride, NULL);
+}
+static void cbn_transpose_out_f64(const double *src, int64_t src_stride, int64_t n_r,
+                                  int64_t n_c, double *dst, int64_t dst_stride, int stream) {
+    (void)stream;
+    cbn_transpose_f64(src, src_stride, n_r, n_c, dst, dst_stride, NULL);
+}
+#endif
+
+/* dst[r * dst_stride + j] = src[r * src_stride + width - 1 - j] for r < n_rows, j < width:
+ * rows of features walked backwards (a reversed feature axis, step -1) copied to rows of
+ * adjacent features and back (cbn_kernels' stage_rows, unstage_rows). A reversed row is a
+ * contiguous run read from its end: with AVX, a vector load and one permute per 8 floats
+ * or 4 doubles, where an element at a time took 5x the C-ordered call (NHWC). */
+#define CBN_DEFINE_REVERSE_ROWS(T, S, N, REVERSE)                                            \
+static void cbn_reverse_rows_##S(const T *src, int64_t src_stride, int64_t n_rows,          \
+                                 int64_t width, T *dst, int64_t dst_stride) {                \
+    int64_t r, j;                                                                            \
+    for (r = 0; r < n_rows; r++) {                                                           \
+        const T *end = src + r * src_stride + width; /* the row read backwards from here */ \
+        T *row = dst + r * dst_stride;                                                       \
+        j = 0;                                                                               \
+        REVERSE                                                                              \
+        for (; j < width; j++) row[j] = end[-1 - j];                                         \
+    }                                                                                        \
+}
+#ifdef __AVX2__
+CBN_DEFINE_REVERSE_ROWS(float, f32, 8,
+    for (; j + 8 <= width; j += 8)
+        _mm256_storeu_ps(row + j, _mm256_permutevar8x32_ps(
+            _mm256_loadu_ps(end - j - 8), _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)));)
+CBN_DEFINE_REVERSE_ROWS(double, f64, 4,
+    for (; j + 4 <= width; j += 4)
+        _mm256_storeu_pd(row + j, _mm256_permute4x64_pd(_mm256_loadu_pd(end - j - 4),
+                                                        _MM_SHUFFLE(0, 1, 2, 3)));)
+#else
+CBN_DEFINE_REVERSE_ROWS(float, f32, 8, )
+CBN_DEFINE_REVERSE_ROWS(double, f64, 4, )
+#endif
+
 /* Row groups whose two inputs are laid out the other way round from each other (NHWC: x
  * in Fortran order beside a dy stored as NCHW): element (t, i) of a tile is
  * a[t * a_step + i] and b[i * b_step + t]. Each 8x8 block of b is transposed in registers

@@ -250,3 +250,62 @@ def test_row_group_backward_of_unlike_inputs_same_bits_every_way(x_layout, dy_la
     assert_close(results[0][0][0], dx_ref, dtype, condition=100)
     np.testing.assert_allclose(results[0][0][1], dgamma_ref, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(results[0][0][2], dbeta_ref, rtol=1e-9, atol=1e-9)
+
+
+def reversed_features(values):
+    """The last (feature) axis walked backwards: a negative feature stride."""
+    return np.ascontiguousarray(values[..., ::-1])[..., ::-1]
+
+
+def line_aligned_fortran(values):
+    """A Fortran-ordered copy whose data starts on a 64-byte line (NumPy's large arrays
+    start 16 bytes into one): every feature's run of rows is then whole lines."""
+    size, item = values.size, values.itemsize
+    buffer = np.empty(size + 64 // item, values.dtype)
+    start = (-buffer.ctypes.data % 64) // item
+    out = buffer[start:start + size].reshape(values.shape[::-1]).T
+    out[...] = values
+    return out
+
+
+STAGED_LAYOUTS = {"C": np.ascontiguousarray, "F": np.asfortranarray,
+                  "aligned F": line_aligned_fortran, "reversed": reversed_features}
+
+
+# FI tiles of an operand whose features are not adjacent go through a stage (stage_rows,
+# unstage_rows): reversed features one vector and a permute at a time (tails of 1-7
+# features), rows of 256 float32 or 128 float64 features (1 KiB) in a stage whose rows are
+# a line further apart (stage_pitch), and with streaming stores a staged output whose
+# features are whole lines written by streaming 8x8 / 4x4 transposes (cbn_transpose_out;
+# 260 features: 4 beyond the blocks, ordinary stores). Every result must be the
+# reference's; out= must not change its bits, nor x's layout inference's.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,other_layout", [("C", "reversed"), ("reversed", "C"),
+                                                   ("reversed", "reversed"), ("C", "F"),
+                                                   ("F", "C"), ("C", "aligned F")])
+@pytest.mark.parametrize("features", [13, 37, 128, 256, 260])
+def test_staged_tiles_match_reference_and_own_bits(x_layout, other_layout, features, dtype,
+                                                   streaming):
+    rng = np.random.default_rng(17)
+    values = (rng.standard_normal((96, features)) * 2 + 1).astype(dtype)
+    dy_values = rng.standard_normal(values.shape).astype(dtype)
+    x = STAGED_LAYOUTS[x_layout](values)
+    dy = STAGED_LAYOUTS[other_layout](dy_values)
+    mean, var = cbn.batch_stats(values)
+
+    def out_like():
+        return STAGED_LAYOUTS[other_layout](np.zeros_like(values))
+
+    forward = cbn.batch_norm_forward(x, out=out_like())
+    inference = cbn.batch_norm_inference(x, mean, var, out=out_like())
+    backward = cbn.batch_norm_backward(dy, x, mean, var, out=out_like())
+    for got, own in [(forward, cbn.batch_norm_forward(x)),
+                     (backward, cbn.batch_norm_backward(dy, x, mean, var)),
+                     ((inference,), (cbn.batch_norm_inference(values, mean, var),))]:
+        for a, b in zip(got, own):
+            assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    y_ref, _, _ = reference.batch_norm_forward(values)
+    assert_close(forward[0], y_ref, dtype, condition=100)
+    assert_close(inference, y_ref, dtype, condition=100)
+    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
+    assert_close(backward[0], dx_ref, dtype, condition=100)
