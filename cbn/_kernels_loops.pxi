@@ -175,6 +175,10 @@ cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, i
                                Py_ssize_t n, double mean, double scale,
                                double shift, bint stream) noexcept nogil:
     cdef Py_ssize_t i
+    if x_step == -1 and y_step == -1:
+        # Both along a reversed axis (NCHW with W walked backwards): the same run read
+        # forwards, so the SIMD loops serve it (each value is the same in either order).
+        x, y, x_step, y_step = x - (n - 1), y - (n - 1), 1, 1
     if x_step == 1 and y_step == 1:
         if stream:
             if floating is float:
@@ -296,6 +300,8 @@ cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const f
                                     double mean, double coef_dy, double coef_xc,
                                     double offset, bint stream) noexcept nogil:
     cdef Py_ssize_t i
+    if dy_step == -1 and x_step == -1 and dx_step == -1:    # read forwards, as normalize_run
+        dy, x, dx, dy_step, x_step, dx_step = dy - (n - 1), x - (n - 1), dx - (n - 1), 1, 1, 1
     if dy_step == 1 and x_step == 1 and dx_step == 1:
         if stream:
             if floating is float:
