@@ -50,3 +50,19 @@ def test_without_out_only_the_output_is_allocated(case):
     for call in (lambda: cbn.batch_norm_forward(x, axis=axis),
                  lambda: cbn.batch_norm_backward(x, x, mean, var, axis=axis)):
         assert peak_bytes(call) < x.nbytes * 17 // 16
+
+
+@pytest.mark.parametrize("offset", [0, 4, 16, 60, 64, 2064, 4092])
+def test_large_outputs_start_on_a_line_at_the_page_offset_of_x(offset):
+    # Streaming stores need whole lines; a store 16-64 bytes ahead of its load's position in
+    # a 4 KiB page stalls the load (cbn._buffers.empty_like).
+    rows, features = 300, 1000     # 1.2 MB: over api.ALIGNED_MIN_BYTES
+    buffer = np.empty(rows * features + 2048, np.float32)
+    start = (-buffer.ctypes.data % 4096 + offset) // buffer.itemsize
+    x = buffer[start:start + rows * features].reshape(rows, features)
+    x[...] = np.random.default_rng(2).standard_normal(x.shape)
+    mean, var = cbn.batch_stats(x)
+    for y in (cbn.batch_norm_forward(x)[0], cbn.batch_norm_inference(x, mean, var),
+              cbn.batch_norm_backward(x, x, mean, var)[0]):
+        assert y.ctypes.data % 64 == 0
+        assert (x.ctypes.data - y.ctypes.data) % 4096 < 64
