@@ -342,10 +342,14 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
     int64_t at = b + i - held;                                                               \
     CBN_VEC_##S v, zero = {0};                                                               \
     CBN_MASK_##S positive;                                                                   \
+    const cbn_v8d mean_1 = cbn_one(mean, per_element), scale_1 = cbn_one(scale, per_element), \
+                  shift_1 = cbn_one(shift, per_element);                                     \
     for (; i + 8 <= n; i += 8) {                                                             \
-        v = __builtin_convertvector((cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))\
-                                    * cbn_parameter(scale, i, per_element)                   \
-                                    + cbn_parameter(shift, i, per_element), CBN_VEC_##S);    \
+        v = __builtin_convertvector((cbn_load_##S(x + i)                                     \
+                                     - cbn_factor(mean, i, per_element, mean_1))             \
+                                    * cbn_factor(scale, i, per_element, scale_1)             \
+                                    + cbn_factor(shift, i, per_element, shift_1),            \
+                                    CBN_VEC_##S);                                            \
         if (residual) v += cbn_vec_load_##S(residual + i, 1);                                \
         v = cbn_act8_##S(v, kind, alpha);                                                    \
         cbn_vec_put_##S(y + i, v, stream);                                                   \
@@ -416,13 +420,17 @@ static inline __attribute__((always_inline)) int64_t cbn_act_input_gradient_vect
         const double *offset, int per_element, int kind, double alpha, int stream,           \
         const uint8_t *mask, int64_t b, int64_t bit_step, int aligned) {                     \
     CBN_VEC_##S d;                                                                           \
+    const cbn_v8d mean_1 = cbn_one(mean, per_element),                                       \
+                  coef_dy_1 = cbn_one(coef_dy, per_element),                                 \
+                  coef_xc_1 = cbn_one(coef_xc, per_element),                                 \
+                  offset_1 = cbn_one(offset, per_element);                                   \
     for (; i + 8 <= n; i += 8) {                                                             \
         d = cbn_dz8_##S(dy, 1, y, 1, mask, b, bit_step, i, kind, alpha, aligned);            \
         cbn_vec_put_##S(dx + i, cbn_narrow_##S(                                              \
-            cbn_parameter(coef_dy, i, per_element) * cbn_widen_##S(d)                        \
-            + cbn_parameter(coef_xc, i, per_element)                                         \
-              * (cbn_load_##S(x + i) - cbn_parameter(mean, i, per_element))                  \
-            + cbn_parameter(offset, i, per_element)), stream);                               \
+            cbn_factor(coef_dy, i, per_element, coef_dy_1) * cbn_widen_##S(d)                \
+            + cbn_factor(coef_xc, i, per_element, coef_xc_1)                                 \
+              * (cbn_load_##S(x + i) - cbn_factor(mean, i, per_element, mean_1))             \
+            + cbn_factor(offset, i, per_element, offset_1)), stream);                        \
         if (dres) cbn_vec_put_##S(dres + i, d, stream);                                      \
     }                                                                                        \
     return i;                                                                                \

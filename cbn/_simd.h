@@ -629,17 +629,14 @@ static void cbn_prefetch_tile(const char *p, int64_t row_stride, int64_t step, i
     }
 }
 
-static inline cbn_v8d cbn_parameter(const double *p, int64_t i, int per_element) {
-    cbn_v8d v = {0};
-    return per_element ? cbn_load_f64(p + i) : v + p[0];
-}
-
-/* The same with one feature's value broadcast once, before the loop (cbn_one). Taken
- * through cbn_parameter at every vector, a streaming loop's factors are loaded and broadcast
- * again for each 8 elements (the compiler cannot tell the streaming stores from writes to
- * them): 6 more instructions per vector to normalize (8 for dx), which made NCHW inference
- * from memory with streaming stores slower than with ordinary ones at one thread (C, 129
- * MiB: 17.5 ms against 11.4 with the factors hoisted, a streaming copy 14.4). */
+/* A run's per-feature factor as a vector: loaded at i from an array indexed like the run
+ * (per_element = 1, a row of features), or one feature's value broadcast once before the
+ * loop (cbn_one) and reused. Broadcast inside the loop, a streaming loop's factors were
+ * loaded and broadcast again for each 8 elements (the compiler cannot tell the streaming
+ * stores from writes to them): 6 more instructions per vector to normalize (8 for dx),
+ * which made NCHW inference from memory with streaming stores slower than with ordinary
+ * ones at one thread (C, 129 MiB: 17.5 ms against 11.4 with the factors hoisted, a
+ * streaming copy 14.4). */
 static inline cbn_v8d cbn_one(const double *p, int per_element) {
     cbn_v8d v = {0};
     return per_element ? v : v + p[0];
