@@ -207,7 +207,9 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
  * a row group's tile): A OP sum_i u and B OP sum_i u * (V), u being U (8 values from i on)
  * or U1 (the value at i) and V or V1 beside it (c holds CONSTANT in every lane). Four vector
  * accumulators per sum keep the additions independent; a tile's rows share them, so that
- * they are reduced once per tile, not once per short row. */
+ * they are reduced once per tile, not once per short row. A run's last 8-31 values go
+ * through the vectors too, each 8 into its own accumulator: NCHW's short planes (7x7 is 32
+ * + 17) spent most of their time in the scalar chain of that remainder. */
 #define CBN_ROWS_SUMS(N_ROWS, NEXT_ROW, CONSTANT, U, V, U1, V1, A, B, OP)                    \
     cbn_v8d c = {0};                                                                         \
     cbn_acc a[4], b[4];                                                                      \
@@ -224,7 +226,12 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
                 cbn_acc_add(&a[q], u);                                                       \
                 cbn_acc_add(&b[q], u * (V));                                                 \
             }                                                                                \
-        for (; i < n; i++) {                                                                 \
+        for (q = 0; i + 8 * q + 8 <= n; q++) {                                               \
+            cbn_v8d u = U;                                                                   \
+            cbn_acc_add(&a[q], u);                                                           \
+            cbn_acc_add(&b[q], u * (V));                                                     \
+        }                                                                                    \
+        for (i += 8 * q; i < n; i++) {                                                       \
             double u = U1;                                                                   \
             ta += u;                                                                         \
             tb += u * (V1);                                                                  \
