@@ -156,11 +156,17 @@ static inline uint32_t cbn_get_bits8(const uint8_t *mask, int64_t b) {
  * never faults: past the mask's end it does nothing.) */
 #define CBN_MASK_AHEAD 256
 
+/* The mask's 8 bits from element b on (`aligned`: b starts a byte), its stream prefetched. */
+static inline uint32_t cbn_mask_bits8(const uint8_t *mask, int64_t b, int aligned) {
+    __builtin_prefetch(mask + (b >> 3) + CBN_MASK_AHEAD);
+    return aligned ? mask[b >> 3] : cbn_get_bits8(mask, b);
+}
+
 /* relu's dz: d where the mask's 8 bits (lane k: bit k) are set, else +0; leaky_relu's: d
  * where set, else other. With AVX-512 the byte is a mask register as it is: one masked move
  * where expanding it into lanes took 4 instructions per vector. The same values as
  * cbn_dz8's expanded selects (+0 in the cleared lanes). Elsewhere unused (the stubs let
- * cbn_dz8 compile; CBN_MASK_REGISTERS 0 removes their calls). */
+ * cbn_dz8 and cbn_dz8w compile; CBN_MASK_REGISTERS 0 removes their calls). */
 #if defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define CBN_MASK_REGISTERS 1
 static inline cbn_v8f cbn_keep8_f32(cbn_v8f d, uint32_t bits) {
@@ -175,6 +181,15 @@ static inline cbn_v8f cbn_pick8_f32(uint32_t bits, cbn_v8f d, cbn_v8f other) {
 static inline cbn_v8d cbn_pick8_f64(uint32_t bits, cbn_v8d d, cbn_v8d other) {
     return (cbn_v8d)_mm512_mask_mov_pd((__m512d)other, (__mmask8)bits, (__m512d)d);
 }
+/* relu's dz of 8 elements at p, widened to doubles: the mask's byte selects in the
+ * conversion itself (float: one instruction that loads, selects and widens, where the
+ * masked load then the conversion took two). +0 in the cleared lanes, as cbn_keep8. */
+static inline cbn_v8d cbn_keep8w_f32(const float *p, uint32_t bits) {
+    return (cbn_v8d)_mm512_maskz_cvtps_pd((__mmask8)bits, _mm256_loadu_ps(p));
+}
+static inline cbn_v8d cbn_keep8w_f64(const double *p, uint32_t bits) {
+    return (cbn_v8d)_mm512_maskz_loadu_pd((__mmask8)bits, p);
+}
 #else
 #define CBN_MASK_REGISTERS 0
 static inline cbn_v8f cbn_keep8_f32(cbn_v8f d, uint32_t bits) { (void)bits; return d; }
@@ -184,6 +199,12 @@ static inline cbn_v8f cbn_pick8_f32(uint32_t bits, cbn_v8f d, cbn_v8f other) {
 }
 static inline cbn_v8d cbn_pick8_f64(uint32_t bits, cbn_v8d d, cbn_v8d other) {
     (void)bits; (void)other; return d;
+}
+static inline cbn_v8d cbn_keep8w_f32(const float *p, uint32_t bits) {
+    (void)p; (void)bits; return (cbn_v8d){0};
+}
+static inline cbn_v8d cbn_keep8w_f64(const double *p, uint32_t bits) {
+    (void)p; (void)bits; return (cbn_v8d){0};
 }
 #endif
 
@@ -262,17 +283,14 @@ static inline __attribute__((always_inline)) CBN_VEC_##S cbn_dz8_##S(           
     int k;                                                                                   \
     uint32_t bits;                                                                           \
     if (CBN_MASK_REGISTERS && mask && bit_step == 1 && dy_step == 1) {                       \
-        __builtin_prefetch(mask + ((b + i) >> 3) + CBN_MASK_AHEAD);                          \
-        bits = aligned ? mask[(b + i) >> 3] : cbn_get_bits8(mask, b + i);                   \
+        bits = cbn_mask_bits8(mask, b + i, aligned);                                         \
         d = cbn_vec_load_##S(dy + i, 1);                                                     \
         if (kind == CBN_ACT_RELU) return cbn_keep8_##S(d, bits);                             \
         return cbn_pick8_##S(bits, d, d * (T)alpha);   /* leaky_relu: elu needs y */         \
     }                                                                                        \
     d = cbn_vec_load_##S(dy + i * dy_step, dy_step);                                         \
     if (mask && bit_step == 1) {                                                             \
-        __builtin_prefetch(mask + ((b + i) >> 3) + CBN_MASK_AHEAD);                          \
-        keep = ((CBN_MASK_##S){0} + (int32_t)(aligned ? mask[(b + i) >> 3]                  \
-                                                      : cbn_get_bits8(mask, b + i)))         \
+        keep = ((CBN_MASK_##S){0} + (int32_t)cbn_mask_bits8(mask, b + i, aligned))           \
                & cbn_lane_bits_##S;                                                          \
         keep = keep != (CBN_MASK_##S){0};                                                    \
     } else if (mask) {                                                                       \
@@ -284,6 +302,16 @@ static inline __attribute__((always_inline)) CBN_VEC_##S cbn_dz8_##S(           
     if (kind == CBN_ACT_RELU) return (CBN_VEC_##S)((CBN_MASK_##S)d & keep);                  \
     other = kind == CBN_ACT_LEAKY_RELU ? d * (T)alpha : d * (v + (T)alpha);                  \
     return (CBN_VEC_##S)(((CBN_MASK_##S)d & keep) | ((CBN_MASK_##S)other & ~keep));          \
+}                                                                                            \
+/* cbn_dz8 widened to doubles, what the sums and dx take where dz itself is not stored:      \
+ * relu's from the mask in one instruction with mask registers (cbn_keep8w). */              \
+static inline __attribute__((always_inline)) cbn_v8d cbn_dz8w_##S(                           \
+        const T *dy, int64_t dy_step, const T *y, int64_t y_step, const uint8_t *mask,       \
+        int64_t b, int64_t bit_step, int64_t i, int kind, double alpha, int aligned) {       \
+    if (CBN_MASK_REGISTERS && kind == CBN_ACT_RELU && mask && bit_step == 1 && dy_step == 1) \
+        return cbn_keep8w_##S(dy + i, cbn_mask_bits8(mask, b + i, aligned));                 \
+    return cbn_widen_##S(cbn_dz8_##S(dy, dy_step, y, y_step, mask, b, bit_step, i, kind,     \
+                                     alpha, aligned));                                       \
 }                                                                                            \
 /* Bits b + i = (y[i] > 0) for i in [from, to) of a run of n adjacent bits, gathered: an     \
  * atomic OR per element, next to streaming stores, drains the write-combining buffers (a    \
@@ -419,15 +447,21 @@ static inline __attribute__((always_inline)) int64_t cbn_act_input_gradient_vect
         const double *mean, const double *coef_dy, const double *coef_xc,                    \
         const double *offset, int per_element, int kind, double alpha, int stream,           \
         const uint8_t *mask, int64_t b, int64_t bit_step, int aligned) {                     \
-    CBN_VEC_##S d;                                                                           \
+    CBN_VEC_##S d = {0};                                                                     \
+    cbn_v8d w;                                                                               \
     const cbn_v8d mean_1 = cbn_one(mean, per_element),                                       \
                   coef_dy_1 = cbn_one(coef_dy, per_element),                                 \
                   coef_xc_1 = cbn_one(coef_xc, per_element),                                 \
                   offset_1 = cbn_one(offset, per_element);                                   \
     for (; i + 8 <= n; i += 8) {                                                             \
-        d = cbn_dz8_##S(dy, 1, y, 1, mask, b, bit_step, i, kind, alpha, aligned);            \
+        if (dres) {                                                                          \
+            d = cbn_dz8_##S(dy, 1, y, 1, mask, b, bit_step, i, kind, alpha, aligned);        \
+            w = cbn_widen_##S(d);                                                            \
+        } else {                                                                             \
+            w = cbn_dz8w_##S(dy, 1, y, 1, mask, b, bit_step, i, kind, alpha, aligned);       \
+        }                                                                                    \
         cbn_vec_put_##S(dx + i, cbn_narrow_##S(                                              \
-            cbn_factor(coef_dy, i, per_element, coef_dy_1) * cbn_widen_##S(d)                \
+            cbn_factor(coef_dy, i, per_element, coef_dy_1) * w                               \
             + cbn_factor(coef_xc, i, per_element, coef_xc_1)                                 \
               * (cbn_load_##S(x + i) - cbn_factor(mean, i, per_element, mean_1))             \
             + cbn_factor(offset, i, per_element, offset_1)), stream);                        \
@@ -468,13 +502,13 @@ CBN_DEFINE_ACTIVATION(double, f64)
  * y (or the mask) read through these. Rows (FI): row strides, and the mask's bit step
  * between features; runs (RI): steps. (y + r * stride is only formed without a mask.) */
 #define CBN_ROW_Y(r) (mask ? y : y + (r) * y_row_stride)
-#define CBN_DZ(S, r, k) cbn_widen_##S(                                                       \
-    cbn_dz8_##S(dy + (r) * dy_row_stride, 1, CBN_ROW_Y(r), 1, mask,                          \
+#define CBN_DZ(S, r, k) (                                                                    \
+    cbn_dz8w_##S(dy + (r) * dy_row_stride, 1, CBN_ROW_Y(r), 1, mask,                         \
                 bit0 + (r) * mask_row_stride, bit_step, (k), kind, alpha, aligned))
 #define CBN_DZ1(S, r, k) cbn_dz1_##S(dy[(r) * dy_row_stride + (k)], CBN_ROW_Y(r), 1, mask,      \
                                      bit0 + (r) * mask_row_stride, bit_step, (k), kind, alpha)
-#define CBN_DZ_RUN(S, i) cbn_widen_##S(                                                      \
-    cbn_dz8_##S(dy, dy_step, y, y_step, mask, bit0, bit_step, (i), kind, alpha, aligned))
+#define CBN_DZ_RUN(S, i) (                                                                   \
+    cbn_dz8w_##S(dy, dy_step, y, y_step, mask, bit0, bit_step, (i), kind, alpha, aligned))
 #define CBN_DZ1_RUN(S, i) cbn_dz1_##S(dy[(i) * dy_step], y, y_step, mask, bit0, bit_step, (i),    \
                                       kind, alpha)
 
@@ -613,16 +647,24 @@ CBN_DEFINE_ACTIVATION_SUMS(double, f64)
 
 #define CBN_ACT_DX_STRIP(S, NV, STORE)                                                       \
     {                                                                                        \
-        CBN_VEC_##S d;                                                                       \
+        CBN_VEC_##S d = {0};                                                                 \
+        cbn_v8d w;                                                                           \
         CBN_DX_FACTORS(NV)                                                                   \
         for (r = r0; r < r1; r++)                                                            \
             _Pragma("GCC unroll 4")                                                          \
             for (q = 0; q < NV; q++) {                                                       \
-                d = cbn_dz8_##S(dy + r * dy_row_stride, 1, CBN_ROW_OUTPUT(r), 1,             \
-                                CBN_ROW_MASK, CBN_ROW_BIT(r), 1, j + 8 * q, kind, alpha,     \
-                                CBN_MASK_MODE == CBN_ALIGNED_BITS);                          \
+                if (CBN_EXTRA) {                                                             \
+                    d = cbn_dz8_##S(dy + r * dy_row_stride, 1, CBN_ROW_OUTPUT(r), 1,         \
+                                    CBN_ROW_MASK, CBN_ROW_BIT(r), 1, j + 8 * q, kind, alpha, \
+                                    CBN_MASK_MODE == CBN_ALIGNED_BITS);                      \
+                    w = cbn_widen_##S(d);                                                    \
+                } else {                                                                     \
+                    w = cbn_dz8w_##S(dy + r * dy_row_stride, 1, CBN_ROW_OUTPUT(r), 1,        \
+                                     CBN_ROW_MASK, CBN_ROW_BIT(r), 1, j + 8 * q, kind,       \
+                                     alpha, CBN_MASK_MODE == CBN_ALIGNED_BITS);              \
+                }                                                                            \
                 CBN_PUT_##STORE(dx + r * dx_row_stride + j + 8 * q, cbn_narrow_##S(          \
-                    a[q] * cbn_widen_##S(d)                                                  \
+                    a[q] * w                                                                 \
                     + c[q] * (cbn_load_##S(x + r * x_row_stride + j + 8 * q) - m[q])         \
                     + o[q]));                                                                \
                 if (CBN_EXTRA) CBN_PUT_##STORE(dres + r * dres_row_stride + j + 8 * q, d);   \
