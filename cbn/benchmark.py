@@ -8,6 +8,7 @@ inference). Used by ``python -m cbn bench`` and by ``python -m cbn``'s short tab
 """
 import argparse
 import functools
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -51,6 +52,10 @@ FULL_CASES = (
     Case("NHWC-F", (32, 56, 56, 64), -1, layout="T", torch_view="nhwc"),
     Case("NHWC-step", (32, 56, 56, 64), -1, layout="S", torch_view="nhwc"),
     Case("tiny", (8, 16), -1, torch_view="nc"),
+    # A late stage of a ResNet at batch 32 (3.2 MB: in the last-level cache, not in L2),
+    # where each channel's plane is 49 values and PyTorch's in-cache loops are at their best.
+    Case("NCHW-7x7", (32, 512, 7, 7), 1),
+    Case("NHWC-7x7", (32, 7, 7, 512), -1, torch_view="nhwc"),
 )
 QUICK_CASES = (
     Case("NHWC", (16, 28, 28, 64), -1, torch_view="nhwc"),
@@ -292,6 +297,17 @@ def main(argv=None):
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]
+    print(f"Caches: {_machine.cache_sizes().describe()}. {_load_average()} at the start.")
     rows = run(cases, tuple(args.threads), args.repeats, not args.no_reference,
                not args.no_torch, tuple(args.ops))
     print(format_summary(rows) if args.summary else format_table(rows))
+    print(f"{_load_average()} at the end.")
+
+
+def _load_average():
+    """The machine's load average (1, 5, 15 minutes), beside every table: other jobs on the
+    same cores change every figure in it."""
+    try:
+        return "Load average " + ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    except (AttributeError, OSError):    # not reported on this OS
+        return "Load average not reported"
