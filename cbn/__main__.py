@@ -91,6 +91,7 @@ def main(argv):
     rows = benchmark.run(benchmark.QUICK_CASES, threads=(_kernels.max_threads(),), repeats=5,
                          operations=("forward", "backward"))
     print(benchmark.format_table(rows))
+    print(benchmark.load_note())
     return 0 if passed else 1
 
 

@@ -297,17 +297,24 @@ def main(argv=None):
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.cases:
         cases = [c for c in cases if c.name in args.cases]
-    print(f"Caches: {_machine.cache_sizes().describe()}. {_load_average()} at the start.")
+    print(f"Caches: {_machine.cache_sizes().describe()}. At the start: {load_note()}")
     rows = run(cases, tuple(args.threads), args.repeats, not args.no_reference,
                not args.no_torch, tuple(args.ops))
     print(format_summary(rows) if args.summary else format_table(rows))
-    print(f"{_load_average()} at the end.")
+    print(f"At the end: {load_note()}")
 
 
-def _load_average():
-    """The machine's load average (1, 5, 15 minutes), beside every table: other jobs on the
-    same cores change every figure in it."""
+def load_note():
+    """The load average, printed beside every table: other processes on the same cores
+    change every figure in it, and OpenMP's spinning threads slow multi-threaded calls most
+    (README, Threads)."""
     try:
-        return "Load average " + ", ".join(f"{v:.1f}" for v in os.getloadavg())
+        loads = os.getloadavg()
     except (AttributeError, OSError):    # not reported on this OS
-        return "Load average not reported"
+        return "Load average: not reported."
+    cpus = os.cpu_count() or 1
+    note = f"Load average {loads[0]:.1f}, {loads[1]:.1f}, {loads[2]:.1f} on {cpus} CPUs."
+    if loads[0] > cpus and "OMP_WAIT_POLICY" not in os.environ:
+        note += (" Other processes hold the cores: the times are disturbed, threaded calls"
+                 " most (OMP_WAIT_POLICY=passive helps; README, Threads).")
+    return note
