@@ -15,17 +15,21 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
     cdef const floating *x_tile = x + xw.feature_offsets[it.fo] + it.fi0 * xw.feature_stride
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, g.rows_per_run)
     cdef Py_ssize_t j, n
+    cdef Block dy_block = Block(0, 0, 0), x_block = Block(0, 0, 0)
+    cdef int64_t dy_row_stride, x_row_stride
+    cdef const floating *dy_rows
+    cdef const floating *x_rows
     for j in range(it.width):
         acc_dy[j] = 0.0
         acc_dy_xc[j] = 0.0
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        prefetch_next_run(g, runs, n, dy_tile, dyw, it.width, False)
-        prefetch_next_run(g, runs, n, x_tile, xw, it.width, False)
-        add_gradient_rows(dy_tile + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
-                          dyw.feature_stride, x_tile + row_offset(xw, runs.ro, runs.ri),
-                          xw.row_stride, xw.feature_stride, n, it.width, mean + it.f0,
-                          acc_dy, acc_dy_xc, stage, stage + g.stage_elements)
+        dy_rows = block_rows(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage,
+                             &dy_block)
+        x_rows = block_rows(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                            stage + g.stage_elements, &x_block)
+        add_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, n, it.width,
+                          mean + it.f0, acc_dy, acc_dy_xc)
         advance(g, &runs, n)
     for j in range(it.width):
         chunk_dy[it.chunk * g.n_features + it.f0 + j] = acc_dy[j]
@@ -75,6 +79,7 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     cdef bint dx_staged = dxw.feature_stride != 1
     cdef bint r_staged = False
     cdef bint stream
+    cdef Block dy_block = Block(0, 0, 0), x_block = Block(0, 0, 0), dx_block = Block(0, 0, 0)
     if act.residual_gradient != NULL:
         r_tile = (<floating *>act.residual_gradient + rw.feature_offsets[it.fo]
                   + it.fi0 * rw.feature_stride)
@@ -94,17 +99,17 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        dy_rows = rows_of(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage)
-        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
-                         stage + g.stage_elements)
+        dy_rows = block_rows(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage,
+                             &dy_block)
+        x_rows = block_rows(g, x_tile, xw, &runs, n, it.width, &x_row_stride,
+                            stage + g.stage_elements, &x_block)
         if o_tile != NULL:
             o_rows = rows_of(g, o_tile, act.output_walk, &runs, n, it.width, &o_row_stride,
                              activation_slot(g, stage, 0))
-        if not g.stream:
+        if not g.stream and not blocked(dxw):
             prefetch_next_run(g, runs, n, dx_tile, dxw, it.width, True)
-        dx_row_stride = dxw.row_stride
-        dx_rows = output_rows(dx_tile + row_offset(dxw, runs.ro, runs.ri), &dx_row_stride,
-                              dxw.feature_stride, it.width, stage + 2 * g.stage_elements)
+        dx_rows = block_output(g, dx_tile, dxw, &runs, n, it.width, &dx_row_stride,
+                               stage + 2 * g.stage_elements, &dx_block)
         if r_tile != NULL:
             r_row_stride = rw.row_stride
             r_rows = output_rows(r_tile + row_offset(rw, runs.ro, runs.ri), &r_row_stride,
@@ -120,9 +125,8 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
             input_gradient_rows(dy_rows, dy_row_stride, x_rows, x_row_stride, dx_rows,
                                 dx_row_stride, n, it.width, k.mean + it.f0, k.coef_dy + it.f0,
                                 k.coef_xc + it.f0, k.offset + it.f0, stream)
-        if dx_staged:
-            unstage_rows(dx_rows, n, it.width, dx_tile + row_offset(dxw, runs.ro, runs.ri),
-                         dxw.row_stride, dxw.feature_stride, g.stream)
+        flush_rows(g, dx_rows, dx_tile, dxw, &runs, n, it.width, stage + 2 * g.stage_elements,
+                   &dx_block, g.stream)
         if r_staged:
             unstage_rows(r_rows, n, it.width, r_tile + row_offset(rw, runs.ro, runs.ri),
                          rw.row_stride, rw.feature_stride)

@@ -48,6 +48,92 @@ cdef inline const floating *stage_rows(const floating *p, int64_t *row_stride, i
     return stage
 
 
+# Runs of rows that continue one another in an operand staged by transposing (NHWC x in
+# Fortran order beside a C-ordered dy: a run is 32 images, the next run the next row, 128
+# bytes further in each feature) are staged together, as many as the stage holds: each
+# feature is then one long piece (2 KiB of 16 runs) where it was 16 pieces of 128 bytes,
+# each next to pieces of all the other features, and each run's loops read or write their
+# rows in the stage. Copies only: the runs and their order, hence the bits, are unchanged.
+cdef struct Block:
+    Py_ssize_t begin, end       # rows [begin, end) of the item are in the stage
+    int64_t offset              # where row begin lies in the operand (from its tile)
+
+
+cdef inline bint blocked(const Walk *w) noexcept nogil:
+    """Whether an operand is staged a block of runs at a time (by transposing)."""
+    return w.feature_stride != 1 and w.row_stride == 1
+
+
+cdef inline floating *block_of(const Grid *g, const Walk *w, const Runs *runs,
+                               Py_ssize_t width, floating *stage, Block *block) noexcept nogil:
+    """Where the run's rows lie in the stage of a blocked operand, starting a block (rows
+    from runs.r that lie evenly spaced in w, up to the stage's rows_per_run) if the run is
+    not in the current one; the caller fills a new block (block.begin == runs.r)."""
+    cdef Runs ahead = runs[0]
+    cdef Py_ssize_t m = 0, n
+    if runs.r < block.begin or runs.r >= block.end:
+        block.offset = row_offset(w, runs.ro, runs.ri)
+        while ahead.r < ahead.end:
+            n = run_length(g, &ahead)
+            if (m + n > g.rows_per_run
+                    or row_offset(w, ahead.ro, ahead.ri) != block.offset + m * w.row_stride):
+                break
+            m += n
+            advance(g, &ahead, n)
+        block.begin, block.end = runs.r, runs.r + m
+    return stage + (runs.r - block.begin) * stage_pitch(width, sizeof(floating))
+
+
+cdef inline const floating *block_rows(const Grid *g, const floating *tile, const Walk *w,
+                                       const Runs *runs, Py_ssize_t n, Py_ssize_t width,
+                                       int64_t *row_stride, floating *stage,
+                                       Block *block) noexcept nogil:
+    """The run's rows of a tile as rows of adjacent features: in place, staged (per run),
+    or in the stage of its block (blocked operands)."""
+    cdef floating *rows
+    if not blocked(w):
+        prefetch_next_run(g, runs[0], n, tile, w, width, False)
+        row_stride[0] = w.row_stride
+        return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride,
+                          w.feature_stride, n, width, stage)
+    rows = block_of(g, w, runs, width, stage, block)
+    row_stride[0] = stage_pitch(width, sizeof(floating))
+    if block.begin == runs.r:
+        transpose(tile + block.offset, w.feature_stride, width, block.end - block.begin,
+                  stage, row_stride[0])
+    return rows
+
+
+cdef inline floating *block_output(const Grid *g, floating *tile, const Walk *w,
+                                   const Runs *runs, Py_ssize_t n, Py_ssize_t width,
+                                   int64_t *row_stride, floating *stage,
+                                   Block *block) noexcept nogil:
+    """Where to write the run's rows of a tile (rows of adjacent features): in place, or in
+    a stage that flush_rows copies back, per run or per block (blocked operands)."""
+    if blocked(w):
+        row_stride[0] = stage_pitch(width, sizeof(floating))
+        return block_of(g, w, runs, width, stage, block)
+    row_stride[0] = w.row_stride
+    return output_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride, w.feature_stride,
+                       width, stage)
+
+
+cdef inline void flush_rows(const Grid *g, const floating *rows, floating *tile, const Walk *w,
+                            const Runs *runs, Py_ssize_t n, Py_ssize_t width,
+                            const floating *stage, const Block *block,
+                            bint stream) noexcept nogil:
+    """block_output's rows written: copied to the operand if staged, per run, or once the
+    block's last run is written."""
+    if w.feature_stride == 1:
+        return
+    if not blocked(w):
+        unstage_rows(rows, n, width, tile + row_offset(w, runs.ro, runs.ri), w.row_stride,
+                     w.feature_stride, stream)
+    elif runs.r + n == block.end:
+        unstage_rows(stage, block.end - block.begin, width, tile + block.offset, 1,
+                     w.feature_stride, stream)
+
+
 cdef inline floating *output_rows(floating *p, int64_t *row_stride, int64_t step,
                                   Py_ssize_t width, floating *stage) noexcept nogil:
     """Where to write rows of adjacent features bound for p: p, or stage (then copied back
@@ -193,14 +279,12 @@ cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, i
             y[i * y_step] = <floating>((x[i * x_step] - mean) * scale + shift)
 
 
-cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride, int64_t dy_step,
-                                   const floating *x, int64_t x_row_stride, int64_t x_step,
+cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride,
+                                   const floating *x, int64_t x_row_stride,
                                    Py_ssize_t n_rows, Py_ssize_t width, const double *mean,
-                                   double *sum_dy, double *sum_dy_xc, floating *dy_stage,
-                                   floating *x_stage) noexcept nogil:
-    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over n_rows rows of width features."""
-    dy = stage_rows(dy, &dy_row_stride, dy_step, n_rows, width, dy_stage)
-    x = stage_rows(x, &x_row_stride, x_step, n_rows, width, x_stage)
+                                   double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over n_rows rows of width adjacent
+    features (block_rows stages those that are not)."""
     if floating is float:
         cbn_gradient_sums_f32(dy, dy_row_stride, x, x_row_stride, n_rows, width, mean,
                               sum_dy, sum_dy_xc)

@@ -29,6 +29,7 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
     cdef int64_t b, bit_row_stride = 0, bit_step = 0
     cdef Activation row_act = act[0]
     cdef bint bits_by_rows = False
+    cdef Block x_block = Block(0, 0, 0), y_block = Block(0, 0, 0)
     if act.mask != NULL:
         bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
         # A feature's rows have adjacent bits, a row's features do not (x a channels_last
@@ -49,15 +50,14 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         return
     while runs.r < runs.end:
         n = run_length(g, &runs)
-        x_rows = rows_of(g, x_tile, xw, &runs, n, it.width, &x_row_stride, stage)
+        x_rows = block_rows(g, x_tile, xw, &runs, n, it.width, &x_row_stride, stage, &x_block)
         if r_tile != NULL:
             r_rows = rows_of(g, r_tile, act.residual_walk, &runs, n, it.width, &r_row_stride,
                              stage + 2 * g.stage_elements)
-        if not g.stream:
+        if not g.stream and not blocked(yw):
             prefetch_next_run(g, runs, n, y_tile, yw, it.width, True)
-        y_row_stride = yw.row_stride
-        y_rows = output_rows(y_tile + row_offset(yw, runs.ro, runs.ri), &y_row_stride,
-                             yw.feature_stride, it.width, stage + g.stage_elements)
+        y_rows = block_output(g, y_tile, yw, &runs, n, it.width, &y_row_stride,
+                              stage + g.stage_elements, &y_block)
         if act.fused:
             b = mask_bit(act, g, it.f0, runs.ro, runs.ri)
             normalize_act_rows(x_rows, x_row_stride, r_rows, r_row_stride, y_rows,
@@ -68,9 +68,8 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         else:
             normalize_rows(x_rows, x_row_stride, y_rows, y_row_stride, n, it.width,
                            mean + it.f0, scale + it.f0, shift + it.f0, stream)
-        if y_staged:
-            unstage_rows(y_rows, n, it.width, y_tile + row_offset(yw, runs.ro, runs.ri),
-                         yw.row_stride, yw.feature_stride, g.stream)
+        flush_rows(g, y_rows, y_tile, yw, &runs, n, it.width, stage + g.stage_elements,
+                   &y_block, g.stream)
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
