@@ -333,3 +333,27 @@ def test_reversed_runs_match_reference_and_c_bits(dtype, streaming):
     assert_close(dx[0], dx_ref, dtype, condition=100)
     y = cbn.batch_norm_forward(x, axis=1, out=reversed_features(np.zeros_like(values)))[0]
     assert_close(y, reference.batch_norm_forward(values, axis=1)[0], dtype, condition=100)
+
+
+# NHWC x in Fortran order beside C-ordered dy and out=: runs of 5 images, and as many runs
+# as the stage holds staged as one block (block_of) where they continue one another in x.
+# Every other row of H (a stepped Fortran view) breaks that continuity at every run, and
+# 150 features make tiles of 128 and 22 (blocks of different pitches).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("step", [1, 2])
+def test_blocks_of_runs_match_reference_and_own_bits(step, dtype):
+    rng = np.random.default_rng(23)
+    values = (rng.standard_normal((5, 6, 7, 150)) * 2 + 1).astype(dtype)
+    dy_values = rng.standard_normal(values.shape).astype(dtype)
+    wide = np.zeros((5, 6 * step, 7, 150), dtype, order="F")
+    x = wide[:, ::step]
+    x[...] = values
+    mean, var = cbn.batch_stats(values)
+    y = cbn.batch_norm_inference(x, mean, var, out=np.zeros_like(values))
+    assert y.tobytes() == cbn.batch_norm_inference(values, mean, var).tobytes()
+    assert_close(y, reference.batch_norm_forward(values)[0], dtype, condition=100)
+    backward = cbn.batch_norm_backward(dy_values, x, mean, var, out=np.zeros_like(values))
+    for a, b in zip(backward, cbn.batch_norm_backward(dy_values, x, mean, var)):
+        assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
+    assert_close(backward[0], dx_ref, dtype, condition=100)
