@@ -229,6 +229,28 @@ static inline uint32_t cbn_signs_f64(cbn_m8d m) {
 }
 #endif
 
+/* The mask's byte of 8 values z of batch norm (+ residual): bit k = (z[k] > 0), which is
+ * (act(z)[k] > 0) for each activation (alpha >= 0; NaN: neither). Taken from z, where relu
+ * compares it anyway: with AVX-512 one comparison into a mask register serves both, stored
+ * as it is (from act(z), a second comparison, expanded to lanes and gathered back). */
+#if CBN_MASK_REGISTERS
+static inline uint32_t cbn_positive8_f32(cbn_v8f z) {
+    return (uint32_t)_mm256_cmp_ps_mask((__m256)z, _mm256_setzero_ps(), _CMP_GT_OS);
+}
+static inline uint32_t cbn_positive8_f64(cbn_v8d z) {
+    return (uint32_t)_mm512_cmp_pd_mask((__m512d)z, _mm512_setzero_pd(), _CMP_GT_OS);
+}
+#else
+static inline uint32_t cbn_positive8_f32(cbn_v8f z) {
+    const cbn_v8f zero = {0};
+    return cbn_signs_f32(z > zero);
+}
+static inline uint32_t cbn_positive8_f64(cbn_v8d z) {
+    const cbn_v8d zero = {0};
+    return cbn_signs_f64(z > zero);
+}
+#endif
+
 #define CBN_DEFINE_ACTIVATION(T, S)                                                          \
 static inline T cbn_act_##S(T z, int kind, double alpha) {                                   \
     if (kind == CBN_ACT_RELU) return (z > 0 || z != z) ? z : (T)0;                           \
@@ -264,8 +286,8 @@ static inline CBN_VEC_##S cbn_act8_##S(CBN_VEC_##S z, int kind, double alpha) { 
     CBN_VEC_##S zero = {0};                                                                  \
     CBN_MASK_##S keep = z > zero;                                                            \
     int k;                                                                                   \
-    if (kind == CBN_ACT_RELU)                                                                \
-        return (CBN_VEC_##S)((CBN_MASK_##S)z & (keep | (z != z)));                           \
+    if (kind == CBN_ACT_RELU)   /* z > 0 or NaN: not z <= 0 (one comparison) */              \
+        return (CBN_VEC_##S)((CBN_MASK_##S)z & ~(z <= zero));                                \
     if (kind == CBN_ACT_LEAKY_RELU)                                                          \
         return (CBN_VEC_##S)(((CBN_MASK_##S)z & keep)                                        \
                              | ((CBN_MASK_##S)(z * (T)alpha) & ~keep));                      \
@@ -379,12 +401,11 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
                                     + cbn_factor(shift, i, per_element, shift_1),            \
                                     CBN_VEC_##S);                                            \
         if (residual) v += cbn_vec_load_##S(residual + i, 1);                                \
+        if (bits == CBN_ALIGNED_BITS) mask[(b + i) >> 3] = (uint8_t)cbn_positive8_##S(v);    \
+        else if (bits == CBN_ANY_BITS) positive = v > zero;                                  \
         v = cbn_act8_##S(v, kind, alpha);                                                    \
         cbn_vec_put_##S(y + i, v, stream);                                                   \
-        if (bits == CBN_ALIGNED_BITS) {                                                      \
-            mask[(b + i) >> 3] = (uint8_t)cbn_signs_##S(v > zero);                           \
-        } else if (bits == CBN_ANY_BITS) {                                                   \
-            positive = v > zero;                                                             \
+        if (bits == CBN_ANY_BITS) {                                                          \
             if (bit_step == 1) {                                                             \
                 cbn_gather_bits(mask, &at, &word, &held, cbn_signs_##S(positive), 8, b,      \
                                 b + n);                                                      \
@@ -605,7 +626,7 @@ CBN_DEFINE_ACTIVATION_SUMS(double, f64)
 
 #define CBN_ACT_Y_STRIP(S, NV, STORE)                                                        \
     {                                                                                        \
-        CBN_VEC_##S v, zero = {0};                                                           \
+        CBN_VEC_##S v;                                                                       \
         CBN_Y_FACTORS(NV)                                                                    \
         for (r = r0; r < r1; r++)                                                            \
             _Pragma("GCC unroll 8")                                                          \
@@ -615,14 +636,13 @@ CBN_DEFINE_ACTIVATION_SUMS(double, f64)
                     CBN_VEC_##S);                                                            \
                 if (CBN_EXTRA)                                                               \
                     v += cbn_vec_load_##S(residual + r * r_row_stride + j + 8 * q, 1);       \
+                if (CBN_MASK_MODE == CBN_ALIGNED_BITS)                                       \
+                    mask[((CBN_ROW_BIT(r) + j) >> 3) + q] = (uint8_t)cbn_positive8_##S(v);   \
+                else if (CBN_MASK_MODE == CBN_ANY_BITS)                                      \
+                    cbn_set_bits(mask, CBN_ROW_BIT(r) + j + 8 * q, cbn_positive8_##S(v), 8,  \
+                                 CBN_ROW_BIT(r), CBN_ROW_BIT(r) + width);                    \
                 v = cbn_act8_##S(v, kind, alpha);                                            \
                 CBN_PUT_##STORE(y + r * y_row_stride + j + 8 * q, v);                        \
-                if (CBN_MASK_MODE == CBN_ALIGNED_BITS)                                       \
-                    mask[((CBN_ROW_BIT(r) + j) >> 3) + q] =                                  \
-                        (uint8_t)cbn_signs_##S(v > zero);                                    \
-                else if (CBN_MASK_MODE == CBN_ANY_BITS)                                      \
-                    cbn_set_bits(mask, CBN_ROW_BIT(r) + j + 8 * q, cbn_signs_##S(v > zero),  \
-                                 8, CBN_ROW_BIT(r), CBN_ROW_BIT(r) + width);                 \
             }                                                                                \
     }
 

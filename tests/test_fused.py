@@ -332,6 +332,26 @@ def test_strips_of_every_width(dtype, offset, streaming, strips):
                 assert got.tobytes() == want.tobytes(), width
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ["relu", ("leaky_relu", 0.5)])
+@pytest.mark.parametrize("shape,axis", [((3, 16, 8, 8), 1), ((3, 8, 8, 16), -1), ((24, 40), -1)])
+def test_mask_of_exact_zeros_and_nans(shape, axis, activation, dtype):
+    """z exactly +0 (x at the mean, beta 0) and NaN: y as the activation gives it, and the
+    mask bit clear (z > 0 is false) in every loop that stores the bits (runs, strips)."""
+    rng = np.random.default_rng(5)
+    x = rng.integers(-2, 3, shape).astype(dtype)
+    x.flat[::7] = np.nan
+    features = x.shape[axis]
+    mean, var = np.zeros(features), np.ones(features)
+    gamma, beta = np.where(np.arange(features) % 2, 1.5, -1.5), np.zeros(features)
+    plain = cbn.batch_norm_inference(x, mean, var, gamma, beta, axis)
+    y, mask = cbn.batch_norm_inference(x, mean, var, gamma, beta, axis, activation=activation,
+                                       return_mask=True)
+    assert np.count_nonzero(plain == 0) and np.count_nonzero(np.isnan(plain))
+    assert y.tobytes() == as_activation(activation).apply(plain).tobytes()
+    assert mask.tobytes() == pack_mask(plain > 0).tobytes()
+
+
 # ----------------------------------------------------------------------------------------
 # Bad arguments
 # ----------------------------------------------------------------------------------------
