@@ -161,16 +161,6 @@ cdef inline const floating *tile_of(const floating *base, const Walk *w,
     return base + w.feature_offsets[it.fo] + it.fi0 * w.feature_stride
 
 
-cdef inline const floating *rows_of(const Grid *g, const floating *tile, const Walk *w,
-                                    const Runs *runs, Py_ssize_t n, Py_ssize_t width,
-                                    int64_t *row_stride, floating *stage) noexcept nogil:
-    """The run's rows of a tile as rows of adjacent features (staged if need be)."""
-    prefetch_next_run(g, runs[0], n, tile, w, width, False)
-    row_stride[0] = w.row_stride
-    return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride, w.feature_stride, n,
-                      width, stage)
-
-
 cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Walk *xw,
                                      floating *y, const Walk *yw, RiItem it, double mean,
                                      double scale, double shift,

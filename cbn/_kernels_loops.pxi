@@ -48,6 +48,16 @@ cdef inline const floating *stage_rows(const floating *p, int64_t *row_stride, i
     return stage
 
 
+cdef inline const floating *rows_of(const Grid *g, const floating *tile, const Walk *w,
+                                    const Runs *runs, Py_ssize_t n, Py_ssize_t width,
+                                    int64_t *row_stride, floating *stage) noexcept nogil:
+    """The run's rows of a tile as rows of adjacent features (staged if need be)."""
+    prefetch_next_run(g, runs[0], n, tile, w, width, False)
+    row_stride[0] = w.row_stride
+    return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride, w.feature_stride, n,
+                      width, stage)
+
+
 # Runs of rows that continue one another in an operand staged by transposing (NHWC x in
 # Fortran order beside a C-ordered dy: a run is 32 images, the next run the next row, 128
 # bytes further in each feature) are staged together, as many as the stage holds: each
@@ -92,10 +102,7 @@ cdef inline const floating *block_rows(const Grid *g, const floating *tile, cons
     or in the stage of its block (blocked operands)."""
     cdef floating *rows
     if not blocked(w):
-        prefetch_next_run(g, runs[0], n, tile, w, width, False)
-        row_stride[0] = w.row_stride
-        return stage_rows(tile + row_offset(w, runs.ro, runs.ri), row_stride,
-                          w.feature_stride, n, width, stage)
+        return rows_of(g, tile, w, runs, n, width, row_stride, stage)
     rows = block_of(g, w, runs, width, stage, block)
     row_stride[0] = stage_pitch(width, sizeof(floating))
     if block.begin == runs.r:
