@@ -357,3 +357,43 @@ def test_blocks_of_runs_match_reference_and_own_bits(step, dtype):
         assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
     dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
     assert_close(backward[0], dx_ref, dtype, condition=100)
+
+
+# NCHW with W reversed in some operands only (RI runs stepping by 1 in one, -1 in another):
+# the elementwise passes take each run a piece at a time, reversed into or out of a buffer
+# (normalize_run, input_gradient_run: forwards, backwards); 150 columns make pieces of 64,
+# 64 and 22 (SIMD bodies and tails). A Fortran out= beside reversed x takes row groups, x's
+# runs reversed beside the staged tile. Elementwise results are the all-C call's bits.
+OPPOSITE_LAYOUTS = {"C": np.ascontiguousarray, "F": np.asfortranarray,
+                    "reversed": reversed_features}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,dy_layout,out_layout", [
+    ("C", "C", "reversed"), ("reversed", "C", "C"), ("reversed", "reversed", "C"),
+    ("C", "reversed", "reversed"), ("reversed", "C", "F"), ("C", "reversed", "C")])
+def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout, out_layout,
+                                                            dtype, streaming):
+    rng = np.random.default_rng(29)
+    values = (rng.standard_normal((3, 4, 5, 150)) * 2 + 1).astype(dtype)
+    dy_values = rng.standard_normal(values.shape).astype(dtype)
+    x = OPPOSITE_LAYOUTS[x_layout](values)
+    dy = OPPOSITE_LAYOUTS[dy_layout](dy_values)
+    mean, var = cbn.batch_stats(values, axis=1)
+
+    def out_like():
+        return OPPOSITE_LAYOUTS[out_layout](np.zeros_like(values))
+
+    inference = cbn.batch_norm_inference(x, mean, var, axis=1, out=out_like())
+    assert (np.ascontiguousarray(inference).tobytes()
+            == cbn.batch_norm_inference(values, mean, var, axis=1).tobytes())
+    y = cbn.batch_norm_forward(x, axis=1, out=out_like())[0]
+    assert (np.ascontiguousarray(y).tobytes()
+            == np.ascontiguousarray(cbn.batch_norm_forward(x, axis=1)[0]).tobytes())
+    assert_close(y, reference.batch_norm_forward(values, axis=1)[0], dtype, condition=100)
+    dx = cbn.batch_norm_backward(dy, x, mean, var, axis=1, out=out_like())
+    for a, b in zip(dx, cbn.batch_norm_backward(dy, x, mean, var, axis=1,
+                                                out=np.zeros_like(values))):
+        assert np.ascontiguousarray(a).tobytes() == b.tobytes()
+    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var, axis=1)
+    assert_close(dx[0], dx_ref, dtype, condition=100)
