@@ -351,9 +351,10 @@ cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Wa
 # to 60.9M instructions (callgrind, avx2 level; the matched call 34.9M) and from 3.7-6.3x to
 # 1.4-2.7x the matched call's time (one thread, interleaved, on a loaded machine).
 cdef inline bint pair_tile(const Grid *g, const Walk *dyw, const Walk *xw) noexcept nogil:
-    """Whether exactly one of dy and x is staged, the other running along the tile's rows."""
+    """Whether exactly one of dy and x is staged, the other running along the tile's rows
+    (cbn_*_pair read the staged one's tile rows forwards: not one stepping back)."""
     return (group_staged(g, dyw) != group_staged(g, xw) and group_step(g, dyw) == 1
-            and group_step(g, xw) == 1)
+            and group_step(g, xw) == 1 and dyw.group_stride != -1 and xw.group_stride != -1)
 
 
 cdef inline bint pair_steps(const Grid *g, const Walk *dyw, const Walk *xw, bint transposed,
@@ -441,13 +442,15 @@ cdef void input_gradient_planes(const Grid *g, const floating *dy, const Walk *d
                                 const Buffers *ws) noexcept nogil:
     """RI dx outer row by outer row, in memory order (see normalize_planes), by row groups."""
     cdef Py_ssize_t i
+    cdef Grid e = elementwise(g)
     if g.n_threads == 1:
         for i in range(planes_items(g)):
-            input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i % group_count(g)),
-                                 item_features(g, i), <floating *>ws.scratch)
+            input_gradient_group(&e, dy, dyw, x, xw, dx, dxw, k,
+                                 group_start(g, i % group_count(g)), item_features(g, i),
+                                 <floating *>ws.scratch)
         return
     for i in prange(planes_items(g), num_threads=g.n_threads, schedule="dynamic"):
-        input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, group_start(g, i % group_count(g)),
+        input_gradient_group(&e, dy, dyw, x, xw, dx, dxw, k, group_start(g, i % group_count(g)),
                              item_features(g, i),
                              <floating *>(ws.scratch + threadid() * ws.scratch_per_thread))
 
@@ -486,7 +489,7 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
             group_prefetch_next(g, x, xw, f, ro, ri, n_rows, False)
             if not stream:
                 group_prefetch_next(g, dx, dxw, f, ro, ri, n_rows, True)
-            if pair_tile(g, dyw, xw) and dx_step == 1 and not stream:
+            if pair_tile(g, dyw, xw) and dx_step == 1 and not stream and dxw.group_stride != -1:
                 pair_input_gradient(g, dy_feature, dyw, x_feature, xw, dx_feature, dxw, ro, ri,
                                     n_rows, n, k.mean[f], k.coef_dy[f], k.coef_xc[f],
                                     k.offset[f])

@@ -124,14 +124,15 @@ cdef void normalize_planes(const Grid *g, const floating *x, const Walk *xw, flo
                            const double *shift, const Buffers *ws,
                            const Activation *act) noexcept nogil:
     cdef Py_ssize_t i
+    cdef Grid e = elementwise(g)
     if g.n_threads == 1:
         for i in range(planes_items(g)):
-            normalize_group(g, x, xw, y, yw, group_start(g, i % group_count(g)),
+            normalize_group(&e, x, xw, y, yw, group_start(g, i % group_count(g)),
                             item_features(g, i), mean, scale, shift, <floating *>ws.scratch,
                             act)
         return
     for i in prange(planes_items(g), num_threads=g.n_threads, schedule="dynamic"):
-        normalize_group(g, x, xw, y, yw, group_start(g, i % group_count(g)),
+        normalize_group(&e, x, xw, y, yw, group_start(g, i % group_count(g)),
                         item_features(g, i), mean, scale, shift,
                         <floating *>(ws.scratch + threadid() * ws.scratch_per_thread), act)
 
@@ -177,8 +178,25 @@ cdef inline Py_ssize_t item_features(const Grid *g, Py_ssize_t i) noexcept nogil
 
 cdef inline bint group_staged(const Grid *g, const Walk *w) noexcept nogil:
     """Whether an operand's tiles go through a buffer: it steps by one element from outer row
-    to outer row of a group, not along the rows."""
-    return g.row_group > 1 and w.group_stride == 1 and w.row_stride != 1
+    to outer row of a group, not along the rows; in the elementwise passes (backwards_staged)
+    also where it steps back by one (NCHW out= with W reversed beside x Fortran), its tile
+    then staged from its last row, so that the stage's rows are in the tile's order (written
+    in place, it took an element at a time, 4-5x the slower matched call). The sums leave
+    such an operand in place: staging it would change their order, hence their bits."""
+    return g.row_group > 1 and w.row_stride != 1 and (
+        w.group_stride == 1 or (g.backwards_staged and w.group_stride == -1))
+
+
+cdef inline Grid elementwise(const Grid *g) noexcept nogil:
+    """g for an elementwise pass (normalizing, dx): no order of its own to keep."""
+    cdef Grid e = g[0]
+    e.backwards_staged = True
+    return e
+
+
+cdef inline Py_ssize_t first_row(const Walk *w, Py_ssize_t n_rows) noexcept nogil:
+    """The tile row a staged operand's transpose starts from: its lowest in memory."""
+    return n_rows - 1 if w.group_stride == -1 else 0
 
 
 cdef inline int64_t group_step(const Grid *g, const Walk *w) noexcept nogil:
@@ -206,16 +224,20 @@ cdef inline void group_stage(const Grid *g, const floating *p, const Walk *w, Py
                              floating *stage) noexcept nogil:
     """A staged operand's tile (elements ri .. ri + n of outer rows ro .. ro + n_rows of the
     feature at p) copied to stage, rows of n."""
+    cdef Py_ssize_t first = first_row(w, n_rows)
     if group_staged(g, w):
-        transpose(p + row_offset(w, ro, ri), w.row_stride, n, n_rows, stage, n)
+        transpose(p + row_offset(w, ro + first, ri), w.row_stride, n, n_rows, stage + first * n,
+                  w.group_stride * n)
 
 
 cdef inline void group_flush(const Grid *g, const floating *stage, floating *p, const Walk *w,
                              Py_ssize_t ro, Py_ssize_t ri, Py_ssize_t n_rows,
                              Py_ssize_t n) noexcept nogil:
     """group_stage's inverse, for an output."""
+    cdef Py_ssize_t first = first_row(w, n_rows)
     if group_staged(g, w):
-        transpose(stage, n, n_rows, n, p + row_offset(w, ro, ri), w.row_stride)
+        transpose(stage + first * n, w.group_stride * n, n_rows, n,
+                  p + row_offset(w, ro + first, ri), w.row_stride)
 
 
 cdef inline void group_prefetch_next(const Grid *g, const floating *p, const Walk *w,
@@ -232,9 +254,10 @@ cdef inline void group_prefetch_next(const Grid *g, const floating *p, const Wal
         ri, f = 0, f + 1
     if g.row_group == 1 or f >= g.n_features:
         return
-    cbn_prefetch_tile(<const char *>(p + feature_offset(w, g, f) + row_offset(w, ro, ri)),
-                      w.group_stride, w.row_stride, n_rows, min(g.group_run, g.n_ri - ri),
-                      sizeof(floating), for_writing)
+    cdef Py_ssize_t first = first_row(w, n_rows)     # a tile stepping back: from its lowest
+    cbn_prefetch_tile(<const char *>(p + feature_offset(w, g, f) + row_offset(w, ro + first, ri)),
+                      1 if first else w.group_stride, w.row_stride, n_rows,
+                      min(g.group_run, g.n_ri - ri), sizeof(floating), for_writing)
 
 
 cdef inline void normalize_transposed(const Grid *g, const floating *x, const Walk *xw,
@@ -242,15 +265,17 @@ cdef inline void normalize_transposed(const Grid *g, const floating *x, const Wa
                                       Py_ssize_t ri, Py_ssize_t n_rows, Py_ssize_t n,
                                       double mean, double scale, double shift) noexcept nogil:
     """A tile of y from x's (features at x, y) where exactly one of them is staged: one
-    transpose that normalizes on the way, no buffer."""
+    transpose that normalizes on the way, no buffer; where the staged one steps back along
+    the tile's rows, both are walked from the tile's last row."""
     cdef double affine[3]
+    cdef const Walk *staged = yw if group_staged(g, yw) else xw
+    cdef Py_ssize_t first = first_row(staged, n_rows)
     affine[0], affine[1], affine[2] = mean, scale, shift
-    if group_staged(g, yw):     # x in place, rows of n: y's rows are x's columns
-        transpose(x + row_offset(xw, ro, ri), xw.group_stride, n_rows, n,
-                  y + row_offset(yw, ro, ri), yw.row_stride, affine)
-    else:                       # x staged: its rows (along the tile's rows) become y's
-        transpose(x + row_offset(xw, ro, ri), xw.row_stride, n, n_rows,
-                  y + row_offset(yw, ro, ri), yw.group_stride, affine)
+    x, y = x + row_offset(xw, ro + first, ri), y + row_offset(yw, ro + first, ri)
+    if staged == yw:    # x in place, rows of n: y's rows are x's columns
+        transpose(x, staged.group_stride * xw.group_stride, n_rows, n, y, yw.row_stride, affine)
+    else:               # x staged: its rows (along the tile's rows) become y's
+        transpose(x, xw.row_stride, n, n_rows, y, staged.group_stride * yw.group_stride, affine)
 
 
 cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floating *y,

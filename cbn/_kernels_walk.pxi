@@ -10,6 +10,7 @@ cdef struct Grid:
     Py_ssize_t row_group    # planes: the plan's row_group (1: walked one outer row at a time)
     Py_ssize_t group_rows, group_run    # row groups: outer rows, and inner elements per tile
     Py_ssize_t group_features   # planes: features per item, every one or one (features_outer)
+    bint backwards_staged   # row groups, elementwise passes: see group_staged
     Py_ssize_t n_bytes                               # of one operand
     bint stream                                      # streaming stores for the output
     bint rows_contiguous        # FI, and every operand's rows follow each other in memory
@@ -82,6 +83,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
     g.features_inner = plan.features_inner
     g.planes = False
     g.row_group = g.group_rows = g.group_run = 1
+    g.backwards_staged = False
     g.group_features = g.n_fo * g.n_fi
     g.n_bytes = g.n_rows * g.n_features * itemsize
     g.stream = False

@@ -397,3 +397,39 @@ def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout,
         assert np.ascontiguousarray(a).tobytes() == b.tobytes()
     dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var, axis=1)
     assert_close(dx[0], dx_ref, dtype, condition=100)
+
+
+# The plan's first operand (x; dy in the backward) Fortran beside another with W reversed
+# (NCHW): row groups along W, whose tile in the reversed operand steps back from outer row
+# to outer row; the elementwise passes stage it from its last row (group_staged's
+# backwards_staged, first_row), or normalize it within the transpose walked from there
+# (normalize_transposed). 70 columns make groups of 64 and 6, 19 images partial 8 x 8
+# blocks. Elementwise results are the all-C call's bits.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,dy_layout,out_layout", [
+    ("F", "C", "reversed"), ("F", "reversed", "reversed"), ("reversed", "F", "F"),
+    ("C", "F", "reversed")])
+def test_row_groups_stepping_back_match_reference_and_c_bits(x_layout, dy_layout, out_layout,
+                                                             dtype):
+    rng = np.random.default_rng(31)
+    values = (rng.standard_normal((19, 3, 2, 70)) * 2 + 1).astype(dtype)
+    dy_values = rng.standard_normal(values.shape).astype(dtype)
+    x = OPPOSITE_LAYOUTS[x_layout](values)
+    dy = OPPOSITE_LAYOUTS[dy_layout](dy_values)
+    mean, var = cbn.batch_stats(values, axis=1)
+
+    def out_like():
+        return OPPOSITE_LAYOUTS[out_layout](np.zeros_like(values))
+
+    inference = cbn.batch_norm_inference(x, mean, var, axis=1, out=out_like())
+    assert (np.ascontiguousarray(inference).tobytes()
+            == cbn.batch_norm_inference(values, mean, var, axis=1).tobytes())
+    y = cbn.batch_norm_forward(x, axis=1, out=out_like())[0]
+    assert (np.ascontiguousarray(y).tobytes()
+            == np.ascontiguousarray(cbn.batch_norm_forward(x, axis=1)[0]).tobytes())
+    dx = cbn.batch_norm_backward(dy, x, mean, var, axis=1, out=out_like())
+    for a, b in zip(dx, cbn.batch_norm_backward(dy, x, mean, var, axis=1,
+                                                out=np.zeros_like(values))):
+        assert np.ascontiguousarray(a).tobytes() == b.tobytes()
+    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var, axis=1)
+    assert_close(dx[0], dx_ref, dtype, condition=100)
