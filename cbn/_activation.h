@@ -533,6 +533,11 @@ CBN_DEFINE_ACTIVATION(double, f64)
 #define CBN_DZ1_RUN(S, i) cbn_dz1_##S(dy[(i) * dy_step], y, y_step, mask, bit0, bit_step, (i),    \
                                       kind, alpha)
 
+#define CBN_NEXT_DZ_ROWS (row < n_rows ? (dy = dy_base + dy_rows[row],                       \
+                                           y = y ? y_base + y_rows[row] : y,                \
+                                           bit0 = mask ? bit_base + bit_rows[row] : bit0,   \
+                                           x = x_base + x_rows[row]) : x)
+
 /* CALL with D the residual's gradient dres (T *), a constant NULL where there is none: the
  * vector loop then tests nothing per vector for it. */
 #define CBN_WITH_DRES(T, CALL)                                                               \
@@ -551,6 +556,17 @@ static inline __attribute__((always_inline)) void cbn_act_gradient_sums_run_k_##
         double mean, int kind, double alpha, double *sum_dy, double *sum_dy_xc,              \
         const uint8_t *mask, int64_t bit0, int64_t bit_step, int aligned) {                  \
     CBN_GRADIENT_RUN_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                     \
+}                                                                                            \
+static inline __attribute__((always_inline)) void cbn_act_gradient_sums_rows_k_##S(       \
+        const T *dy_base, const int64_t *dy_rows, int64_t dy_step, const T *y_base,          \
+        const int64_t *y_rows, int64_t y_step, const T *x_base, const int64_t *x_rows,       \
+        int64_t n_rows, int64_t n, double mean, int kind, double alpha, double *sum_dy,      \
+        double *sum_dy_xc, const uint8_t *mask, int64_t bit_base, const int64_t *bit_rows,   \
+        int64_t bit_step, int aligned) {                                                     \
+    const T *dy = dy_base + dy_rows[0], *x = x_base + x_rows[0];                             \
+    const T *y = y_base ? y_base + y_rows[0] : NULL;                                         \
+    int64_t bit0 = mask ? bit_base + bit_rows[0] : 0;                                        \
+    CBN_GRADIENT_ROWS_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN, n_rows, CBN_NEXT_DZ_ROWS)          \
 }                                                                                            \
 /* The three above with the activation a constant in the loops (CBN_BY_KIND), and the     \
  * mask's common case, adjacent bits read along unit steps (what a training step's backward \
@@ -589,6 +605,32 @@ static void cbn_act_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const 
                                                 x_row_stride, n_rows, width, mean, K, alpha, \
                                                 sum_dy, sum_dy_xc, mask, bit0,               \
                                                 mask_row_stride, bit_step, 0))               \
+    }                                                                                        \
+}                                                                                            \
+/* n_rows runs (a planes chunk's short runs of one feature) into one set of accumulators, \
+ * as cbn_gradient_sums_rows sums the composed call's dz: rows at the tables' offsets.     \
+ * The mask's bytes are read whole where every row's bits start a byte. */                 \
+static void cbn_act_gradient_sums_rows_##S(const T *dy_base, const int64_t *dy_rows,       \
+                                           int64_t dy_step, const T *y_base,                \
+                                           const int64_t *y_rows, int64_t y_step,           \
+                                           const T *x_base, const int64_t *x_rows,          \
+                                           int64_t n_rows, int64_t n, double mean, int kind,\
+                                           double alpha, double *sum_dy, double *sum_dy_xc, \
+                                           const uint8_t *mask, int64_t bit_base,           \
+                                           const int64_t *bit_rows, int64_t bit_step) {     \
+    int bytes = mask && bit_step == 1 && dy_step == 1;                                       \
+    for (int64_t r = 0; bytes && r < n_rows; r++)                                            \
+        bytes = ((bit_base + bit_rows[r]) & 7) == 0;                                         \
+    if (bytes) {                                                                             \
+        CBN_BY_KIND(cbn_act_gradient_sums_rows_k_##S(dy_base, dy_rows, 1, NULL, NULL, 0,     \
+                                                     x_base, x_rows, n_rows, n, mean, K,     \
+                                                     alpha, sum_dy, sum_dy_xc, mask,         \
+                                                     bit_base, bit_rows, 1, 1))              \
+    } else {                                                                                 \
+        CBN_BY_KIND(cbn_act_gradient_sums_rows_k_##S(dy_base, dy_rows, dy_step, y_base,      \
+                                                     y_rows, y_step, x_base, x_rows, n_rows, \
+                                                     n, mean, K, alpha, sum_dy, sum_dy_xc,   \
+                                                     mask, bit_base, bit_rows, bit_step, 0)) \
     }                                                                                        \
 }                                                                                            \
 static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T *y,          \

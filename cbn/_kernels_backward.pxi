@@ -39,12 +39,20 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
 cdef void ri_gradient_sums(const Grid *g, const floating *dy, const Walk *dyw,
                            const floating *x, const Walk *xw, RiItem it, double mean,
                            double *sum_dy, double *sum_dy_xc) noexcept nogil:
-    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over the item, run by run."""
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over the item, run by run, or whole
+    short runs several at a time (sum_rows)."""
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n, n_runs
     while runs.r < runs.end:
+        n_runs = whole_runs(g, &runs)
+        if n_runs > 1 and dyw.row_stride == 1 and xw.row_stride == 1:
+            rows_gradient_sums(dy_feature, dyw.row_offsets + runs.ro, x_feature,
+                               xw.row_offsets + runs.ro, n_runs, g.n_ri, mean, sum_dy,
+                               sum_dy_xc)
+            skip_runs(g, &runs, n_runs)
+            continue
         n = run_length(g, &runs)
         gradient_run(dy_feature + row_offset(dyw, runs.ro, runs.ri), dyw.row_stride,
                      x_feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, n, mean,
@@ -278,12 +286,21 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
                                stage, act)
         return
     ro = ro0
-    while ro < ro1:     # a row group at a time (one row unless grouped)
-        n_rows = group_length(g, ro, ro1)
+    while ro < ro1:     # a row group at a time, or without row groups sum_rows rows
+        n_rows = sums_length(g, ro, ro1)
         for f in range(g.n_features):
             group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, &sum_dy[f],
                                 &sum_dy_xc[f], stage, act)
         ro += n_rows
+
+
+cdef inline Py_ssize_t sums_length(const Grid *g, Py_ssize_t ro, Py_ssize_t ro_end) noexcept nogil:
+    """Outer rows from ro whose runs of a feature the gradient sums take at once: a row
+    group, or without row groups up to sum_rows (within the chunk: the bits do not depend
+    on the threads)."""
+    if g.row_group > 1:
+        return group_length(g, ro, ro_end)
+    return min(g.sum_rows, ro_end - ro)
 
 
 cdef inline void feature_chunk_sums(const Grid *g, const floating *dy, const Walk *dyw,
@@ -294,7 +311,7 @@ cdef inline void feature_chunk_sums(const Grid *g, const floating *dy, const Wal
     """Feature f's sums over outer rows ro0 .. ro1 (a chunk), group by group."""
     cdef Py_ssize_t ro = ro0, n_rows
     while ro < ro1:
-        n_rows = group_length(g, ro, ro1)
+        n_rows = sums_length(g, ro, ro1)
         group_gradient_sums(g, dy, dyw, x, xw, mean, f, ro, n_rows, sum_dy, sum_dy_xc, stage,
                             act)
         ro += n_rows
@@ -306,19 +323,23 @@ cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Wa
                                      double *sum_dy, double *sum_dy_xc, floating *stage,
                                      const Activation *act) noexcept nogil:
     """Feature f's sums over the group of n_rows outer rows from ro, tile by tile (the
-    tile's runs reduced once: 62M instructions to 50M for NHWC x Fortran, dy stored NCHW)."""
+    tile's runs reduced once: 62M instructions to 50M for NHWC x Fortran, dy stored NCHW),
+    or without row groups over n_rows whole runs (sums_length). (cbn.api never fuses an
+    activation into a backward with row groups: there a group is one outer row.)"""
     cdef Py_ssize_t t, segment, ri, n
     cdef int64_t dy_step = group_step(g, dyw), x_step = group_step(g, xw)
     cdef floating *dy_stage = stage
     cdef floating *x_stage = stage + g.group_rows * g.group_run
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, f)
     cdef const floating *x_feature = x + feature_offset(xw, g, f)
-    cdef RiItem plane
-    if act.fused:
-        for t in range(ro, ro + n_rows):
-            plane.f, plane.r_begin, plane.r_end = f, t * g.n_ri, (t + 1) * g.n_ri
-            ri_gradient_sums_activate(g, dy, dyw, x, xw, plane, mean[f], sum_dy, sum_dy_xc,
+    cdef RiItem planes
+    if g.row_group == 1 or act.fused:    # whole runs, as an RI item of those rows sums them
+        planes.f, planes.r_begin, planes.r_end = f, ro * g.n_ri, (ro + n_rows) * g.n_ri
+        if act.fused:
+            ri_gradient_sums_activate(g, dy, dyw, x, xw, planes, mean[f], sum_dy, sum_dy_xc,
                                       act)
+        else:
+            ri_gradient_sums(g, dy, dyw, x, xw, planes, mean[f], sum_dy, sum_dy_xc)
         return
     for segment in range(ceil_div(g.n_ri, g.group_run)):
         ri = segment * g.group_run

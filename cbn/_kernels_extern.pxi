@@ -31,6 +31,14 @@ cdef extern from "_simd.h":
     void cbn_gradient_sums_tile_f64(const double *dy, int64_t dy_row_step, const double *x,
                                     int64_t x_row_step, int64_t n_rows, int64_t n, double mean,
                                     double *sum_dy, double *sum_dy_xc) noexcept nogil
+    void cbn_gradient_sums_rows_f32(const float *dy_base, const int64_t *dy_rows,
+                                    const float *x_base, const int64_t *x_rows, int64_t n_rows,
+                                    int64_t n, double mean, double *sum_dy,
+                                    double *sum_dy_xc) noexcept nogil
+    void cbn_gradient_sums_rows_f64(const double *dy_base, const int64_t *dy_rows,
+                                    const double *x_base, const int64_t *x_rows, int64_t n_rows,
+                                    int64_t n, double mean, double *sum_dy,
+                                    double *sum_dy_xc) noexcept nogil
 
     void cbn_normalize_stream_f32(const float *x, float *y, int64_t n, const double *mean,
                                   const double *scale, const double *shift,
@@ -191,6 +199,22 @@ cdef extern from "_activation.h":
                                        double mean, int kind, double alpha, double *sum_dy,
                                        double *sum_dy_xc, const unsigned char *mask, int64_t b,
                                        int64_t bit_step) noexcept nogil
+    void cbn_act_gradient_sums_rows_f32(const float *dy_base, const int64_t *dy_rows,
+                                        int64_t dy_step, const float *y_base,
+                                        const int64_t *y_rows, int64_t y_step,
+                                        const float *x_base, const int64_t *x_rows,
+                                        int64_t n_rows, int64_t n, double mean, int kind,
+                                        double alpha, double *sum_dy, double *sum_dy_xc,
+                                        const unsigned char *mask, int64_t bit_base,
+                                        const int64_t *bit_rows, int64_t bit_step) noexcept nogil
+    void cbn_act_gradient_sums_rows_f64(const double *dy_base, const int64_t *dy_rows,
+                                        int64_t dy_step, const double *y_base,
+                                        const int64_t *y_rows, int64_t y_step,
+                                        const double *x_base, const int64_t *x_rows,
+                                        int64_t n_rows, int64_t n, double mean, int kind,
+                                        double alpha, double *sum_dy, double *sum_dy_xc,
+                                        const unsigned char *mask, int64_t bit_base,
+                                        const int64_t *bit_rows, int64_t bit_step) noexcept nogil
     void cbn_act_normalize_strips_f32(const float *x, int64_t x_row_stride,
                                       const float *residual, int64_t r_row_stride, float *y,
                                       int64_t y_row_stride, int64_t n_rows, int64_t width,

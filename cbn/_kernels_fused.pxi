@@ -254,6 +254,40 @@ cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, cons
         chunk_dy_xc[it.chunk * g.n_features + it.f0 + j] = acc_dy_xc[j]
 
 
+cdef void rows_gradient_sums_activate(const Grid *g, const floating *dy, const Walk *dyw,
+                                        const floating *x, const Walk *xw, Py_ssize_t f,
+                                        Py_ssize_t ro, Py_ssize_t n_rows, double mean,
+                                        double *sum_dy, double *sum_dy_xc,
+                                        const Activation *act) noexcept nogil:
+    """Feature f's whole runs in outer rows ro .. ro + n_rows in one set of accumulators,
+    as ri_gradient_sums sums the composed call's dz there (rows_gradient_sums; its dz and
+    x step by one)."""
+    cdef const floating *y = NULL
+    cdef const int64_t *y_rows = NULL
+    cdef const int64_t *bit_rows = NULL
+    cdef int64_t y_step = 0, bit_base = 0, bit_step = 0
+    if act.mask != NULL:
+        bit_base = feature_offset(act.mask_walk, g, f)
+        bit_rows = act.mask_walk.row_offsets + ro
+        bit_step = act.mask_walk.row_stride
+    else:
+        y = <const floating *>act.output + feature_offset(act.output_walk, g, f)
+        y_rows = act.output_walk.row_offsets + ro
+        y_step = act.output_walk.row_stride
+    if floating is float:
+        cbn_act_gradient_sums_rows_f32(dy + feature_offset(dyw, g, f), dyw.row_offsets + ro,
+                                       dyw.row_stride, y, y_rows, y_step,
+                                       x + feature_offset(xw, g, f), xw.row_offsets + ro,
+                                       n_rows, g.n_ri, mean, act.kind, act.alpha, sum_dy,
+                                       sum_dy_xc, act.mask, bit_base, bit_rows, bit_step)
+    else:
+        cbn_act_gradient_sums_rows_f64(dy + feature_offset(dyw, g, f), dyw.row_offsets + ro,
+                                       dyw.row_stride, y, y_rows, y_step,
+                                       x + feature_offset(xw, g, f), xw.row_offsets + ro,
+                                       n_rows, g.n_ri, mean, act.kind, act.alpha, sum_dy,
+                                       sum_dy_xc, act.mask, bit_base, bit_rows, bit_step)
+
+
 cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Walk *dyw,
                                     const floating *x, const Walk *xw, RiItem it, double mean,
                                     double *sum_dy, double *sum_dy_xc,
@@ -267,13 +301,19 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
     cdef const floating *x_run
     cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = 0, b, bit_step = 0
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
-    cdef Py_ssize_t n, i
+    cdef Py_ssize_t n, i, n_runs
     cdef double dz
     if act.mask != NULL:
         bit_step = act.mask_walk.row_stride
     else:
         os = act.output_walk.row_stride
     while runs.r < runs.end:
+        n_runs = whole_runs(g, &runs)
+        if n_runs > 1 and act.unit_dz_step and xs == 1:
+            rows_gradient_sums_activate(g, dy, dyw, x, xw, it.f, runs.ro, n_runs, mean,
+                                          sum_dy, sum_dy_xc, act)
+            skip_runs(g, &runs, n_runs)
+            continue
         n = run_length(g, &runs)
         dy_run = dy_feature + row_offset(dyw, runs.ro, runs.ri)
         x_run = x_feature + row_offset(xw, runs.ro, runs.ri)

@@ -377,6 +377,17 @@ cdef inline void tile_gradient_sums(const floating *dy, int64_t dy_row_step,
                                    sum_dy_xc)
 
 
+cdef inline void rows_gradient_sums(const floating *dy, const int64_t *dy_rows,
+                                    const floating *x, const int64_t *x_rows, Py_ssize_t n_rows,
+                                    Py_ssize_t n, double mean, double *sum_dy,
+                                    double *sum_dy_xc) noexcept nogil:
+    """tile_gradient_sums of runs at dy + dy_rows[r] and x + x_rows[r] (offset tables)."""
+    if floating is float:
+        cbn_gradient_sums_rows_f32(dy, dy_rows, x, x_rows, n_rows, n, mean, sum_dy, sum_dy_xc)
+    else:
+        cbn_gradient_sums_rows_f64(dy, dy_rows, x, x_rows, n_rows, n, mean, sum_dy, sum_dy_xc)
+
+
 # dx = coef_dy * dy + coef_xc * (x - mean) + offset: the training-mode gradient, with the
 # per-feature factors computed once in gradient_factors.
 cdef inline void input_gradient_row(const floating *dy, const floating *x, floating *dx,

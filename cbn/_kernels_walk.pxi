@@ -11,6 +11,8 @@ cdef struct Grid:
     Py_ssize_t group_rows, group_run    # row groups: outer rows, and inner elements per tile
     Py_ssize_t group_features   # planes: features per item, every one or one (features_outer)
     bint backwards_staged   # row groups, elementwise passes: see group_staged
+    Py_ssize_t sum_rows     # RI without row groups: whole runs of a feature (in consecutive
+                            # outer rows) the gradient sums reduce at once (SUM_ROWS)
     Py_ssize_t n_bytes                               # of one operand
     bint stream                                      # streaming stores for the output
     bint rows_contiguous        # FI, and every operand's rows follow each other in memory
@@ -82,7 +84,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
     g.n_features = g.n_fo * g.n_fi
     g.features_inner = plan.features_inner
     g.planes = False
-    g.row_group = g.group_rows = g.group_run = 1
+    g.row_group = g.group_rows = g.group_run = g.sum_rows = 1
     g.backwards_staged = False
     g.group_features = g.n_fo * g.n_fi
     g.n_bytes = g.n_rows * g.n_features * itemsize
@@ -128,6 +130,8 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
         g.group_run = (min(g.n_ri, max(8, GROUP_TILE_BYTES // itemsize // g.group_rows))
                        if g.row_group > 1 else g.n_ri)
         g.planes = (plan.agree and g.n_ro >= PLANE_ORDER_MIN_OUTER) or g.row_group > 1
+        if g.row_group == 1:
+            g.sum_rows = max(1, min(<Py_ssize_t>SUM_ROWS, SUM_RUNS_ELEMENTS // g.n_ri))
         if g.planes:
             g.n_chunks = max(1, min(<Py_ssize_t>PLANE_CHUNKS, g.n_ro,
                                     g.n_rows * g.n_features // MIN_PLANE_CHUNK_ELEMENTS))
@@ -267,6 +271,20 @@ cdef inline void advance(const Grid *g, Runs *runs, Py_ssize_t n) noexcept nogil
     runs.ri += n
     if runs.ri == g.n_ri:
         runs.ri, runs.ro = 0, runs.ro + 1
+
+
+cdef inline Py_ssize_t whole_runs(const Grid *g, const Runs *runs) noexcept nogil:
+    """Whole runs from here that the gradient sums take at once (sum_rows at most): none
+    where the item starts or ends within a run, whose part is summed on its own."""
+    if runs.ri != 0:
+        return 0
+    return min(g.sum_rows, (runs.end - runs.r) // g.n_ri)
+
+
+cdef inline void skip_runs(const Grid *g, Runs *runs, Py_ssize_t n_runs) noexcept nogil:
+    """advance past n_runs whole runs."""
+    runs.r += n_runs * g.n_ri
+    runs.ro += n_runs
 
 
 cdef inline void prefetch_next_run(const Grid *g, Runs runs, Py_ssize_t n,

@@ -251,6 +251,9 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
 
 #define CBN_DY_RUN(S, i) cbn_load_##S(dy + (i))
 #define CBN_DY1_RUN(S, i) dy[i]
+/* The tiles of runs whose starts are given by offset tables (rows of any layout, row r
+ * at base + rows[r]); the next row's pointers are only formed while there is one. */
+#define CBN_NEXT_ROWS (row < n_rows ? (dy = dy_base + dy_rows[row], x = x_base + x_rows[row]) : x)
 #define CBN_DEFINE_RUN_SUMS(T, S)                                                            \
 static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double *s1,        \
                                      double *s2) {                                           \
@@ -265,6 +268,13 @@ static void cbn_gradient_sums_tile_##S(const T *dy, int64_t dy_row_step, const T
                                        double mean, double *sum_dy, double *sum_dy_xc) {     \
     CBN_GRADIENT_ROWS_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN, n_rows,                            \
                            (dy += dy_row_step, x += x_row_step))                             \
+}                                                                                           \
+static void cbn_gradient_sums_rows_##S(const T *dy_base, const int64_t *dy_rows,            \
+                                       const T *x_base, const int64_t *x_rows,              \
+                                       int64_t n_rows, int64_t n, double mean,              \
+                                       double *sum_dy, double *sum_dy_xc) {                 \
+    const T *dy = dy_base + dy_rows[0], *x = x_base + x_rows[0];                             \
+    CBN_GRADIENT_ROWS_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN, n_rows, CBN_NEXT_ROWS)             \
 }
 
 /* Sum of four vectors' lanes in a fixed order. */

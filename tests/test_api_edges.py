@@ -5,6 +5,8 @@ import pytest
 import cbn
 from cbn import reference
 
+from layouts import assert_close
+
 
 def test_batch_of_one_gives_beta():
     x = np.array([[1.5, -2.0, 7.0]], np.float32)
@@ -152,3 +154,25 @@ def test_byte_swapped_and_misaligned_inputs():
     for variant in (swapped, misaligned):
         for got, want in zip(cbn.batch_norm_forward(variant), expected):
             np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,width", [((19, 8, 7, 7), 7), ((16, 4, 4, 4), 4), ((19, 6, 7, 14), 7),
+                                         ((19, 6, 7, 14), slice(None, None, 2))])
+def test_short_planes_gradient_sums(shape, width, dtype):
+    """NCHW planes of a few dozen values: the backward sums several images' planes of a
+    channel at once (up to a tile's end, within a chunk). Half of a wider W keeps H and W
+    apart: the planes are then rows of 7 at tabled offsets (every other W: not
+    contiguous, summed element by element)."""
+    rng = np.random.default_rng(3)
+    cut = (Ellipsis, width if isinstance(width, slice) else slice(width))
+    x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)[cut]
+    dy = rng.standard_normal(shape).astype(dtype)[cut]
+    gamma = rng.standard_normal(shape[1])
+    mean, var = cbn.batch_stats(x, axis=1)
+    dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1)
+    dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy, x, mean, var, gamma,
+                                                                  axis=1)
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-11, atol=1e-11)
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-11, atol=1e-11)
+    assert_close(dx, dx_ref, dtype, condition=1e4)

@@ -212,8 +212,12 @@ def test_in_place_into_the_residual_and_dy(activation):
 
 # The hypothesis cases are too small for a backward in the planes order (RI with 8 outer rows
 # or more and several chunks of them, as NCHW): these are not, one with planes that start
-# mid-byte of the mask (37 x 31 elements).
-@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (24, 6, 37, 31)])
+# mid-byte of the mask (37 x 31 elements), and two of short planes, whose sums take several
+# images' planes at once (7 x 7: mostly mid-byte, each chunk of 22 images ending in a
+# shorter tile; 4 x 4: every plane's bits start a byte). Smaller arrays, one feature at a
+# time: test_fused_backward_of_short_runs.
+@pytest.mark.parametrize("shape", [(16, 8, 32, 32), (24, 6, 37, 31), (44, 80, 7, 7),
+                                   (64, 128, 4, 4)])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("activation,through_mask,residual", [
     ("relu", True, False), ("leaky_relu", False, True), (("elu", 0.5), False, False)])
@@ -234,6 +238,25 @@ def test_fused_backward_in_the_planes_order(shape, dtype, activation, through_ma
     dz = act.gradient(dy, y)
     composed = cbn.batch_norm_backward(dz, x, mean, var, gamma, axis=1)
     for fused, expected in zip(grads, composed + ((dz,) if residual else ())):
+        assert fused.tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("shape", [(19, 8, 7, 7), (5, 8, 7, 7), (19, 6, 7, 3)])
+@pytest.mark.parametrize("through_mask", [True, False])
+def test_fused_backward_of_short_runs(shape, through_mask):
+    """Short runs summed several at a time in a feature's item (one chunk per feature, or
+    fewer than 8 outer rows): the fused sums as the composed call's."""
+    rng = np.random.default_rng(8)
+    x, dy = (rng.standard_normal(shape).astype(np.float32) for _ in range(2))
+    gamma = rng.standard_normal(shape[1])
+    y, mean, var, mask = cbn.batch_norm_forward(x, gamma, axis=1, activation="relu",
+                                                return_mask=True)
+    grads = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1, activation="relu",
+                                    y=None if through_mask else y,
+                                    mask=mask if through_mask else None)
+    composed = cbn.batch_norm_backward(as_activation("relu").gradient(dy, y), x, mean, var,
+                                       gamma, axis=1)
+    for fused, expected in zip(grads, composed):
         assert fused.tobytes() == expected.tobytes()
 
 
