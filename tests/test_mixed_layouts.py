@@ -368,15 +368,15 @@ OPPOSITE_LAYOUTS = {"C": np.ascontiguousarray, "F": np.asfortranarray,
                     "reversed": reversed_features}
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("x_layout,dy_layout,out_layout", [
-    ("C", "C", "reversed"), ("reversed", "C", "C"), ("reversed", "reversed", "C"),
-    ("C", "reversed", "reversed"), ("reversed", "C", "F"), ("C", "reversed", "C")])
-def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout, out_layout,
-                                                            dtype, streaming):
-    rng = np.random.default_rng(29)
-    values = (rng.standard_normal((3, 4, 5, 150)) * 2 + 1).astype(dtype)
+def assert_nchw_elementwise_c_bits(shape, layouts, dtype, seed):
+    """NCHW values of shape, x, dy and out= in the given layouts (OPPOSITE_LAYOUTS): the
+    elementwise results (inference, the forward's y, dx) have the bits of the same call in
+    C order (the forward's and backward's without out=: their statistics and sums are x's
+    and dy's own) on one thread and on two, and the reference's values."""
+    rng = np.random.default_rng(seed)
+    values = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
     dy_values = rng.standard_normal(values.shape).astype(dtype)
+    x_layout, dy_layout, out_layout = layouts
     x = OPPOSITE_LAYOUTS[x_layout](values)
     dy = OPPOSITE_LAYOUTS[dy_layout](dy_values)
     mean, var = cbn.batch_stats(values, axis=1)
@@ -397,6 +397,27 @@ def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout,
         assert np.ascontiguousarray(a).tobytes() == b.tobytes()
     dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var, axis=1)
     assert_close(dx[0], dx_ref, dtype, condition=100)
+    if cbn.openmp_enabled():    # and the same bits on two threads, however small the call
+        old = _kernels.set_parallel_min_bytes(0)
+        try:
+            with threadpool_limits(2, user_api="openmp"):
+                again = (cbn.batch_norm_inference(x, mean, var, axis=1, out=out_like()),
+                         cbn.batch_norm_forward(x, axis=1, out=out_like())[0],
+                         *cbn.batch_norm_backward(dy, x, mean, var, axis=1, out=out_like()))
+        finally:
+            _kernels.set_parallel_min_bytes(old)
+        for a, b in zip(again, (inference, y, *dx)):
+            assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("x_layout,dy_layout,out_layout", [
+    ("C", "C", "reversed"), ("reversed", "C", "C"), ("reversed", "reversed", "C"),
+    ("C", "reversed", "reversed"), ("reversed", "C", "F"), ("C", "reversed", "C")])
+def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout, out_layout,
+                                                            dtype, streaming):
+    assert_nchw_elementwise_c_bits((3, 4, 5, 150), (x_layout, dy_layout, out_layout), dtype,
+                                   seed=29)
 
 
 # The plan's first operand (x; dy in the backward) Fortran beside another with W reversed
@@ -404,32 +425,12 @@ def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout,
 # to outer row; the elementwise passes stage it from its last row (group_staged's
 # backwards_staged, first_row), or normalize it within the transpose walked from there
 # (normalize_transposed). 70 columns make groups of 64 and 6, 19 images partial 8 x 8
-# blocks. Elementwise results are the all-C call's bits.
+# blocks.
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_layout,dy_layout,out_layout", [
     ("F", "C", "reversed"), ("F", "reversed", "reversed"), ("reversed", "F", "F"),
     ("C", "F", "reversed")])
 def test_row_groups_stepping_back_match_reference_and_c_bits(x_layout, dy_layout, out_layout,
                                                              dtype):
-    rng = np.random.default_rng(31)
-    values = (rng.standard_normal((19, 3, 2, 70)) * 2 + 1).astype(dtype)
-    dy_values = rng.standard_normal(values.shape).astype(dtype)
-    x = OPPOSITE_LAYOUTS[x_layout](values)
-    dy = OPPOSITE_LAYOUTS[dy_layout](dy_values)
-    mean, var = cbn.batch_stats(values, axis=1)
-
-    def out_like():
-        return OPPOSITE_LAYOUTS[out_layout](np.zeros_like(values))
-
-    inference = cbn.batch_norm_inference(x, mean, var, axis=1, out=out_like())
-    assert (np.ascontiguousarray(inference).tobytes()
-            == cbn.batch_norm_inference(values, mean, var, axis=1).tobytes())
-    y = cbn.batch_norm_forward(x, axis=1, out=out_like())[0]
-    assert (np.ascontiguousarray(y).tobytes()
-            == np.ascontiguousarray(cbn.batch_norm_forward(x, axis=1)[0]).tobytes())
-    dx = cbn.batch_norm_backward(dy, x, mean, var, axis=1, out=out_like())
-    for a, b in zip(dx, cbn.batch_norm_backward(dy, x, mean, var, axis=1,
-                                                out=np.zeros_like(values))):
-        assert np.ascontiguousarray(a).tobytes() == b.tobytes()
-    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var, axis=1)
-    assert_close(dx[0], dx_ref, dtype, condition=100)
+    assert_nchw_elementwise_c_bits((19, 3, 2, 70), (x_layout, dy_layout, out_layout), dtype,
+                                   seed=31)
