@@ -492,14 +492,12 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
     cdef const floating *dy_feature
     cdef const floating *x_feature
     cdef floating *dx_feature
-    cdef RiItem plane
+    if k.act.fused:     # elementwise: the activated runs read every operand in place
+        act_input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, ro, n_rows, f0)
+        if g.stream:
+            cbn_store_fence()
+        return
     for f in range(f0, f0 + g.group_features):
-        if k.act.fused:     # elementwise: the activated runs read every operand in place
-            plane.f = f
-            for t in range(n_rows):
-                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
-                ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, plane, k)
-            continue
         dy_feature = dy + feature_offset(dyw, g, f)
         x_feature = x + feature_offset(xw, g, f)
         dx_feature = dx + feature_offset(dxw, g, f)

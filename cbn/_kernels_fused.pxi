@@ -390,3 +390,66 @@ cdef void ri_input_gradient_activate_item(const Grid *g, const floating *dy, con
         advance(g, &runs, n)
     if g.stream:
         cbn_store_fence()
+
+
+cdef void act_input_gradient_group(const Grid *g, const floating *dy, const Walk *dyw,
+                                   const floating *x, const Walk *xw, floating *dx,
+                                   const Walk *dxw, const GradientFactors *k, Py_ssize_t ro,
+                                   Py_ssize_t n_rows, Py_ssize_t f0) noexcept nogil:
+    """input_gradient_group's activated planes (features f0 .. f0 + group_features of outer
+    rows ro .. ro + n_rows). Where every operand's runs step by one, the planes of one outer
+    row's features of one feature_offsets entry (their planes a stride apart) go to the
+    planes loop in C in one call (cbn_act_input_gradient_planes, whose comment has the
+    figures); else plane by plane, as ri_input_gradient_activate_item walks any layout."""
+    cdef const Activation *act = k.act
+    cdef const Walk *ow = act.output_walk
+    cdef const Walk *rw = act.residual_gradient_walk
+    cdef Py_ssize_t f, t, count, f_end = f0 + g.group_features
+    cdef RiItem plane
+    cdef const floating *y = NULL
+    cdef floating *dres = NULL
+    cdef int64_t y_step = 0, dres_step = 0, b_step = 0, bit_step = 0
+    if not (dyw.row_stride == 1 and xw.row_stride == 1 and dxw.row_stride == 1
+            and (act.mask != NULL or ow.row_stride == 1)
+            and (act.residual_gradient == NULL or rw.row_stride == 1)):
+        for f in range(f0, f_end):
+            plane.f = f
+            for t in range(n_rows):
+                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
+                ri_input_gradient_activate_item(g, dy, dyw, x, xw, dx, dxw, plane, k)
+        return
+    if act.mask != NULL:
+        b_step, bit_step = act.mask_walk.feature_stride, act.mask_walk.row_stride
+    else:
+        y_step = ow.feature_stride
+    if act.residual_gradient != NULL:
+        dres_step = rw.feature_stride
+    for t in range(n_rows):
+        f = f0
+        while f < f_end:     # the features of one feature_offsets entry at a time
+            count = min((f // g.n_fi + 1) * g.n_fi, f_end) - f
+            if act.mask == NULL:
+                y = (<const floating *>act.output + feature_offset(ow, g, f)
+                     + row_offset(ow, ro + t, 0))
+            if act.residual_gradient != NULL:
+                dres = (<floating *>act.residual_gradient + feature_offset(rw, g, f)
+                        + row_offset(rw, ro + t, 0))
+            if floating is float:
+                cbn_act_input_gradient_planes_f32(
+                    dy + feature_offset(dyw, g, f) + row_offset(dyw, ro + t, 0),
+                    dyw.feature_stride, y, y_step,
+                    x + feature_offset(xw, g, f) + row_offset(xw, ro + t, 0), xw.feature_stride,
+                    dx + feature_offset(dxw, g, f) + row_offset(dxw, ro + t, 0),
+                    dxw.feature_stride, dres, dres_step, count, g.n_ri, k.mean + f,
+                    k.coef_dy + f, k.coef_xc + f, k.offset + f, act.kind, act.alpha, g.stream,
+                    act.mask, mask_bit(act, g, f, ro + t, 0), b_step, bit_step)
+            else:
+                cbn_act_input_gradient_planes_f64(
+                    dy + feature_offset(dyw, g, f) + row_offset(dyw, ro + t, 0),
+                    dyw.feature_stride, y, y_step,
+                    x + feature_offset(xw, g, f) + row_offset(xw, ro + t, 0), xw.feature_stride,
+                    dx + feature_offset(dxw, g, f) + row_offset(dxw, ro + t, 0),
+                    dxw.feature_stride, dres, dres_step, count, g.n_ri, k.mean + f,
+                    k.coef_dy + f, k.coef_xc + f, k.offset + f, act.kind, act.alpha, g.stream,
+                    act.mask, mask_bit(act, g, f, ro + t, 0), b_step, bit_step)
+            f += count

@@ -260,6 +260,30 @@ def test_fused_backward_of_short_runs(shape, through_mask):
         assert fused.tobytes() == expected.tobytes()
 
 
+# The planes' dx loop takes one call per feature_offsets entry of an outer row (the planes of
+# its features a stride apart): here features over two non-adjacent axes (3 entries of 4
+# features), with the mask, y and a residual's gradient, float32 and float64.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation,through_mask,residual", [
+    ("relu", True, False), ("leaky_relu", True, True), (("elu", 0.5), False, True)])
+def test_fused_planes_of_features_over_two_axes(dtype, activation, through_mask, residual):
+    rng = np.random.default_rng(8)
+    shape, axis = (16, 3, 8, 4, 96), (1, 3)
+    x, dy = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    gamma = rng.standard_normal((3, 4))
+    layout = _plans.plan_of(x.shape, axis, x.itemsize, x.strides, x.strides).kernel
+    assert layout.layout.n_feature_outer == 3 and not layout.second_pass_in_cache()   # planes
+    y, mean, var, *mask = cbn.batch_norm_forward(x, gamma, axis=axis, activation=activation,
+                                                 return_mask=through_mask)
+    grads = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=axis, activation=activation,
+                                    y=None if through_mask else y,
+                                    mask=mask[0] if through_mask else None, residual=residual)
+    dz = as_activation(activation).gradient(dy, y)
+    composed = cbn.batch_norm_backward(dz, x, mean, var, gamma, axis=axis)
+    for fused, expected in zip(grads, composed + ((dz,) if residual else ())):
+        assert fused.tobytes() == expected.tobytes()
+
+
 @pytest.mark.skipif(not cbn.openmp_enabled(), reason="serial build: one thread only")
 @pytest.mark.parametrize("shape,axis", [((64, 30, 40), -1), ((8, 30, 400), 1), ((16, 8, 32, 32), 1),
                                          ((3, 9000), 0)])
