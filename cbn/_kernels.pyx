@@ -70,10 +70,10 @@ cdef enum:
     PLANE_ORDER_MIN_OUTER = 8   # outer rows from which the planes order applies
     PLANE_CHUNKS = 16           # chunks of whole outer rows, i.e. partial results per feature
     MIN_PLANE_CHUNK_ELEMENTS = 65536  # ... fewer for small arrays
-    # ... whose runs are short (NCHW 7x7 planes): the gradient sums take a feature's runs of
-    # up to SUM_ROWS outer rows, SUM_RUNS_ELEMENTS elements at most, in one set of
-    # accumulators, reduced once (a run of 49 values was reduced per plane: more work than
-    # summing it); SUM_ROWS rows of dy and x are 16 streams, what the prefetchers follow.
+    # RI runs that are short (NCHW 7x7 planes): the statistics and the gradient sums take a
+    # feature's runs of up to SUM_ROWS outer rows, SUM_RUNS_ELEMENTS elements at most, in one
+    # set of accumulators, reduced once (a run of 49 values was reduced per plane: more work
+    # than summing it); SUM_ROWS rows of dy and x are 16 streams, what the prefetchers follow.
     SUM_ROWS = 8
     SUM_RUNS_ELEMENTS = 256
     # Row groups (planes grids whose plan has row_group > 1, see group_staged):

@@ -182,6 +182,17 @@ cdef inline void add_shifted_rows(const floating *p, int64_t row_stride, int64_t
         cbn_shifted_sums_f64(p, row_stride, n_rows, width, shift, s1, s2)
 
 
+cdef inline void shifted_sums_rows(const floating *p, const int64_t *rows, Py_ssize_t n_rows,
+                                   Py_ssize_t n, double shift, double *s1,
+                                   double *s2) noexcept nogil:
+    """shifted_sums_run over n_rows runs of n contiguous elements at p + rows[r], in one
+    set of accumulators."""
+    if floating is float:
+        cbn_shifted_sums_rows_f32(p, rows, n_rows, n, shift, s1, s2)
+    else:
+        cbn_shifted_sums_rows_f64(p, rows, n_rows, n, shift, s1, s2)
+
+
 cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n, double shift,
                                   double *s1, double *s2) noexcept nogil:
     """s1 = Σ (x − shift), s2 = Σ (x − shift)² over a run."""

@@ -56,19 +56,27 @@ cdef inline void fold_runs(const Grid *g, const floating *feature, const Walk *x
                            Py_ssize_t begin, Py_ssize_t end, Py_ssize_t n_acc,
                            double *acc_mean, double *acc_m2) noexcept nogil:
     """Fold a feature's reduced elements [begin, end) into the moments of the n_acc
-    before them, one run (at most BLOCK_ELEMENTS) at a time, each shifted by the mean so far."""
+    before them, one run (at most BLOCK_ELEMENTS) at a time, or whole short runs several at
+    a time (sum_rows), each shifted by the mean so far."""
     cdef Runs runs = make_runs(g, begin, end, BLOCK_ELEMENTS)
-    cdef Py_ssize_t n
+    cdef Py_ssize_t n, n_runs
     cdef double s1, s2, block_mean, block_m2, weight
     while runs.r < runs.end:
-        n = run_length(g, &runs)
-        shifted_sums_run(feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, n,
-                         acc_mean[0], &s1, &s2)
+        n_runs = whole_runs(g, &runs)
+        if n_runs > 1 and xw.row_stride == 1:
+            n = n_runs * g.n_ri
+            shifted_sums_rows(feature, xw.row_offsets + runs.ro, n_runs, g.n_ri, acc_mean[0],
+                              &s1, &s2)
+            skip_runs(g, &runs, n_runs)
+        else:
+            n = run_length(g, &runs)
+            shifted_sums_run(feature + row_offset(xw, runs.ro, runs.ri), xw.row_stride, n,
+                             acc_mean[0], &s1, &s2)
+            advance(g, &runs, n)
         shifted_to_moments(acc_mean[0], s1, s2, n, &block_mean, &block_m2)
         weight = n / <double>(n_acc + n)
         chan_update(acc_mean, acc_m2, block_mean, block_m2, weight, n_acc * weight)
         n_acc += n
-        advance(g, &runs, n)
 
 
 cdef void planes_moments_chunk(const Grid *g, const floating *x, const Walk *xw,
@@ -81,14 +89,18 @@ cdef void planes_moments_chunk(const Grid *g, const floating *x, const Walk *xw,
     cdef double *mean = chunk_mean + c * g.n_features
     cdef double *m2 = chunk_m2 + c * g.n_features
     cdef const floating *feature
-    for ro in range(ro0, ro1):
+    cdef Py_ssize_t n_rows
+    ro = ro0
+    while ro < ro1:     # an outer row at a time, or short runs sum_rows rows at a time
+        n_rows = sums_length(g, ro, ro1)
         for f in range(g.n_features):
             feature = x + feature_offset(xw, g, f)
             if ro == ro0:
                 mean[f] = feature[row_offset(xw, ro0, 0)]
                 m2[f] = 0.0
-            fold_runs(g, feature, xw, ro * g.n_ri, (ro + 1) * g.n_ri, (ro - ro0) * g.n_ri,
-                      &mean[f], &m2[f])
+            fold_runs(g, feature, xw, ro * g.n_ri, (ro + n_rows) * g.n_ri,
+                      (ro - ro0) * g.n_ri, &mean[f], &m2[f])
+        ro += n_rows
 
 
 cdef void moments_items(const Grid *g, const floating *x, const Walk *xw, double *scratch,

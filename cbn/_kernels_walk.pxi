@@ -12,7 +12,7 @@ cdef struct Grid:
     Py_ssize_t group_features   # planes: features per item, every one or one (features_outer)
     bint backwards_staged   # row groups, elementwise passes: see group_staged
     Py_ssize_t sum_rows     # RI without row groups: whole runs of a feature (in consecutive
-                            # outer rows) the gradient sums reduce at once (SUM_ROWS)
+                            # outer rows) the statistics and gradient sums reduce at once
     Py_ssize_t n_bytes                               # of one operand
     bint stream                                      # streaming stores for the output
     bint rows_contiguous        # FI, and every operand's rows follow each other in memory

@@ -259,6 +259,12 @@ static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double
                                      double *s2) {                                           \
     CBN_RUN_SUMS(shift, cbn_load_##S(p + i + 8 * q) - c, u, p[i] - shift, u, s1, s2, =)      \
 }                                                                                           \
+static void cbn_shifted_sums_rows_##S(const T *base, const int64_t *rows, int64_t n_rows,    \
+                                      int64_t n, double shift, double *s1, double *s2) {     \
+    const T *p = base + rows[0];                                                             \
+    CBN_ROWS_SUMS(n_rows, (row < n_rows ? (p = base + rows[row]) : p), shift,                \
+                  cbn_load_##S(p + i + 8 * q) - c, u, p[i] - shift, u, s1, s2, =)            \
+}                                                                                           \
 static void cbn_gradient_sums_run_##S(const T *dy, const T *x, int64_t n, double mean,       \
                                       double *sum_dy, double *sum_dy_xc) {                   \
     CBN_GRADIENT_RUN_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN)                                     \

@@ -5,7 +5,7 @@ import pytest
 import cbn
 from cbn import reference
 
-from layouts import assert_close
+from layouts import assert_close, assert_statistics_close
 
 
 def test_batch_of_one_gives_beta():
@@ -159,9 +159,9 @@ def test_byte_swapped_and_misaligned_inputs():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,width", [((19, 8, 7, 7), 7), ((16, 4, 4, 4), 4), ((19, 6, 7, 14), 7),
                                          ((19, 6, 7, 14), slice(None, None, 2))])
-def test_short_planes_gradient_sums(shape, width, dtype):
-    """NCHW planes of a few dozen values: the backward sums several images' planes of a
-    channel at once (up to a tile's end, within a chunk). Half of a wider W keeps H and W
+def test_short_planes_statistics_and_gradient_sums(shape, width, dtype):
+    """NCHW planes of a few dozen values: the statistics and the backward's sums take
+    several images' planes of a channel at once (up to a tile's end, within a chunk). Half of a wider W keeps H and W
     apart: the planes are then rows of 7 at tabled offsets (every other W: not
     contiguous, summed element by element)."""
     rng = np.random.default_rng(3)
@@ -170,6 +170,7 @@ def test_short_planes_gradient_sums(shape, width, dtype):
     dy = rng.standard_normal(shape).astype(dtype)[cut]
     gamma = rng.standard_normal(shape[1])
     mean, var = cbn.batch_stats(x, axis=1)
+    assert_statistics_close(mean, var, *reference.batch_stats(x, axis=1), x)
     dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1)
     dx_ref, dgamma_ref, dbeta_ref = reference.batch_norm_backward(dy, x, mean, var, gamma,
                                                                   axis=1)
