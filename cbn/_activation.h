@@ -594,8 +594,8 @@ static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *d
  * bits): the planes of an NCHW image, in memory order. The loop over them is here, its     \
  * pointers in registers. Walked from the kernels' tables a plane at a time (the tables     \
  * reloaded after each plane's call), the fused dx pass of NCHW (32, 64, 56, 56) float32    \
- * took 1.14-1.22x the plain pass' time from memory (interleaved, one thread), the same     \
- * loop per plane; this loop over the image's 64 planes took 0.95-0.99x. */                 \
+ * took 1.11-1.26x the plain pass' time from memory (interleaved, one thread), the same     \
+ * loop per plane; this loop over the image's 64 planes took 0.93-0.99x. */                 \
 static void cbn_act_input_gradient_planes_##S(                                               \
         const T *dy, int64_t dy_step, const T *y, int64_t y_step, const T *x, int64_t x_step, \
         T *dx, int64_t dx_step, T *dres, int64_t dres_step, int64_t n_planes, int64_t n,     \

@@ -295,9 +295,9 @@ cdef void planes_gradient_sums_chunk(const Grid *g, const floating *dy, const Wa
 
 
 cdef inline Py_ssize_t sums_length(const Grid *g, Py_ssize_t ro, Py_ssize_t ro_end) noexcept nogil:
-    """Outer rows from ro whose runs of a feature the gradient sums take at once: a row
-    group, or without row groups up to sum_rows (within the chunk: the bits do not depend
-    on the threads)."""
+    """Outer rows from ro whose runs of a feature the statistics and gradient sums take at
+    once: a row group, or without row groups up to sum_rows (within the chunk: the bits do
+    not depend on the threads)."""
     if g.row_group > 1:
         return group_length(g, ro, ro_end)
     return min(g.sum_rows, ro_end - ro)

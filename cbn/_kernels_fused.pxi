@@ -255,10 +255,10 @@ cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, cons
 
 
 cdef void rows_gradient_sums_activate(const Grid *g, const floating *dy, const Walk *dyw,
-                                        const floating *x, const Walk *xw, Py_ssize_t f,
-                                        Py_ssize_t ro, Py_ssize_t n_rows, double mean,
-                                        double *sum_dy, double *sum_dy_xc,
-                                        const Activation *act) noexcept nogil:
+                                      const floating *x, const Walk *xw, Py_ssize_t f,
+                                      Py_ssize_t ro, Py_ssize_t n_rows, double mean,
+                                      double *sum_dy, double *sum_dy_xc,
+                                      const Activation *act) noexcept nogil:
     """Feature f's whole runs in outer rows ro .. ro + n_rows in one set of accumulators,
     as ri_gradient_sums sums the composed call's dz there (rows_gradient_sums; its dz and
     x step by one)."""
@@ -311,7 +311,7 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
         n_runs = whole_runs(g, &runs)
         if n_runs > 1 and act.unit_dz_step and xs == 1:
             rows_gradient_sums_activate(g, dy, dyw, x, xw, it.f, runs.ro, n_runs, mean,
-                                          sum_dy, sum_dy_xc, act)
+                                        sum_dy, sum_dy_xc, act)
             skip_runs(g, &runs, n_runs)
             continue
         n = run_length(g, &runs)

@@ -274,8 +274,8 @@ cdef inline void advance(const Grid *g, Runs *runs, Py_ssize_t n) noexcept nogil
 
 
 cdef inline Py_ssize_t whole_runs(const Grid *g, const Runs *runs) noexcept nogil:
-    """Whole runs from here that the gradient sums take at once (sum_rows at most): none
-    where the item starts or ends within a run, whose part is summed on its own."""
+    """Whole runs from here that the statistics and gradient sums take at once (sum_rows at
+    most): none where the item starts or ends within a run, whose part is summed on its own."""
     if runs.ri != 0:
         return 0
     return min(g.sum_rows, (runs.end - runs.r) // g.n_ri)

@@ -1,9 +1,10 @@
 """Fixed edge cases, numerics against float64 truth, and NaN/inf isolation."""
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 
 import cbn
-from cbn import reference
+from cbn import _kernels, reference
 
 from layouts import assert_close, assert_statistics_close
 
@@ -158,12 +159,14 @@ def test_byte_swapped_and_misaligned_inputs():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,width", [((19, 8, 7, 7), 7), ((16, 4, 4, 4), 4), ((19, 6, 7, 14), 7),
-                                         ((19, 6, 7, 14), slice(None, None, 2))])
+                                         ((19, 6, 7, 14), slice(None, None, 2)),
+                                         ((44, 80, 7, 7), 7)])
 def test_short_planes_statistics_and_gradient_sums(shape, width, dtype):
     """NCHW planes of a few dozen values: the statistics and the backward's sums take
-    several images' planes of a channel at once (up to a tile's end, within a chunk). Half of a wider W keeps H and W
-    apart: the planes are then rows of 7 at tabled offsets (every other W: not
-    contiguous, summed element by element)."""
+    several images' planes of a channel at once (up to a tile's end, within a chunk). Half
+    of a wider W keeps H and W apart: the planes are then rows of 7 at tabled offsets
+    (every other W: not contiguous, summed element by element). (44, 80, 7, 7) is two
+    chunks of 22 images, each ending in a shorter tile: the same bits on two threads."""
     rng = np.random.default_rng(3)
     cut = (Ellipsis, width if isinstance(width, slice) else slice(width))
     x = (rng.standard_normal(shape) * 2 + 1).astype(dtype)[cut]
@@ -177,3 +180,13 @@ def test_short_planes_statistics_and_gradient_sums(shape, width, dtype):
     np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-11, atol=1e-11)
     np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-11, atol=1e-11)
     assert_close(dx, dx_ref, dtype, condition=1e4)
+    if cbn.openmp_enabled():
+        old = _kernels.set_parallel_min_bytes(0)
+        try:
+            with threadpool_limits(2, user_api="openmp"):
+                again = (*cbn.batch_stats(x, axis=1),
+                         *cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1))
+        finally:
+            _kernels.set_parallel_min_bytes(old)
+        for a, b in zip(again, (mean, var, dx, dgamma, dbeta)):
+            assert a.tobytes() == b.tobytes()
