@@ -40,11 +40,9 @@ typedef int64_t cbn_m8d __attribute__((vector_size(64)));
 #define CBN_MASK_f32 cbn_m8f
 #define CBN_MASK_f64 cbn_m8d
 
-/* Runs that stream start their vectors on a cache line (CBN_ACT_ALIGNED) so that whole lines
- * are streamed; a vector is streamed where it can be (CBN_ACT_STREAMABLE: 32 bytes). */
+/* A run streams only where it is whole cache lines (_simd.h's cbn_whole_lines), so every
+ * vector a streaming store writes is 32-byte aligned. */
 #ifdef __AVX__
-#define CBN_ACT_ALIGNED(p) (((uintptr_t)(p) & 63) == 0)
-#define CBN_ACT_STREAMABLE(p) (((uintptr_t)(p) & 31) == 0)
 static inline void cbn_vec_stream_f32(float *p, cbn_v8f v) { _mm256_stream_ps(p, (__m256)v); }
 static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) {
     __m256d half[2];
@@ -53,8 +51,6 @@ static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) {
     _mm256_stream_pd(p + 4, half[1]);
 }
 #else
-#define CBN_ACT_ALIGNED(p) 1
-#define CBN_ACT_STREAMABLE(p) 0
 static inline void cbn_vec_stream_f32(float *p, cbn_v8f v) { memcpy(p, &v, sizeof v); }
 static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) { memcpy(p, &v, sizeof v); }
 #endif
@@ -279,7 +275,7 @@ static inline CBN_VEC_##S cbn_vec_load_##S(const T *p, int64_t step) {          
     return v;                                                                                \
 }                                                                                            \
 static inline void cbn_vec_put_##S(T *p, CBN_VEC_##S v, int stream) {                        \
-    if (stream && CBN_ACT_STREAMABLE(p)) cbn_vec_stream_##S(p, v);                              \
+    if (stream) cbn_vec_stream_##S(p, v);                                                    \
     else memcpy(p, &v, sizeof v);                                                            \
 }                                                                                            \
 static inline CBN_VEC_##S cbn_act8_##S(CBN_VEC_##S z, int kind, double alpha) {              \
@@ -427,10 +423,7 @@ static inline __attribute__((always_inline)) void cbn_normalize_act_##S(        
         int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
     uint8_t *scalar_mask = bit_step == 1 ? NULL : mask;                                      \
     int64_t i = 0;                                                                           \
-    for (; i < n && stream && !CBN_ACT_ALIGNED(y + i); i++)                                  \
-        cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
-                                  kind, alpha, scalar_mask, b, bit_step);                    \
-    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, 0, i, n);                       \
+    stream = stream && cbn_whole_lines(y, n * (int64_t)sizeof(T));                           \
     if (!mask)                                                                               \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
                                                       shift, per_element, K, alpha, stream,  \
@@ -498,10 +491,8 @@ static inline __attribute__((always_inline)) void cbn_act_input_gradient_k_##S( 
         int kind, double alpha, int stream, const uint8_t *mask, int64_t b,                  \
         int64_t bit_step, int adjacent) {                                                    \
     int64_t i = 0;                                                                           \
-    for (; i < n && stream && !CBN_ACT_ALIGNED(dx + i); i++)                                 \
-        cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
-                                       coef_dy, coef_xc, offset, kind, alpha, mask, b,       \
-                                       bit_step);                                            \
+    stream = stream && cbn_whole_lines(dx, n * (int64_t)sizeof(T))                           \
+             && (!dres || cbn_whole_lines(dres, n * (int64_t)sizeof(T)));                    \
     if (adjacent && ((b + i) & 7) == 0)                                                      \
         i = cbn_act_input_gradient_vectors_##S(dy, y, x, dx, dres, i, n, mean, coef_dy,      \
                                                coef_xc, offset, per_element, kind, alpha,    \

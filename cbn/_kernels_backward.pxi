@@ -476,6 +476,30 @@ cdef void input_gradient_planes(const Grid *g, const floating *dy, const Walk *d
                              <floating *>(ws.scratch + threadid() * ws.scratch_per_thread))
 
 
+cdef inline void input_gradient_image(const Grid *g, const floating *dy, const Walk *dyw,
+                                      const floating *x, const Walk *xw, floating *dx,
+                                      const Walk *dxw, const GradientFactors *k, Py_ssize_t ro,
+                                      Py_ssize_t f0) noexcept nogil:
+    """input_gradient_group's planes where they are back to back (planes_back_to_back): as
+    normalize_image, through cbn_input_gradient_planes."""
+    cdef Py_ssize_t count, f = f0, f_end = f0 + g.group_features
+    cdef const floating *dy_run
+    cdef const floating *x_run
+    cdef floating *dx_run
+    while f < f_end:
+        count = entry_features(g, f, f_end)
+        dy_run = dy + feature_offset(dyw, g, f) + row_offset(dyw, ro, 0)
+        x_run = x + feature_offset(xw, g, f) + row_offset(xw, ro, 0)
+        dx_run = dx + feature_offset(dxw, g, f) + row_offset(dxw, ro, 0)
+        if floating is float:
+            cbn_input_gradient_planes_f32(dy_run, x_run, dx_run, count, g.n_ri, k.mean + f,
+                                          k.coef_dy + f, k.coef_xc + f, k.offset + f, g.stream)
+        else:
+            cbn_input_gradient_planes_f64(dy_run, x_run, dx_run, count, g.n_ri, k.mean + f,
+                                          k.coef_dy + f, k.coef_xc + f, k.offset + f, g.stream)
+        f += count
+
+
 cdef inline void input_gradient_group(const Grid *g, const floating *dy, const Walk *dyw,
                                       const floating *x, const Walk *xw, floating *dx,
                                       const Walk *dxw, const GradientFactors *k,
@@ -492,8 +516,13 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
     cdef const floating *dy_feature
     cdef const floating *x_feature
     cdef floating *dx_feature
-    if k.act.fused:     # elementwise: the activated runs read every operand in place
-        act_input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, ro, n_rows, f0)
+    cdef bint image = (planes_back_to_back(g, dyw) and planes_back_to_back(g, xw)
+                       and planes_back_to_back(g, dxw))
+    if k.act.fused or image:
+        if k.act.fused:     # elementwise: the activated runs read every operand in place
+            act_input_gradient_group(g, dy, dyw, x, xw, dx, dxw, k, ro, n_rows, f0)
+        else:
+            input_gradient_image(g, dy, dyw, x, xw, dx, dxw, k, ro, f0)
         if g.stream:
             cbn_store_fence()
         return

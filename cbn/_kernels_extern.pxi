@@ -61,6 +61,20 @@ cdef extern from "_simd.h":
                                        const double *coef_xc, const double *offset,
                                        int per_element) noexcept nogil
     void cbn_store_fence() noexcept nogil
+    void cbn_normalize_planes_f32(const float *x, float *y, int64_t n_planes, int64_t n,
+                                  const double *mean, const double *scale, const double *shift,
+                                  int stream) noexcept nogil
+    void cbn_normalize_planes_f64(const double *x, double *y, int64_t n_planes, int64_t n,
+                                  const double *mean, const double *scale, const double *shift,
+                                  int stream) noexcept nogil
+    void cbn_input_gradient_planes_f32(const float *dy, const float *x, float *dx,
+                                       int64_t n_planes, int64_t n, const double *mean,
+                                       const double *coef_dy, const double *coef_xc,
+                                       const double *offset, int stream) noexcept nogil
+    void cbn_input_gradient_planes_f64(const double *dy, const double *x, double *dx,
+                                       int64_t n_planes, int64_t n, const double *mean,
+                                       const double *coef_dy, const double *coef_xc,
+                                       const double *offset, int stream) noexcept nogil
     void cbn_normalize_rows_stream_f32(const float *x, float *y, int64_t n_rows, int64_t width,
                                        const double *mean, const double *scale,
                                        const double *shift) noexcept nogil

@@ -107,8 +107,7 @@ cdef inline void normalize_act_rows(const floating *x, int64_t x_row_stride,
     for r in range(n_rows):
         normalize_act(x + r * x_row_stride,
                       NULL if residual == NULL else residual + r * r_row_stride,
-                      y + r * y_row_stride, width, mean, scale, shift, True, act,
-                      stream and whole_lines(y + r * y_row_stride, width),
+                      y + r * y_row_stride, width, mean, scale, shift, True, act, stream,
                       b + r * bit_row_stride, bit_step)
 
 
@@ -150,9 +149,7 @@ cdef inline void act_input_gradient_rows(const floating *dy, int64_t dy_row_stri
         act_input_gradient(dy + r * dy_row_stride, NULL if y == NULL else y + r * y_row_stride,
                            x + r * x_row_stride, dx + r * dx_row_stride,
                            NULL if dres == NULL else dres + r * dres_row_stride, width, mean,
-                           coef_dy, coef_xc, offset, True, act,
-                           stream and whole_lines(dx + r * dx_row_stride, width)
-                           and (dres == NULL or whole_lines(dres + r * dres_row_stride, width)),
+                           coef_dy, coef_xc, offset, True, act, stream,
                            b + r * bit_row_stride, bit_step)
 
 
@@ -427,7 +424,7 @@ cdef void act_input_gradient_group(const Grid *g, const floating *dy, const Walk
     for t in range(n_rows):
         f = f0
         while f < f_end:     # the features of one feature_offsets entry at a time
-            count = min((f // g.n_fi + 1) * g.n_fi, f_end) - f
+            count = entry_features(g, f, f_end)
             if act.mask == NULL:
                 y = (<const floating *>act.output + feature_offset(ow, g, f)
                      + row_offset(ow, ro + t, 0))

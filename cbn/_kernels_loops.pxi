@@ -272,7 +272,7 @@ cdef inline void normalize_rows(const floating *x, int64_t x_row_stride, floatin
         return
     for r in range(n_rows):
         normalize_row(x + r * x_row_stride, y + r * y_row_stride, width, mean, scale, shift,
-                      stream and whole_lines(y + r * y_row_stride, width))
+                      stream)
 
 
 # Elementwise runs whose operands step along the same axis in opposite directions (NCHW x
@@ -450,8 +450,7 @@ cdef inline void input_gradient_rows(const floating *dy, int64_t dy_row_stride,
         return
     for r in range(n_rows):
         input_gradient_row(dy + r * dy_row_stride, x + r * x_row_stride, dx + r * dx_row_stride,
-                           width, mean, coef_dy, coef_xc, offset,
-                           stream and whole_lines(dx + r * dx_row_stride, width))
+                           width, mean, coef_dy, coef_xc, offset, stream)
 
 
 cdef inline void input_gradient_forwards(const floating *dy, const floating *x, floating *dx,

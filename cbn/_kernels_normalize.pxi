@@ -278,6 +278,28 @@ cdef inline void normalize_transposed(const Grid *g, const floating *x, const Wa
         transpose(x, xw.row_stride, n, n_rows, y, staged.group_stride * yw.group_stride, affine)
 
 
+cdef inline void normalize_image(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                                 const Walk *yw, Py_ssize_t ro, Py_ssize_t f0, const double *mean,
+                                 const double *scale, const double *shift) noexcept nogil:
+    """normalize_group's planes where they are back to back (planes_back_to_back): those of
+    one feature_offsets entry in outer row ro as one run (cbn_normalize_planes, whose
+    comment has the figures)."""
+    cdef Py_ssize_t count, f = f0, f_end = f0 + g.group_features
+    cdef const floating *x_run
+    cdef floating *y_run
+    while f < f_end:
+        count = entry_features(g, f, f_end)
+        x_run = x + feature_offset(xw, g, f) + row_offset(xw, ro, 0)
+        y_run = y + feature_offset(yw, g, f) + row_offset(yw, ro, 0)
+        if floating is float:
+            cbn_normalize_planes_f32(x_run, y_run, count, g.n_ri, mean + f, scale + f, shift + f,
+                                     g.stream)
+        else:
+            cbn_normalize_planes_f64(x_run, y_run, count, g.n_ri, mean + f, scale + f, shift + f,
+                                     g.stream)
+        f += count
+
+
 cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floating *y,
                           const Walk *yw, Py_ssize_t ro, Py_ssize_t f0, const double *mean,
                           const double *scale, const double *shift, floating *stage,
@@ -291,6 +313,11 @@ cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floa
     cdef const floating *x_feature
     cdef floating *y_feature
     cdef RiItem plane
+    if not act.fused and planes_back_to_back(g, xw) and planes_back_to_back(g, yw):
+        normalize_image(g, x, xw, y, yw, ro, f0, mean, scale, shift)
+        if g.stream:
+            cbn_store_fence()
+        return
     for f in range(f0, f0 + g.group_features):
         if act.fused:
             plane.f = f

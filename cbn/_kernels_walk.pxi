@@ -241,10 +241,17 @@ cdef inline int64_t row_offset(const Walk *w, Py_ssize_t ro, Py_ssize_t ri) noex
     return w.row_offsets[ro] + ri * w.row_stride
 
 
-cdef inline bint whole_lines(const floating *row, Py_ssize_t n) noexcept nogil:
-    """Whether n elements from row fill whole 64-byte cache lines: then streaming stores
-    never share a line with ordinary ones (cbn.api allocates outputs line-aligned)."""
-    return (<uintptr_t>row) % 64 == 0 and (n * sizeof(floating)) % 64 == 0
+cdef inline bint planes_back_to_back(const Grid *g, const Walk *w) noexcept nogil:
+    """Whether an operand's planes (a planes walk's runs, one outer row of one feature each)
+    follow each other in memory, those of one feature_offsets entry one run: NCHW in C order.
+    Runs shorter than a vector are left to the run loops."""
+    return (g.row_group == 1 and g.n_ri >= 8 and w.row_stride == 1
+            and (w.feature_stride == g.n_ri or g.n_fi == 1))
+
+
+cdef inline Py_ssize_t entry_features(const Grid *g, Py_ssize_t f, Py_ssize_t f_end) noexcept nogil:
+    """Features from f before f_end in f's feature_offsets entry (a stride apart)."""
+    return min((f // g.n_fi + 1) * g.n_fi, f_end) - f
 
 
 # Reduced elements [begin, end) of one item, walked as runs along the inner reduced

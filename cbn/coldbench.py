@@ -38,7 +38,9 @@ GOALS = {   # issue 9: (minimum torch / cbn, minimum fraction of STREAM)
 
 
 def cold_cases(llc_bytes, factor=COLD_FACTOR):
-    """The README's four large cases, batch grown until x (float32) >= factor x LLC."""
+    """The README's four large cases and its short NCHW planes (7 x 7: every plane shares
+    its first and last cache lines with its neighbours), batch grown until x (float32) >=
+    factor x LLC."""
     def batch(sample_elements):
         return max(1, math.ceil(factor * llc_bytes / (4 * sample_elements)))
     return (
@@ -46,6 +48,7 @@ def cold_cases(llc_bytes, factor=COLD_FACTOR):
         benchmark.Case("NCHW", (batch(64 * 56 * 56), 64, 56, 56), 1),
         benchmark.Case("dense", (batch(1024), 1024), -1, torch_view="nc"),
         benchmark.Case("NCHW-256", (batch(256 * 28 * 28), 256, 28, 28), 1),
+        benchmark.Case("NCHW-7x7", (batch(512 * 7 * 7), 512, 7, 7), 1),
     )
 
 
