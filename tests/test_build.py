@@ -14,10 +14,10 @@ pytest.importorskip("Cython")
 # The kernel tests, whose hypothesis cases walk every layout and loop order; under
 # AddressSanitizer with the thread tests too, where the parallel split matters.
 KERNEL_TESTS = ["test_api_oracle.py", "test_api_edges.py", "test_mixed_layouts.py",
-                "test_layout.py", "test_fused.py"]
+                "test_layout.py", "test_fused.py", "test_streaming.py"]
 SANITIZED_TESTS = ["test_api_oracle.py", "test_api_edges.py", "test_api_threads.py",
                    "test_api_sync.py", "test_api_concurrency.py", "test_layout.py",
-                   "test_fused.py"]
+                   "test_fused.py", "test_streaming.py"]
 
 BUILD_REQUESTED = ["test_api_threads.py::test_build_is_the_one_asked_for",
                    "test_dispatch.py::test_the_level_asked_for_is_the_one_in_use"]
