@@ -97,6 +97,20 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
     elif act.fused:
         o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
+    # Crosswise where dx is by features (dense x C beside a Fortran dy and out=: 2.8x the
+    # slower matched call to 2.3x); where dx is by rows beside an input by features, its
+    # tile's rows read and written a line each at every step of the walk down them took
+    # longer than staging that input (1.9-2.0x to 2.2x), so the stage serves those.
+    if floating is float:
+        if not act.fused and dxw.feature_stride != 1 and crosswise(g, dyw, xw, dxw):
+            cross_rows(g, &it, dx_tile, dxw, &runs.r, &runs.end)
+            cbn_input_gradient_cross_f32(
+                dy_tile + runs.r * dyw.row_stride, dyw.row_stride, dyw.feature_stride,
+                x_tile + runs.r * xw.row_stride, xw.row_stride, xw.feature_stride,
+                dx_tile + runs.r * dxw.row_stride, dxw.row_stride, dxw.feature_stride,
+                runs.end - runs.r, it.width, k.mean + it.f0, k.coef_dy + it.f0,
+                k.coef_xc + it.f0, k.offset + it.f0, g.stream)
+            return
     if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
         input_gradient_rows(dy_tile + it.r_begin * dyw.row_stride, dyw.row_stride,
                             x_tile + it.r_begin * xw.row_stride, xw.row_stride,

@@ -157,6 +157,23 @@ cdef extern from "_simd.h":
                                             const double *offset) noexcept nogil
     int CBN_MAX_WIDTH
 
+cdef extern from "_cross.h":
+    const bint CBN_CROSS      # the crosswise loops are built (float32 with AVX)
+    void cbn_normalize_cross_f32(const float *x, int64_t x_row_stride,
+                                 int64_t x_feature_stride, float *y, int64_t y_row_stride,
+                                 int64_t y_feature_stride, int64_t n_rows, int64_t width,
+                                 const double *mean, const double *scale, const double *shift,
+                                 int stream) noexcept nogil
+    void cbn_input_gradient_cross_f32(const float *dy, int64_t dy_row_stride,
+                                      int64_t dy_feature_stride, const float *x,
+                                      int64_t x_row_stride, int64_t x_feature_stride,
+                                      float *dx, int64_t dx_row_stride,
+                                      int64_t dx_feature_stride, int64_t n_rows, int64_t width,
+                                      const double *mean, const double *coef_dy,
+                                      const double *coef_xc, const double *offset,
+                                      int stream) noexcept nogil
+
+
 cdef extern from "_activation.h":
     enum:
         CBN_ACT_NONE

@@ -434,3 +434,57 @@ def test_row_groups_stepping_back_match_reference_and_c_bits(x_layout, dy_layout
                                                              dtype):
     assert_nchw_elementwise_c_bits((19, 3, 2, 70), (x_layout, dy_layout, out_layout), dtype,
                                    seed=31)
+
+
+def shifted(values, layout, offset):
+    """values in C or Fortran order, starting offset elements past a cache line start."""
+    buffer = np.zeros(values.size + 64, values.dtype)
+    start = (-buffer.ctypes.data % 64) // values.itemsize + offset
+    flat = buffer[start:start + values.size]
+    out = flat.reshape(values.shape) if layout == "C" else flat.reshape(values.shape[::-1]).T
+    out[...] = values
+    return out
+
+
+# Dense float32 beside its transpose: the elementwise passes take each item crosswise
+# (cbn/_cross.h), 8x8 blocks straight from the inputs to the output. 3504 rows of 48
+# features make two chunks, every feature (Fortran) and row (C) of the output whole lines
+# apart, so streaming items start on the output's next line (cross_rows: 13 rows on for an
+# output 3 elements into a line); 3501 rows of 37 features leave rows and features beyond
+# the blocks. The results are the C-ordered call's (inference, dx of the same sums) and
+# the reference's, on one thread and on two.
+@pytest.mark.parametrize("x_layout,other_layout", [("C", "F"), ("F", "C")])
+@pytest.mark.parametrize("shape", [(3504, 48), (3501, 37)])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shape, offset,
+                                                    streaming):
+    rng = np.random.default_rng(37)
+    values = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy_values = rng.standard_normal(shape).astype(np.float32)
+    x, dy = shifted(values, x_layout, 1), shifted(dy_values, other_layout, 2)
+    mean, var = cbn.batch_stats(values)
+    y_ref, _, _ = reference.batch_norm_forward(values)
+    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
+
+    def calls():
+        return (cbn.batch_norm_inference(x, mean, var, out=shifted(values, other_layout,
+                                                                   offset)),
+                cbn.batch_norm_forward(x, out=shifted(values, other_layout, offset))[0],
+                cbn.batch_norm_backward(dy, x, mean, var,
+                                        out=shifted(values, other_layout, offset))[0],
+                cbn.batch_norm_backward(dy, x, mean, var)[0])
+
+    with threadpool_limits(1, user_api="openmp"):
+        inference, y, dx, dx_like_x = calls()
+    assert inference.tobytes() == cbn.batch_norm_inference(values, mean, var).tobytes()
+    assert (np.ascontiguousarray(y).tobytes()
+            == np.ascontiguousarray(cbn.batch_norm_forward(x)[0]).tobytes())
+    assert np.ascontiguousarray(dx).tobytes() == np.ascontiguousarray(dx_like_x).tobytes()
+    assert_close(inference, y_ref, np.float32, condition=100)
+    assert_close(y, y_ref, np.float32, condition=100)
+    assert_close(dx, dx_ref, np.float32, condition=100)
+    if cbn.openmp_enabled():
+        with threadpool_limits(2, user_api="openmp"):
+            again = calls()
+        for a, b in zip(again, (inference, y, dx, dx_like_x)):
+            assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
