@@ -22,6 +22,14 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
     for j in range(it.width):
         acc_dy[j] = 0.0
         acc_dy_xc[j] = 0.0
+    if floating is float:
+        if crosswise(g, dyw, xw, NULL):     # the stage's runs, without it: the same bits
+            cbn_gradient_sums_cross_f32(dy_tile + it.r_begin * dyw.row_stride, dyw.row_stride,
+                                        dyw.feature_stride,
+                                        x_tile + it.r_begin * xw.row_stride, xw.row_stride,
+                                        xw.feature_stride, it.r_end - it.r_begin, it.width,
+                                        g.rows_per_run, mean + it.f0, acc_dy, acc_dy_xc)
+            runs.r = runs.end
     while runs.r < runs.end:
         n = run_length(g, &runs)
         dy_rows = block_rows(g, dy_tile, dyw, &runs, n, it.width, &dy_row_stride, stage,

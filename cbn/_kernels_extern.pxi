@@ -172,6 +172,12 @@ cdef extern from "_cross.h":
                                       const double *mean, const double *coef_dy,
                                       const double *coef_xc, const double *offset,
                                       int stream) noexcept nogil
+    void cbn_gradient_sums_cross_f32(const float *dy, int64_t dy_row_stride,
+                                     int64_t dy_feature_stride, const float *x,
+                                     int64_t x_row_stride, int64_t x_feature_stride,
+                                     int64_t n_rows, int64_t width, int64_t run_rows,
+                                     const double *mean, double *sum_dy,
+                                     double *sum_dy_xc) noexcept nogil
 
 
 cdef extern from "_activation.h":

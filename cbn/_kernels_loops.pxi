@@ -58,12 +58,13 @@ cdef inline const floating *rows_of(const Grid *g, const floating *tile, const W
                       width, stage)
 
 
-# FI elementwise passes (normalize, dx) of float32 tiles whose operands each hold a row of
-# adjacent features or a feature of adjacent rows, not all alike (dense x C-ordered beside a
-# Fortran-ordered or transposed dy or out=, and the other way round), with each item one run
-# of rows: _cross.h's loops take the tile straight from the inputs to the output in 8x8
-# blocks transposed in registers, where the stage copied every odd operand's run through a
-# buffer (its copies cost as much as the arithmetic). Elementwise: the same bits.
+# FI passes (normalize, dx, the gradient sums) of float32 tiles whose operands each hold a
+# row of adjacent features or a feature of adjacent rows, not all alike (dense x C-ordered
+# beside a Fortran-ordered or transposed dy or out=, and the other way round), with each
+# item one run of rows: _cross.h's loops take the tile straight from the inputs to the
+# output or the sums in 8x8 blocks transposed in registers, where the stage copied every odd
+# operand's run through a buffer (its copies cost as much as the arithmetic). The same bits:
+# the elementwise passes in any order, the sums in the stage's runs.
 cdef inline bint by_rows_or_features(const Walk *w) noexcept nogil:
     return w.feature_stride == 1 or w.row_stride == 1
 

@@ -446,8 +446,18 @@ def shifted(values, layout, offset):
     return out
 
 
-# Dense float32 beside its transpose: the elementwise passes take each item crosswise
-# (cbn/_cross.h), 8x8 blocks straight from the inputs to the output. 3504 rows of 48
+def stepped_fortran(values):
+    """A Fortran-ordered view of every other row: staged an element at a time, never
+    crosswise (its rows are not adjacent)."""
+    wide = np.zeros((2 * values.shape[0], values.shape[1]), values.dtype, order="F")
+    wide[::2] = values
+    return wide[::2]
+
+
+# Dense float32 beside its transpose: each item taken crosswise (cbn/_cross.h), 8x8 blocks
+# straight from the inputs to the output or the sums, no stage. The gradient sums must
+# keep the staged runs' bits (those of a stepped Fortran operand, staged an element at a
+# time in the same runs). 3504 rows of 48
 # features make two chunks, every feature (Fortran) and row (C) of the output whole lines
 # apart, so streaming items start on the output's next line (cross_rows: 13 rows on for an
 # output 3 elements into a line); 3501 rows of 37 features leave rows and features beyond
@@ -472,10 +482,15 @@ def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shap
                 cbn.batch_norm_forward(x, out=shifted(values, other_layout, offset))[0],
                 cbn.batch_norm_backward(dy, x, mean, var,
                                         out=shifted(values, other_layout, offset))[0],
-                cbn.batch_norm_backward(dy, x, mean, var)[0])
+                cbn.batch_norm_backward(dy, x, mean, var)[0],
+                *cbn.api.gradient_sums(dy, x, mean, var))
 
     with threadpool_limits(1, user_api="openmp"):
-        inference, y, dx, dx_like_x = calls()
+        inference, y, dx, dx_like_x, *sums = results = calls()
+    staged = cbn.api.gradient_sums(*(stepped_fortran(a) if a.flags.f_contiguous else a
+                                     for a in (dy, x)), mean, var)
+    for a, b in zip(sums, staged):
+        assert a.tobytes() == b.tobytes()
     assert inference.tobytes() == cbn.batch_norm_inference(values, mean, var).tobytes()
     assert (np.ascontiguousarray(y).tobytes()
             == np.ascontiguousarray(cbn.batch_norm_forward(x)[0]).tobytes())
@@ -486,5 +501,5 @@ def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shap
     if cbn.openmp_enabled():
         with threadpool_limits(2, user_api="openmp"):
             again = calls()
-        for a, b in zip(again, (inference, y, dx, dx_like_x)):
+        for a, b in zip(again, results):
             assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
