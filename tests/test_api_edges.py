@@ -190,3 +190,35 @@ def test_short_planes_statistics_and_gradient_sums(shape, width, dtype):
             _kernels.set_parallel_min_bytes(old)
         for a, b in zip(again, (mean, var, dx, dgamma, dbeta)):
             assert a.tobytes() == b.tobytes()
+
+
+def same_bits(a, b):
+    return np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape,axis,flip", [((9, 6, 7, 19), 1, (3,)), ((9, 6, 7, 19), 1, (2, 3)),
+                                             ((9, 6, 7, 19), 1, (0, 3)), ((5, 7, 9, 6), -1, (2,)),
+                                             ((40, 13), -1, (0,)), ((9, 6, 7, 19), 1, (1, 3))])
+def test_flipped_views_give_the_flipped_bits(shape, axis, flip, dtype):
+    """A reduced axis that x walks backwards (a flipped image, x[..., ::-1]) is walked
+    forwards, in every operand: the call then reads memory as the call on the unflipped
+    array does and gives its bits, flipped. A flipped feature axis stays as it is (its
+    statistics belong to its features), and the results still match, flipped."""
+    rng = np.random.default_rng(len(flip) * 10 + axis)
+    x_mem = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
+    dy_mem = rng.standard_normal(shape).astype(dtype)
+    flipped = tuple(slice(None, None, -1) if a in flip else slice(None) for a in range(len(shape)))
+    features = tuple(slice(None, None, -1) if a in flip else slice(None)
+                     for a in range(len(shape)) if a == axis % len(shape))
+    x, dy = x_mem[flipped], dy_mem[flipped]
+    mean, var = cbn.batch_stats(x, axis=axis)
+    mean_mem, var_mem = cbn.batch_stats(x_mem, axis=axis)
+    assert same_bits(mean, mean_mem[features]) and same_bits(var, var_mem[features])
+    y = cbn.batch_norm_forward(x, axis=axis)[0]
+    assert same_bits(y, cbn.batch_norm_forward(x_mem, axis=axis)[0][flipped])
+    got = cbn.batch_norm_backward(dy, x, mean, var, axis=axis)
+    own = cbn.batch_norm_backward(dy_mem, x_mem, mean_mem, var_mem, axis=axis)
+    assert same_bits(got[0], own[0][flipped])
+    assert same_bits(got[1], own[1][features]) and same_bits(got[2], own[2][features])
+    assert_close(y, reference.batch_norm_forward(x, axis=axis)[0], dtype, condition=100)
