@@ -220,6 +220,18 @@ cdef extern from "_activation.h":
                                     const double *offset, int per_element, int kind,
                                     double alpha, int stream, const unsigned char *mask,
                                     int64_t b, int64_t bit_step) noexcept nogil
+    void cbn_normalize_act_planes_f32(const float *x, int64_t x_step, const float *residual,
+                                      int64_t r_step, float *y, int64_t y_step,
+                                      int64_t n_planes, int64_t n, const double *mean,
+                                      const double *scale, const double *shift, int kind,
+                                      double alpha, int stream, unsigned char *mask, int64_t b,
+                                      int64_t b_step, int64_t bit_step) noexcept nogil
+    void cbn_normalize_act_planes_f64(const double *x, int64_t x_step, const double *residual,
+                                      int64_t r_step, double *y, int64_t y_step,
+                                      int64_t n_planes, int64_t n, const double *mean,
+                                      const double *scale, const double *shift, int kind,
+                                      double alpha, int stream, unsigned char *mask, int64_t b,
+                                      int64_t b_step, int64_t bit_step) noexcept nogil
     void cbn_act_input_gradient_planes_f32(const float *dy, int64_t dy_step, const float *y,
                                            int64_t y_step, const float *x, int64_t x_step,
                                            float *dx, int64_t dx_step, float *dres,

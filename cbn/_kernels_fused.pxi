@@ -200,6 +200,58 @@ cdef void ri_normalize_activate_item(const Grid *g, const floating *x, const Wal
         cbn_store_fence()
 
 
+cdef void act_normalize_group(const Grid *g, const floating *x, const Walk *xw, floating *y,
+                              const Walk *yw, Py_ssize_t ro, Py_ssize_t n_rows, Py_ssize_t f0,
+                              const double *mean, const double *scale, const double *shift,
+                              const Activation *act) noexcept nogil:
+    """normalize_group's activated planes (features f0 .. f0 + group_features of outer rows
+    ro .. ro + n_rows). Where every operand's runs step by one, the planes of one outer
+    row's features of one feature_offsets entry go to the planes loop in C in one call
+    (cbn_normalize_act_planes, whose comment has the figures); else plane by plane, as
+    ri_normalize_activate_item walks any layout."""
+    cdef const Walk *rw = act.residual_walk
+    cdef const Walk *bw = act.mask_walk
+    cdef Py_ssize_t f, t, count, f_end = f0 + g.group_features
+    cdef RiItem plane
+    cdef const floating *residual = NULL
+    cdef int64_t r_step = 0, b_step = 0, bit_step = 0
+    if not (xw.row_stride == 1 and yw.row_stride == 1
+            and (act.residual == NULL or rw.row_stride == 1)):
+        for f in range(f0, f_end):
+            plane.f = f
+            for t in range(n_rows):
+                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
+                ri_normalize_activate_item(g, x, xw, y, yw, plane, mean[f], scale[f],
+                                           shift[f], act)
+        return
+    if act.mask != NULL:
+        b_step, bit_step = bw.feature_stride, bw.row_stride
+    if act.residual != NULL:
+        r_step = rw.feature_stride
+    for t in range(n_rows):
+        f = f0
+        while f < f_end:     # the features of one feature_offsets entry at a time
+            count = entry_features(g, f, f_end)
+            if act.residual != NULL:
+                residual = (<const floating *>act.residual + feature_offset(rw, g, f)
+                            + row_offset(rw, ro + t, 0))
+            if floating is float:
+                cbn_normalize_act_planes_f32(
+                    x + feature_offset(xw, g, f) + row_offset(xw, ro + t, 0), xw.feature_stride,
+                    residual, r_step, y + feature_offset(yw, g, f) + row_offset(yw, ro + t, 0),
+                    yw.feature_stride, count, g.n_ri, mean + f, scale + f, shift + f, act.kind,
+                    act.alpha, g.stream, act.mask, mask_bit(act, g, f, ro + t, 0), b_step,
+                    bit_step)
+            else:
+                cbn_normalize_act_planes_f64(
+                    x + feature_offset(xw, g, f) + row_offset(xw, ro + t, 0), xw.feature_stride,
+                    residual, r_step, y + feature_offset(yw, g, f) + row_offset(yw, ro + t, 0),
+                    yw.feature_stride, count, g.n_ri, mean + f, scale + f, shift + f, act.kind,
+                    act.alpha, g.stream, act.mask, mask_bit(act, g, f, ro + t, 0), b_step,
+                    bit_step)
+            f += count
+
+
 cdef void fi_gradient_sums_activate_item(const Grid *g, const floating *dy, const Walk *dyw,
                                          const floating *x, const Walk *xw, Py_ssize_t item,
                                          const double *mean, double *scratch,

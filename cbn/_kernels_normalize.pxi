@@ -321,20 +321,15 @@ cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floa
     cdef floating *y_stage = stage + g.group_rows * g.group_run
     cdef const floating *x_feature
     cdef floating *y_feature
-    cdef RiItem plane
-    if not act.fused and planes_back_to_back(g, xw) and planes_back_to_back(g, yw):
-        normalize_image(g, x, xw, y, yw, ro, f0, mean, scale, shift)
+    if act.fused or (planes_back_to_back(g, xw) and planes_back_to_back(g, yw)):
+        if act.fused:   # elementwise: the activated runs read every operand in place
+            act_normalize_group(g, x, xw, y, yw, ro, n_rows, f0, mean, scale, shift, act)
+        else:
+            normalize_image(g, x, xw, y, yw, ro, f0, mean, scale, shift)
         if g.stream:
             cbn_store_fence()
         return
     for f in range(f0, f0 + g.group_features):
-        if act.fused:
-            plane.f = f
-            for t in range(n_rows):
-                plane.r_begin, plane.r_end = (ro + t) * g.n_ri, (ro + t + 1) * g.n_ri
-                ri_normalize_activate_item(g, x, xw, y, yw, plane, mean[f], scale[f],
-                                           shift[f], act)
-            continue
         x_feature = x + feature_offset(xw, g, f)
         y_feature = y + feature_offset(yw, g, f)
         for segment in range(ceil_div(g.n_ri, g.group_run)):
