@@ -564,6 +564,13 @@ static inline __attribute__((always_inline)) void cbn_act_gradient_sums_run_k_##
         const uint8_t *mask, int64_t bit0, int64_t bit_step, int aligned) {                  \
     CBN_GRADIENT_RUN_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                     \
 }                                                                                            \
+static inline __attribute__((always_inline)) void cbn_act_gradient_sums_steps_k_##S(      \
+        const T *dy, int64_t dy_step, const T *y, int64_t y_step, const T *x, int64_t x_step,\
+        int64_t n, double mean, int kind, double alpha, double *sum_dy, double *sum_dy_xc,   \
+        const uint8_t *mask, int64_t bit0, int64_t bit_step) {                               \
+    const int aligned = 0;                                                                   \
+    CBN_GRADIENT_STEPS_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                   \
+}                                                                                            \
 static inline __attribute__((always_inline)) void cbn_act_gradient_sums_rows_k_##S(       \
         const T *dy_base, const int64_t *dy_rows, int64_t dy_step, const T *y_base,          \
         const int64_t *y_rows, int64_t y_step, const T *x_base, const int64_t *x_rows,       \
@@ -675,6 +682,17 @@ static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T 
                                                     alpha, sum_dy, sum_dy_xc, mask, bit0,    \
                                                     bit_step, 0))                            \
     }                                                                                        \
+}                                                                                            \
+/* ... along runs whose dz or x steps are not 1, x gathered (_simd.h's cbn_gather). */     \
+static void cbn_act_gradient_sums_steps_##S(const T *dy, int64_t dy_step, const T *y,        \
+                                            int64_t y_step, const T *x, int64_t x_step,      \
+                                            int64_t n, double mean, int kind, double alpha,  \
+                                            double *sum_dy, double *sum_dy_xc,               \
+                                            const uint8_t *mask, int64_t bit0,               \
+                                            int64_t bit_step) {                              \
+    CBN_BY_KIND(cbn_act_gradient_sums_steps_k_##S(dy, dy_step, y, y_step, x, x_step, n, mean,\
+                                                  K, alpha, sum_dy, sum_dy_xc, mask, bit0,   \
+                                                  bit_step))                                 \
 }
 
 CBN_DEFINE_ACTIVATION_SUMS(float, f32)

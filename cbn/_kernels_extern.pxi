@@ -21,6 +21,16 @@ cdef extern from "_simd.h":
                                   double *s2) noexcept nogil
     void cbn_shifted_sums_run_f64(const double *p, int64_t n, double shift, double *s1,
                                   double *s2) noexcept nogil
+    void cbn_shifted_sums_steps_f32(const float *p, int64_t step, int64_t n, double shift,
+                                    double *s1, double *s2) noexcept nogil
+    void cbn_shifted_sums_steps_f64(const double *p, int64_t step, int64_t n, double shift,
+                                    double *s1, double *s2) noexcept nogil
+    void cbn_gradient_sums_steps_f32(const float *dy, int64_t dy_step, const float *x,
+                                     int64_t x_step, int64_t n, double mean, double *sum_dy,
+                                     double *sum_dy_xc) noexcept nogil
+    void cbn_gradient_sums_steps_f64(const double *dy, int64_t dy_step, const double *x,
+                                     int64_t x_step, int64_t n, double mean, double *sum_dy,
+                                     double *sum_dy_xc) noexcept nogil
     void cbn_shifted_sums_rows_f32(const float *base, const int64_t *rows, int64_t n_rows,
                                    int64_t n, double shift, double *s1,
                                    double *s2) noexcept nogil
@@ -272,6 +282,18 @@ cdef extern from "_activation.h":
                                        double mean, int kind, double alpha, double *sum_dy,
                                        double *sum_dy_xc, const unsigned char *mask, int64_t b,
                                        int64_t bit_step) noexcept nogil
+    void cbn_act_gradient_sums_steps_f32(const float *dy, int64_t dy_step, const float *y,
+                                         int64_t y_step, const float *x, int64_t x_step,
+                                         int64_t n, double mean, int kind, double alpha,
+                                         double *sum_dy, double *sum_dy_xc,
+                                         const unsigned char *mask, int64_t b,
+                                         int64_t bit_step) noexcept nogil
+    void cbn_act_gradient_sums_steps_f64(const double *dy, int64_t dy_step, const double *y,
+                                         int64_t y_step, const double *x, int64_t x_step,
+                                         int64_t n, double mean, int kind, double alpha,
+                                         double *sum_dy, double *sum_dy_xc,
+                                         const unsigned char *mask, int64_t b,
+                                         int64_t bit_step) noexcept nogil
     void cbn_act_gradient_sums_rows_f32(const float *dy_base, const int64_t *dy_rows,
                                         int64_t dy_step, const float *y_base,
                                         const int64_t *y_rows, int64_t y_step,

@@ -342,7 +342,7 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
                                     double *sum_dy, double *sum_dy_xc,
                                     const Activation *act) noexcept nogil:
     """ri_gradient_sums of dz: the same runs, dz formed where dy is loaded, and the same
-    loop as the composed call's on its dz (gradient_run: the SIMD one for unit steps)."""
+    loops as the composed call's on its dz (gradient_run's, in the same order)."""
     cdef const floating *dy_feature = dy + feature_offset(dyw, g, it.f)
     cdef const floating *x_feature = x + feature_offset(xw, g, it.f)
     cdef const floating *o_run = NULL
@@ -350,8 +350,7 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
     cdef const floating *x_run
     cdef int64_t dys = dyw.row_stride, xs = xw.row_stride, os = 0, b, bit_step = 0
     cdef Runs runs = make_runs(g, it.r_begin, it.r_end, it.r_end)
-    cdef Py_ssize_t n, i, n_runs
-    cdef double dz
+    cdef Py_ssize_t n, n_runs
     if act.mask != NULL:
         bit_step = act.mask_walk.row_stride
     else:
@@ -379,11 +378,14 @@ cdef void ri_gradient_sums_activate(const Grid *g, const floating *dy, const Wal
                 cbn_act_gradient_sums_run_f64(dy_run, dys, o_run, os, x_run, n, mean, act.kind,
                                               act.alpha, sum_dy, sum_dy_xc, act.mask, b,
                                               bit_step)
+        elif floating is float:
+            cbn_act_gradient_sums_steps_f32(dy_run, dys, o_run, os, x_run, xs, n, mean,
+                                            act.kind, act.alpha, sum_dy, sum_dy_xc, act.mask,
+                                            b, bit_step)
         else:
-            for i in range(n):
-                dz = dz_at(dy_run[i * dys], o_run, os, b, bit_step, i, act)
-                sum_dy[0] += dz
-                sum_dy_xc[0] += dz * (x_run[i * xs] - mean)
+            cbn_act_gradient_sums_steps_f64(dy_run, dys, o_run, os, x_run, xs, n, mean,
+                                            act.kind, act.alpha, sum_dy, sum_dy_xc, act.mask,
+                                            b, bit_step)
         advance(g, &runs, n)
 
 

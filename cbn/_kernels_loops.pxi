@@ -245,20 +245,15 @@ cdef inline void shifted_sums_rows(const floating *p, const int64_t *rows, Py_ss
 cdef inline void shifted_sums_run(const floating *p, int64_t step, Py_ssize_t n, double shift,
                                   double *s1, double *s2) noexcept nogil:
     """s1 = Σ (x − shift), s2 = Σ (x − shift)² over a run."""
-    cdef Py_ssize_t i
-    cdef double d
     if step == 1:
         if floating is float:
             cbn_shifted_sums_run_f32(p, n, shift, s1, s2)
         else:
             cbn_shifted_sums_run_f64(p, n, shift, s1, s2)
-        return
-    s1[0] = 0.0
-    s2[0] = 0.0
-    for i in range(n):
-        d = p[i * step] - shift
-        s1[0] += d
-        s2[0] += d * d
+    elif floating is float:
+        cbn_shifted_sums_steps_f32(p, step, n, shift, s1, s2)
+    else:
+        cbn_shifted_sums_steps_f64(p, step, n, shift, s1, s2)
 
 
 cdef inline void normalize_row(const floating *x, floating *y, Py_ssize_t n, const double *mean,
@@ -409,19 +404,16 @@ cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride,
 cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floating *x,
                               int64_t x_step, Py_ssize_t n, double mean,
                               double *sum_dy, double *sum_dy_xc) noexcept nogil:
-    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over a run."""
-    cdef Py_ssize_t i
-    cdef double g
+    """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over a run (any steps: the same order)."""
     if dy_step == 1 and x_step == 1:
         if floating is float:
             cbn_gradient_sums_run_f32(dy, x, n, mean, sum_dy, sum_dy_xc)
         else:
             cbn_gradient_sums_run_f64(dy, x, n, mean, sum_dy, sum_dy_xc)
-        return
-    for i in range(n):
-        g = dy[i * dy_step]
-        sum_dy[0] += g
-        sum_dy_xc[0] += g * (x[i * x_step] - mean)
+    elif floating is float:
+        cbn_gradient_sums_steps_f32(dy, dy_step, x, x_step, n, mean, sum_dy, sum_dy_xc)
+    else:
+        cbn_gradient_sums_steps_f64(dy, dy_step, x, x_step, n, mean, sum_dy, sum_dy_xc)
 
 
 cdef inline void tile_gradient_sums(const floating *dy, int64_t dy_row_step,

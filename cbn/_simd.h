@@ -254,10 +254,41 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
 /* The tiles of runs whose starts are given by offset tables (rows of any layout, row r
  * at base + rows[r]); the next row's pointers are only formed while there is one. */
 #define CBN_NEXT_ROWS (row < n_rows ? (dy = dy_base + dy_rows[row], x = x_base + x_rows[row]) : x)
+/* Runs whose elements are step apart (not 1: every other column, a reversed axis beside a
+ * forward one): the same vector loops, each vector's 8 elements gathered (cbn_gather), so
+ * the same order as a contiguous run's. Summed element by element instead, each sum waited
+ * on the last (4 cycles an add): NCHW (32,64,56,56) float32 with every other W, one thread,
+ * took 5.5x the C-ordered statistics and 6.9x its backward. */
+static inline cbn_v8d cbn_gather_f32(const float *p, int64_t step) {
+    cbn_v8d v;
+    for (int k = 0; k < 8; k++) v[k] = p[k * step];
+    return v;
+}
+static inline cbn_v8d cbn_gather_f64(const double *p, int64_t step) {
+    cbn_v8d v;
+    for (int k = 0; k < 8; k++) v[k] = p[k * step];
+    return v;
+}
+#define CBN_GRADIENT_STEPS_BODY(T, S, DY, DY1)                                               \
+    CBN_ROWS_SUMS(1, (void)0, mean, DY(S, i + 8 * q),                                        \
+                  cbn_gather_##S(x + (i + 8 * q) * x_step, x_step) - c, DY1(S, i),           \
+                  x[(i) * x_step] - mean, sum_dy, sum_dy_xc, +=)
+#define CBN_DY_STEPS(S, i) cbn_gather_##S(dy + (i) * dy_step, dy_step)
+#define CBN_DY1_STEPS(S, i) dy[(i) * dy_step]
 #define CBN_DEFINE_RUN_SUMS(T, S)                                                            \
 static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double *s1,        \
                                      double *s2) {                                           \
     CBN_RUN_SUMS(shift, cbn_load_##S(p + i + 8 * q) - c, u, p[i] - shift, u, s1, s2, =)      \
+}                                                                                           \
+static void cbn_shifted_sums_steps_##S(const T *p, int64_t step, int64_t n, double shift,    \
+                                       double *s1, double *s2) {                             \
+    CBN_RUN_SUMS(shift, cbn_gather_##S(p + (i + 8 * q) * step, step) - c, u,                 \
+                 p[i * step] - shift, u, s1, s2, =)                                          \
+}                                                                                           \
+static void cbn_gradient_sums_steps_##S(const T *dy, int64_t dy_step, const T *x,            \
+                                        int64_t x_step, int64_t n, double mean,              \
+                                        double *sum_dy, double *sum_dy_xc) {                 \
+    CBN_GRADIENT_STEPS_BODY(T, S, CBN_DY_STEPS, CBN_DY1_STEPS)                               \
 }                                                                                           \
 static void cbn_shifted_sums_rows_##S(const T *base, const int64_t *rows, int64_t n_rows,    \
                                       int64_t n, double shift, double *s1, double *s2) {     \

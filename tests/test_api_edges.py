@@ -222,3 +222,22 @@ def test_flipped_views_give_the_flipped_bits(shape, axis, flip, dtype):
     assert same_bits(got[0], own[0][flipped])
     assert same_bits(got[1], own[1][features]) and same_bits(got[2], own[2][features])
     assert_close(y, reference.batch_norm_forward(x, axis=axis)[0], dtype, condition=100)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("step", [2, 3])
+@pytest.mark.parametrize("length", [7, 8, 31, 32, 33, 100])
+def test_stepped_runs_are_summed_as_contiguous_ones(length, step, dtype):
+    """Runs whose elements are a step apart (every other column) are summed by the same
+    vector loops as contiguous runs, their elements gathered: the statistics and the
+    backward's sums equal, bit for bit, those of a contiguous copy."""
+    rng = np.random.default_rng(length * 10 + step)
+    x = (rng.standard_normal((5, abs(step) * length)) * 3 + 1).astype(dtype)[:, ::step]
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    x_copy, dy_copy = np.ascontiguousarray(x), np.ascontiguousarray(dy)
+    stats = cbn.batch_stats(x, axis=0)
+    assert all(same_bits(a, b) for a, b in zip(stats, cbn.batch_stats(x_copy, axis=0)))
+    got = cbn.batch_norm_backward(dy, x, *stats, axis=0)
+    own = cbn.batch_norm_backward(dy_copy, x_copy, *stats, axis=0)
+    assert all(same_bits(a, b) for a, b in zip(got, own))
+    assert_statistics_close(*stats, *reference.batch_stats(x, axis=0), x)
