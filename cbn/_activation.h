@@ -40,8 +40,8 @@ typedef int64_t cbn_m8d __attribute__((vector_size(64)));
 #define CBN_MASK_f32 cbn_m8f
 #define CBN_MASK_f64 cbn_m8d
 
-/* A run streams only where it is whole cache lines (_simd.h's cbn_whole_lines), so every
- * vector a streaming store writes is 32-byte aligned. */
+/* A run streams its whole cache lines where _simd.h's cbn_run_streams says so (its ends with
+ * ordinary stores), so every vector a streaming store writes is 32-byte aligned. */
 #ifdef __AVX__
 static inline void cbn_vec_stream_f32(float *p, cbn_v8f v) { _mm256_stream_ps(p, (__m256)v); }
 static inline void cbn_vec_stream_f64(double *p, cbn_v8d v) {
@@ -382,7 +382,7 @@ static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y
 static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_##S(          \
         const T *x, const T *residual, T *y, int64_t i, int64_t n, const double *mean,       \
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
-        int stream, uint8_t *mask, int64_t b, int64_t bit_step, int bits) {                  \
+        int64_t stream_end, uint8_t *mask, int64_t b, int64_t bit_step, int bits) {          \
     uint64_t word = 0;                                                                       \
     int k, held = (int)((b + i) & 7);   /* word's bits start the byte of bit b + i */        \
     int64_t at = b + i - held;                                                               \
@@ -400,7 +400,7 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         if (bits == CBN_ALIGNED_BITS) mask[(b + i) >> 3] = (uint8_t)cbn_positive8_##S(v);    \
         else if (bits == CBN_ANY_BITS) positive = v > zero;                                  \
         v = cbn_act8_##S(v, kind, alpha);                                                    \
-        cbn_vec_put_##S(y + i, v, stream);                                                   \
+        cbn_vec_put_##S(y + i, v, i < stream_end);                                           \
         if (bits == CBN_ANY_BITS) {                                                          \
             if (bit_step == 1) {                                                             \
                 cbn_gather_bits(mask, &at, &word, &held, cbn_signs_##S(positive), 8, b,      \
@@ -422,20 +422,29 @@ static inline __attribute__((always_inline)) void cbn_normalize_act_##S(        
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
         int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
     uint8_t *scalar_mask = bit_step == 1 ? NULL : mask;                                      \
-    int64_t i = 0;                                                                           \
-    stream = stream && cbn_whole_lines(y, n * (int64_t)sizeof(T));                           \
+    int64_t i = 0, head, body_end;                                                           \
+    stream = stream && cbn_run_streams(y, n * (int64_t)sizeof(T));                           \
+    cbn_streamed_features(y, sizeof(T), n, stream, &head, &body_end);                        \
+    const int64_t stream_end = stream ? body_end : 0;                                        \
+    for (; i < head; i++)                                                                    \
+        cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
+                                  kind, alpha, scalar_mask, b, bit_step);                    \
+    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, 0, i, n);                       \
     if (!mask)                                                                               \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
-                                                      shift, per_element, K, alpha, stream,  \
-                                                      NULL, b, bit_step, CBN_NO_BITS))       \
+                                                      shift, per_element, K, alpha,          \
+                                                      stream_end, NULL, b, bit_step,         \
+                                                      CBN_NO_BITS))                          \
     else if (bit_step == 1 && ((b + i) & 7) == 0)                                            \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
-                                                      shift, per_element, K, alpha, stream,  \
-                                                      mask, b, 1, CBN_ALIGNED_BITS))         \
+                                                      shift, per_element, K, alpha,          \
+                                                      stream_end, mask, b, 1,                \
+                                                      CBN_ALIGNED_BITS))                     \
     else                                                                                     \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
-                                                      shift, per_element, K, alpha, stream,  \
-                                                      mask, b, bit_step, CBN_ANY_BITS))      \
+                                                      shift, per_element, K, alpha,          \
+                                                      stream_end, mask, b, bit_step,         \
+                                                      CBN_ANY_BITS))                         \
     int64_t tail = i;                                                                        \
     for (; i < n; i++)                                                                       \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
@@ -475,7 +484,7 @@ static inline void cbn_act_input_gradient_one_##S(const T *dy, const T *y, const
 static inline __attribute__((always_inline)) int64_t cbn_act_input_gradient_vectors_##S(   \
         const T *dy, const T *y, const T *x, T *dx, T *dres, int64_t i, int64_t n,           \
         const double *mean, const double *coef_dy, const double *coef_xc,                    \
-        const double *offset, int per_element, int kind, double alpha, int stream,           \
+        const double *offset, int per_element, int kind, double alpha, int64_t stream_end,   \
         const uint8_t *mask, int64_t b, int64_t bit_step, int aligned) {                     \
     CBN_VEC_##S d = {0};                                                                     \
     cbn_v8d w;                                                                               \
@@ -494,8 +503,8 @@ static inline __attribute__((always_inline)) int64_t cbn_act_input_gradient_vect
             cbn_factor(coef_dy, i, per_element, coef_dy_1) * w                               \
             + cbn_factor(coef_xc, i, per_element, coef_xc_1)                                 \
               * (cbn_load_##S(x + i) - cbn_factor(mean, i, per_element, mean_1))             \
-            + cbn_factor(offset, i, per_element, offset_1)), stream);                        \
-        if (dres) cbn_vec_put_##S(dres + i, d, stream);                                      \
+            + cbn_factor(offset, i, per_element, offset_1)), i < stream_end);                \
+        if (dres) cbn_vec_put_##S(dres + i, d, i < stream_end);                              \
     }                                                                                        \
     return i;                                                                                \
 }                                                                                            \
@@ -506,17 +515,24 @@ static inline __attribute__((always_inline)) void cbn_act_input_gradient_k_##S( 
         const double *coef_dy, const double *coef_xc, const double *offset, int per_element, \
         int kind, double alpha, int stream, const uint8_t *mask, int64_t b,                  \
         int64_t bit_step, int adjacent) {                                                    \
-    int64_t i = 0;                                                                           \
-    stream = stream && cbn_whole_lines(dx, n * (int64_t)sizeof(T))                           \
-             && (!dres || cbn_whole_lines(dres, n * (int64_t)sizeof(T)));                    \
+    int64_t i = 0, head, body_end;                                                           \
+    /* dres streams beside dx where their lines start at the same offset, else neither */   \
+    stream = stream && cbn_run_streams(dx, n * (int64_t)sizeof(T))                           \
+             && (!dres || ((uintptr_t)dres & 63) == ((uintptr_t)dx & 63));                   \
+    cbn_streamed_features(dx, sizeof(T), n, stream, &head, &body_end);                       \
+    const int64_t stream_end = stream ? body_end : 0;                                        \
+    for (; i < head; i++)                                                                    \
+        cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
+                                       coef_dy, coef_xc, offset, kind, alpha, mask, b,       \
+                                       bit_step);                                            \
     if (adjacent && ((b + i) & 7) == 0)                                                      \
         i = cbn_act_input_gradient_vectors_##S(dy, y, x, dx, dres, i, n, mean, coef_dy,      \
                                                coef_xc, offset, per_element, kind, alpha,    \
-                                               stream, mask, b, bit_step, 1);                \
+                                               stream_end, mask, b, bit_step, 1);            \
     else                                                                                     \
         i = cbn_act_input_gradient_vectors_##S(dy, y, x, dx, dres, i, n, mean, coef_dy,      \
                                                coef_xc, offset, per_element, kind, alpha,    \
-                                               stream, mask, b, bit_step, 0);                \
+                                               stream_end, mask, b, bit_step, 0);            \
     for (; i < n; i++)                                                                       \
         cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
                                        coef_dy, coef_xc, offset, kind, alpha, mask, b,       \

@@ -80,8 +80,9 @@ cdef inline void act_input_gradient(const floating *dy, const floating *y, const
 # width from one vector on, not only where the plain loops take strips (wide_rows): row by
 # row, the activation's loop paid a call, its head and tail and the factors' loads per row
 # (NHWC, rows of 64 features: the fused forward took 1.8x the plain one's instructions
-# without the mask, 2.3x with it, avx2 level; now 1.07x and 1.32x). Streaming where every streamed output's rows are whole lines apart at one
-# offset in a line; else row by row, streaming only rows that fill whole lines. A mask's
+# without the mask, 2.3x with it, avx2 level; now 1.07x and 1.32x). Streaming where every
+# streamed output's rows are whole lines apart at one offset in a line; else row by row, each
+# row streaming as a run does (_simd.h's cbn_run_streams). A mask's
 # bits are set by the strips where a row's features have adjacent bits (bit_step 1).
 cdef inline void normalize_act_rows(const floating *x, int64_t x_row_stride,
                                     const floating *residual, int64_t r_row_stride,

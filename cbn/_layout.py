@@ -114,14 +114,18 @@ def make_plan(shape, axes, element_strides):
     other's fastest axis, which becomes the innermost outer reduced one (``row_group``): the
     kernels walk groups of outer rows, which are whole cache lines of every operand.
     """
-    # A reduced axis that the first operand walks backwards (x[..., ::-1], a flipped image)
-    # is walked forwards instead, in every operand: its runs then merge and step up as C
+    # A reduced axis that every operand walks backwards (x[..., ::-1] and its gradient, a
+    # flipped image) is walked forwards instead: its runs then merge and step up as C
     # order's do. Walked backwards, NCHW with W reversed took 12x (statistics) and 10x
     # (backward) the C-ordered calls' time: runs of one row of W, summed element by element.
     # Only where each operand's walk starts changes: shifts move it to that axis' last
-    # element. Decided by the first operand alone, so out= never changes the sums' order.
+    # element, in the feature offsets (every element's address holds one; the rows' offsets
+    # are left out where a chunk's rows are one run). Where another operand (a fresh out=)
+    # steps forwards the axis stays as it is, and the sums, taken in x's (and dy's) own plan
+    # (cbn._plans.plan_and_own), keep their bits.
     flipped = [a for a in range(len(shape))
-               if a not in axes and shape[a] > 1 and element_strides[0][a] < 0]
+               if a not in axes and shape[a] > 1 and all(s[a] <= 0 for s in element_strides)
+               and any(s[a] < 0 for s in element_strides)]
     shifts = [sum((shape[a] - 1) * s[a] for a in flipped) for s in element_strides]
     element_strides = tuple(tuple(-v if a in flipped else v for a, v in enumerate(s))
                             for s in element_strides)
@@ -169,9 +173,9 @@ def make_plan(shape, axes, element_strides):
                  else 1)
     operands = tuple(
         OperandLayout(
-            feature_offsets=_offset_table(feature_groups[:-1], k),
+            feature_offsets=_offset_table(feature_groups[:-1], k) + shifts[k],
             feature_stride=int(fi_strides[k]),
-            row_offsets=_offset_table(row_groups[:-1], k) + shifts[k],
+            row_offsets=_offset_table(row_groups[:-1], k),
             row_stride=int(ri_strides[k]))
         for k in range(len(element_strides)))
     n_feature_outer = len(operands[0].feature_offsets)

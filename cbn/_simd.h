@@ -374,15 +374,23 @@ static inline void cbn_store_fence(void) {}
 /* Where streaming stores write. A streamed vector that shares its cache line with ordinary
  * stores (a run's last half line, the next run's head) leaves the line's write-combining
  * buffer partly filled, and the core then writes it out piecemeal; a run's unaligned ends
- * take element by element. So a run streams only if it is whole lines (cbn_whole_lines):
- * NCHW (10240,64,7,7) float32 from memory, one thread, each 196-byte plane streamed on its
- * own: the forward into out= took 166 ms against 19.2 ms with no streaming; with only each
- * plane's whole lines streamed, inference still took 1.45x as long as with none (14 x 14
- * planes: 1.7x; 55 x 55, 189 lines a plane: 0.8x, a gain given up). A span of many
- * lines (a chunk of back-to-back rows, an image's back-to-back planes) streams its whole
- * lines, its ends with ordinary stores ([*head, *body_end) of its n elements). */
+ * take element by element. NCHW (10240,64,7,7) float32 from memory, one thread, each
+ * 196-byte plane streamed on its own: the forward into out= took 166 ms against 19.2 ms
+ * with no streaming; with only each plane's whole lines streamed, inference still took
+ * 1.45x as long as with none (14 x 14 planes, 12 lines: 1.7x), while 55 x 55 planes (189
+ * lines) gained 1.27x and dense columns of 8192 float32 (512 lines, 16 bytes into a line as
+ * NumPy's large arrays are) gained too. So a run streams if it is whole lines
+ * (cbn_whole_lines) or at least CBN_STREAM_RUN_BYTES long, its two shared lines then at
+ * most 1/32 of it (cbn_run_streams); it and any span of many lines (a chunk of back-to-back
+ * rows, an image's back-to-back planes) stream their whole lines, their ends take ordinary
+ * stores ([*head, *body_end) of n elements). */
+#define CBN_STREAM_RUN_BYTES (64 * 64)
 static inline int cbn_whole_lines(const void *out, int64_t bytes) {
     return ((uintptr_t)out & 63) == 0 && bytes % 64 == 0;
+}
+
+static inline int cbn_run_streams(const void *out, int64_t bytes) {
+    return cbn_whole_lines(out, bytes) || bytes >= CBN_STREAM_RUN_BYTES;
 }
 
 static inline void cbn_streamed_features(const void *out, int64_t itemsize, int64_t n,
@@ -739,7 +747,7 @@ static inline cbn_v8d cbn_factor(const double *p, int64_t i, int per_element, cb
 /* Along a contiguous run of n outputs whose per-feature factors are arrays indexed like the
  * run (per_element = 1, a row of features) or one value each (per_element = 0, one
  * feature): y = (x - mean) * scale + shift, and dx = coef_dy * dy + coef_xc * (x - mean)
- * + offset; with streaming stores if the run is whole lines (cbn_whole_lines). */
+ * + offset; its whole lines with streaming stores where the run streams (cbn_run_streams). */
 #define CBN_NORMALIZED(S, i)                                                                 \
     ((cbn_load_##S(x + (i)) - cbn_factor(mean, (i), per_element, mean_1))                    \
      * cbn_factor(scale, (i), per_element, scale_1) + cbn_factor(shift, (i), per_element, shift_1))
@@ -748,35 +756,42 @@ static inline cbn_v8d cbn_factor(const double *p, int64_t i, int per_element, cb
      + cbn_factor(coef_xc, (i), per_element, coef_xc_1)                                      \
        * (cbn_load_##S(x + (i)) - cbn_factor(mean, (i), per_element, mean_1))                \
      + cbn_factor(offset, (i), per_element, offset_1))
+#define CBN_NORMALIZED1(T, i, k) y[i] = (T)((x[i] - mean[k]) * scale[k] + shift[k])
+#define CBN_INPUT_GRADIENT1(T, i, k)                                                         \
+    dx[i] = (T)(coef_dy[k] * dy[i] + coef_xc[k] * (x[i] - mean[k]) + offset[k])
+/* A run of n outputs from OUT: ONE(T, i, k) element by element before its first streamed
+ * line and after its last vector, FACTORS then PUT(S, i, streamed) 8 at a time, streamed
+ * while i < stream_end (none where the run does not stream). */
+#define CBN_RUN_WALK(T, S, OUT, ONE, FACTORS, PUT)                                           \
+    int64_t i = 0, head, body_end;                                                           \
+    const int stream = cbn_run_streams(OUT, n * (int64_t)sizeof(T));                         \
+    cbn_streamed_features(OUT, sizeof(T), n, stream, &head, &body_end);                      \
+    const int64_t stream_end = stream ? body_end : 0;                                        \
+    for (; i < head; i++) ONE(T, i, per_element ? i : 0);                                    \
+    FACTORS                                                                                  \
+    for (; i + 8 <= n; i += 8) PUT(S, i, i < stream_end);                                    \
+    for (; i < n; i++) ONE(T, i, per_element ? i : 0);
+#define CBN_Y_RUN_FACTORS                                                                    \
+    const cbn_v8d mean_1 = cbn_one(mean, per_element), scale_1 = cbn_one(scale, per_element), \
+                  shift_1 = cbn_one(shift, per_element);
+#define CBN_DX_RUN_FACTORS                                                                   \
+    const cbn_v8d mean_1 = cbn_one(mean, per_element),                                       \
+                  coef_dy_1 = cbn_one(coef_dy, per_element),                                 \
+                  coef_xc_1 = cbn_one(coef_xc, per_element),                                 \
+                  offset_1 = cbn_one(offset, per_element);
+#define CBN_Y_PUT(S, i, streamed) cbn_put_##S(y + (i), CBN_NORMALIZED(S, i), streamed)
+#define CBN_DX_PUT(S, i, streamed) cbn_put_##S(dx + (i), CBN_INPUT_GRADIENT(S, i), streamed)
 #define CBN_DEFINE_STREAMING(T, S)                                                           \
 static void cbn_normalize_stream_##S(const T *x, T *y, int64_t n, const double *mean,        \
                                      const double *scale, const double *shift,               \
                                      int per_element) {                                      \
-    const int stream = cbn_whole_lines(y, n * (int64_t)sizeof(T));                           \
-    const cbn_v8d mean_1 = cbn_one(mean, per_element), scale_1 = cbn_one(scale, per_element), \
-                  shift_1 = cbn_one(shift, per_element);                                     \
-    int64_t i = 0, k;                                                                        \
-    for (; i + 8 <= n; i += 8) cbn_put_##S(y + i, CBN_NORMALIZED(S, i), stream);             \
-    for (; i < n; i++) {                                                                     \
-        k = per_element ? i : 0;                                                             \
-        y[i] = (T)((x[i] - mean[k]) * scale[k] + shift[k]);                                  \
-    }                                                                                        \
+    CBN_RUN_WALK(T, S, y, CBN_NORMALIZED1, CBN_Y_RUN_FACTORS, CBN_Y_PUT)                     \
 }                                                                                            \
 static void cbn_input_gradient_stream_##S(const T *dy, const T *x, T *dx, int64_t n,         \
                                           const double *mean, const double *coef_dy,         \
                                           const double *coef_xc, const double *offset,       \
                                           int per_element) {                                 \
-    const int stream = cbn_whole_lines(dx, n * (int64_t)sizeof(T));                          \
-    const cbn_v8d mean_1 = cbn_one(mean, per_element),                                       \
-                  coef_dy_1 = cbn_one(coef_dy, per_element),                                 \
-                  coef_xc_1 = cbn_one(coef_xc, per_element),                                 \
-                  offset_1 = cbn_one(offset, per_element);                                   \
-    int64_t i = 0, k;                                                                        \
-    for (; i + 8 <= n; i += 8) cbn_put_##S(dx + i, CBN_INPUT_GRADIENT(S, i), stream);        \
-    for (; i < n; i++) {                                                                     \
-        k = per_element ? i : 0;                                                             \
-        dx[i] = (T)(coef_dy[k] * dy[i] + coef_xc[k] * (x[i] - mean[k]) + offset[k]);         \
-    }                                                                                        \
+    CBN_RUN_WALK(T, S, dx, CBN_INPUT_GRADIENT1, CBN_DX_RUN_FACTORS, CBN_DX_PUT)              \
 }
 
 CBN_DEFINE_STREAMING(float, f32)

@@ -201,10 +201,11 @@ def same_bits(a, b):
                                              ((9, 6, 7, 19), 1, (0, 3)), ((5, 7, 9, 6), -1, (2,)),
                                              ((40, 13), -1, (0,)), ((9, 6, 7, 19), 1, (1, 3))])
 def test_flipped_views_give_the_flipped_bits(shape, axis, flip, dtype):
-    """A reduced axis that x walks backwards (a flipped image, x[..., ::-1]) is walked
-    forwards, in every operand: the call then reads memory as the call on the unflipped
-    array does and gives its bits, flipped. A flipped feature axis stays as it is (its
-    statistics belong to its features), and the results still match, flipped."""
+    """A reduced axis that every operand walks backwards (a flipped image, x[..., ::-1],
+    its gradient and out=) is walked forwards: the call then reads memory as the call on
+    the unflipped arrays does and gives its bits, flipped; beside a fresh (C-ordered)
+    output the sums are taken in x's and dy's own plan, so the same bits. A flipped feature
+    axis stays as it is (its statistics belong to its features)."""
     rng = np.random.default_rng(len(flip) * 10 + axis)
     x_mem = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
     dy_mem = rng.standard_normal(shape).astype(dtype)
@@ -215,12 +216,15 @@ def test_flipped_views_give_the_flipped_bits(shape, axis, flip, dtype):
     mean, var = cbn.batch_stats(x, axis=axis)
     mean_mem, var_mem = cbn.batch_stats(x_mem, axis=axis)
     assert same_bits(mean, mean_mem[features]) and same_bits(var, var_mem[features])
-    y = cbn.batch_norm_forward(x, axis=axis)[0]
-    assert same_bits(y, cbn.batch_norm_forward(x_mem, axis=axis)[0][flipped])
-    got = cbn.batch_norm_backward(dy, x, mean, var, axis=axis)
+    y_mem = cbn.batch_norm_forward(x_mem, axis=axis)[0]
     own = cbn.batch_norm_backward(dy_mem, x_mem, mean_mem, var_mem, axis=axis)
-    assert same_bits(got[0], own[0][flipped])
-    assert same_bits(got[1], own[1][features]) and same_bits(got[2], own[2][features])
+    for out in (None, np.empty_like(x_mem)[flipped]):   # a fresh output, or flipped too
+        y = cbn.batch_norm_forward(x, axis=axis, out=out)[0]
+        assert same_bits(y, y_mem[flipped])
+        got = cbn.batch_norm_backward(dy, x, mean, var, axis=axis,
+                                      out=None if out is None else np.empty_like(x_mem)[flipped])
+        assert same_bits(got[0], own[0][flipped])
+        assert same_bits(got[1], own[1][features]) and same_bits(got[2], own[2][features])
     assert_close(y, reference.batch_norm_forward(x, axis=axis)[0], dtype, condition=100)
 
 

@@ -59,3 +59,38 @@ def test_planes_written_as_one_run_equal_planes_one_by_one(dtype, plane, offset)
     y_ref = reference.batch_norm_inference(x, mean, var, gamma, beta, axis=1)
     assert_close(calls["inference"](off_the_line(shape, dtype, offset)), y_ref, dtype,
                  condition(x, var, gamma, 1e-3))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1023, 1100, 2051])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_long_runs_off_the_line_stream_their_whole_lines(length, offset, activation, dtype):
+    """Runs of at least 4 KiB stream their whole lines even off the line (a column of a
+    Fortran-ordered array, starting where NumPy put it), the ends with ordinary stores:
+    the same bits as with no streaming, forward, inference and backward alike."""
+    rng = np.random.default_rng(length + offset)
+    shape = (length, 3)
+    x = np.asfortranarray(rng.standard_normal(shape) * 2 + 1).astype(dtype, order="F")
+    dy = np.asfortranarray(rng.standard_normal(shape)).astype(dtype, order="F")
+
+    def fortran_off_the_line():
+        out = off_the_line(shape[::-1], dtype, offset).T
+        out[...] = np.nan
+        return out
+
+    y, mean, var = cbn.batch_norm_forward(x, activation=activation)
+    calls = {
+        "forward": lambda out: cbn.batch_norm_forward(x, out=out, activation=activation)[0],
+        "inference": lambda out: cbn.batch_norm_inference(x, mean, var, out=out,
+                                                          activation=activation),
+        "backward": lambda out: cbn.batch_norm_backward(
+            dy, x, mean, var, out=out, activation=activation,
+            y=None if activation is None else y)[0],
+    }
+    for name, call in calls.items():
+        results = []
+        for streaming in (False, True):
+            with streaming_stores(streaming):
+                results.append(call(fortran_off_the_line()).copy())
+        np.testing.assert_array_equal(results[1], results[0], err_msg=name)
