@@ -422,10 +422,9 @@ static inline __attribute__((always_inline)) void cbn_normalize_act_##S(        
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
         int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
     uint8_t *scalar_mask = bit_step == 1 ? NULL : mask;                                      \
-    int64_t i = 0, head, body_end;                                                           \
-    stream = stream && cbn_run_streams(y, n * (int64_t)sizeof(T));                           \
-    cbn_streamed_features(y, sizeof(T), n, stream, &head, &body_end);                        \
-    const int64_t stream_end = stream ? body_end : 0;                                        \
+    int64_t i = 0, head;                                                                     \
+    const int64_t stream_end = cbn_stream_end(                                               \
+        y, sizeof(T), n, stream && cbn_run_streams(y, n * (int64_t)sizeof(T)), &head);       \
     for (; i < head; i++)                                                                    \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
                                   kind, alpha, scalar_mask, b, bit_step);                    \
@@ -515,12 +514,12 @@ static inline __attribute__((always_inline)) void cbn_act_input_gradient_k_##S( 
         const double *coef_dy, const double *coef_xc, const double *offset, int per_element, \
         int kind, double alpha, int stream, const uint8_t *mask, int64_t b,                  \
         int64_t bit_step, int adjacent) {                                                    \
-    int64_t i = 0, head, body_end;                                                           \
+    int64_t i = 0, head;                                                                     \
     /* dres streams beside dx where their lines start at the same offset, else neither */   \
-    stream = stream && cbn_run_streams(dx, n * (int64_t)sizeof(T))                           \
-             && (!dres || ((uintptr_t)dres & 63) == ((uintptr_t)dx & 63));                   \
-    cbn_streamed_features(dx, sizeof(T), n, stream, &head, &body_end);                       \
-    const int64_t stream_end = stream ? body_end : 0;                                        \
+    const int64_t stream_end = cbn_stream_end(                                               \
+        dx, sizeof(T), n,                                                                    \
+        stream && cbn_run_streams(dx, n * (int64_t)sizeof(T))                                \
+        && (!dres || ((uintptr_t)dres & 63) == ((uintptr_t)dx & 63)), &head);                \
     for (; i < head; i++)                                                                    \
         cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, per_element ? i : 0, mean,     \
                                        coef_dy, coef_xc, offset, kind, alpha, mask, b,       \

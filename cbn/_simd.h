@@ -259,16 +259,14 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
  * the same order as a contiguous run's. Summed element by element instead, each sum waited
  * on the last (4 cycles an add): NCHW (32,64,56,56) float32 with every other W, one thread,
  * took 5.5x the C-ordered statistics and 6.9x its backward. */
-static inline cbn_v8d cbn_gather_f32(const float *p, int64_t step) {
-    cbn_v8d v;
-    for (int k = 0; k < 8; k++) v[k] = p[k * step];
-    return v;
+#define CBN_DEFINE_GATHER(T, S)                                                              \
+static inline cbn_v8d cbn_gather_##S(const T *p, int64_t step) {                             \
+    cbn_v8d v;                                                                               \
+    for (int k = 0; k < 8; k++) v[k] = p[k * step];                                          \
+    return v;                                                                                \
 }
-static inline cbn_v8d cbn_gather_f64(const double *p, int64_t step) {
-    cbn_v8d v;
-    for (int k = 0; k < 8; k++) v[k] = p[k * step];
-    return v;
-}
+CBN_DEFINE_GATHER(float, f32)
+CBN_DEFINE_GATHER(double, f64)
 #define CBN_GRADIENT_STEPS_BODY(T, S, DY, DY1)                                               \
     CBN_ROWS_SUMS(1, (void)0, mean, DY(S, i + 8 * q),                                        \
                   cbn_gather_##S(x + (i + 8 * q) * x_step, x_step) - c, DY1(S, i),           \
@@ -404,6 +402,16 @@ static inline void cbn_streamed_features(const void *out, int64_t itemsize, int6
     *head = ((64 - (int64_t)((uintptr_t)out & 63)) & 63) / itemsize;
     if (*head > n) *head = n;
     *body_end = *head + (n - *head) / line * line;
+}
+
+/* Where a run or span of n outputs from out that streams (stream: the caller's decision)
+ * takes its streaming stores: from *head (its first line start) up to the returned end, its
+ * last whole line; 0 where it does not stream. */
+static inline int64_t cbn_stream_end(const void *out, int64_t itemsize, int64_t n, int stream,
+                                     int64_t *head) {
+    int64_t body_end;
+    cbn_streamed_features(out, itemsize, n, stream, head, &body_end);
+    return stream ? body_end : 0;
 }
 
 static inline void cbn_put_f32(float *p, cbn_v8d v, int stream) {
@@ -763,10 +771,9 @@ static inline cbn_v8d cbn_factor(const double *p, int64_t i, int per_element, cb
  * line and after its last vector, FACTORS then PUT(S, i, streamed) 8 at a time, streamed
  * while i < stream_end (none where the run does not stream). */
 #define CBN_RUN_WALK(T, S, OUT, ONE, FACTORS, PUT)                                           \
-    int64_t i = 0, head, body_end;                                                           \
-    const int stream = cbn_run_streams(OUT, n * (int64_t)sizeof(T));                         \
-    cbn_streamed_features(OUT, sizeof(T), n, stream, &head, &body_end);                      \
-    const int64_t stream_end = stream ? body_end : 0;                                        \
+    int64_t i = 0, head;                                                                     \
+    const int64_t stream_end = cbn_stream_end(                                               \
+        OUT, sizeof(T), n, cbn_run_streams(OUT, n * (int64_t)sizeof(T)), &head);             \
     for (; i < head; i++) ONE(T, i, per_element ? i : 0);                                    \
     FACTORS                                                                                  \
     for (; i + 8 <= n; i += 8) PUT(S, i, i < stream_end);                                    \
@@ -818,9 +825,8 @@ static inline cbn_v8d cbn_plane_factor(const double *factor, int64_t p, int64_t 
  * VECTOR(S, i, stream) 8 at a time within the plane, MIXED(S, i, p, in_plane, stream) for a
  * vector whose first in_plane elements are p's and the rest p + 1's. */
 #define CBN_PLANES_WALK(T, S, OUT, SCALAR, FACTORS, VECTOR, MIXED)                            \
-    int64_t total = n_planes * n, i = 0, p, end, head, body_end, stream_end;                 \
-    cbn_streamed_features(OUT, sizeof(*OUT), total, stream, &head, &body_end);               \
-    stream_end = stream ? body_end : 0;                                                      \
+    int64_t total = n_planes * n, i = 0, p, end, head;                                       \
+    const int64_t stream_end = cbn_stream_end(OUT, sizeof(*OUT), total, stream, &head);      \
     for (p = 0, end = n; p < n_planes; p++, end += n) {                                      \
         FACTORS(p)                                                                           \
         for (; i < end && i < head; i++) SCALAR(T, i, p);                                    \
@@ -832,7 +838,6 @@ static inline cbn_v8d cbn_plane_factor(const double *factor, int64_t p, int64_t 
         for (; i < end; i++) SCALAR(T, i, p);                                                \
     }
 
-#define CBN_PLANE_Y(T, i, p) y[i] = (T)((x[i] - mean[p]) * scale[p] + shift[p])
 #define CBN_PLANE_Y_FACTORS(p)                                                               \
     const cbn_v8d m = (cbn_v8d){0} + mean[p], s = (cbn_v8d){0} + scale[p],                   \
                   b = (cbn_v8d){0} + shift[p];
@@ -841,8 +846,6 @@ static inline cbn_v8d cbn_plane_factor(const double *factor, int64_t p, int64_t 
     cbn_put_##S(y + (i), (cbn_load_##S(x + (i)) - cbn_plane_factor(mean, p, in_plane))       \
                          * cbn_plane_factor(scale, p, in_plane)                              \
                          + cbn_plane_factor(shift, p, in_plane), stream)
-#define CBN_PLANE_DX(T, i, p)                                                                \
-    dx[i] = (T)(coef_dy[p] * dy[i] + coef_xc[p] * (x[i] - mean[p]) + offset[p])
 #define CBN_PLANE_DX_FACTORS(p)                                                              \
     const cbn_v8d m = (cbn_v8d){0} + mean[p], a = (cbn_v8d){0} + coef_dy[p],                 \
                   c = (cbn_v8d){0} + coef_xc[p], o = (cbn_v8d){0} + offset[p];
@@ -857,14 +860,14 @@ static inline cbn_v8d cbn_plane_factor(const double *factor, int64_t p, int64_t 
 static void cbn_normalize_planes_##S(const T *x, T *y, int64_t n_planes, int64_t n,          \
                                      const double *mean, const double *scale,                \
                                      const double *shift, int stream) {                      \
-    CBN_PLANES_WALK(T, S, y, CBN_PLANE_Y, CBN_PLANE_Y_FACTORS, CBN_PLANE_Y8,                 \
+    CBN_PLANES_WALK(T, S, y, CBN_NORMALIZED1, CBN_PLANE_Y_FACTORS, CBN_PLANE_Y8,             \
                     CBN_PLANE_Y8_MIXED)                                                      \
 }                                                                                            \
 static void cbn_input_gradient_planes_##S(const T *dy, const T *x, T *dx, int64_t n_planes,  \
                                           int64_t n, const double *mean,                     \
                                           const double *coef_dy, const double *coef_xc,      \
                                           const double *offset, int stream) {                \
-    CBN_PLANES_WALK(T, S, dx, CBN_PLANE_DX, CBN_PLANE_DX_FACTORS, CBN_PLANE_DX8,             \
+    CBN_PLANES_WALK(T, S, dx, CBN_INPUT_GRADIENT1, CBN_PLANE_DX_FACTORS, CBN_PLANE_DX8,      \
                     CBN_PLANE_DX8_MIXED)                                                     \
 }
 
@@ -887,16 +890,16 @@ static void cbn_normalize_rows_stream_##S(const T *x, T *y, int64_t n_rows, int6
                                           const double *mean, const double *scale,           \
                                           const double *shift) {                             \
     double m[CBN_MAX_WIDTH + 8], s[CBN_MAX_WIDTH + 8], b[CBN_MAX_WIDTH + 8];                 \
-    int64_t n = n_rows * width, i = 0, j = 0, head, body_end;                                \
+    int64_t n = n_rows * width, i = 0, j = 0, head, stream_end;                                \
     cbn_wrapped(m, mean, width, 0, width + 8);                                               \
     cbn_wrapped(s, scale, width, 0, width + 8);                                              \
     cbn_wrapped(b, shift, width, 0, width + 8);                                              \
-    cbn_streamed_features(y, sizeof(T), n, 1, &head, &body_end);                             \
+    stream_end = cbn_stream_end(y, sizeof(T), n, 1, &head);                                  \
     for (; i < head; i++, j = j + 1 == width ? 0 : j + 1)                                    \
         y[i] = (T)((x[i] - m[j]) * s[j] + b[j]);                                             \
     for (; i + 8 <= n; i += 8, j = j + 8 >= width ? j + 8 - width : j + 8)                   \
         cbn_put_##S(y + i, (cbn_load_##S(x + i) - cbn_load_f64(m + j)) * cbn_load_f64(s + j)  \
-                           + cbn_load_f64(b + j), i < body_end);                             \
+                           + cbn_load_f64(b + j), i < stream_end);                           \
     for (; i < n; i++, j = j + 1 == width ? 0 : j + 1)                                       \
         y[i] = (T)((x[i] - m[j]) * s[j] + b[j]);                                             \
 }                                                                                            \
@@ -907,18 +910,18 @@ static void cbn_input_gradient_rows_stream_##S(const T *dy, const T *x, T *dx,  
                                                const double *offset) {                       \
     double m[CBN_MAX_WIDTH + 8], a[CBN_MAX_WIDTH + 8], c[CBN_MAX_WIDTH + 8];                 \
     double o[CBN_MAX_WIDTH + 8];                                                             \
-    int64_t n = n_rows * width, i = 0, j = 0, head, body_end;                                \
+    int64_t n = n_rows * width, i = 0, j = 0, head, stream_end;                                \
     cbn_wrapped(m, mean, width, 0, width + 8);                                               \
     cbn_wrapped(a, coef_dy, width, 0, width + 8);                                            \
     cbn_wrapped(c, coef_xc, width, 0, width + 8);                                            \
     cbn_wrapped(o, offset, width, 0, width + 8);                                             \
-    cbn_streamed_features(dx, sizeof(T), n, 1, &head, &body_end);                            \
+    stream_end = cbn_stream_end(dx, sizeof(T), n, 1, &head);                                 \
     for (; i < head; i++, j = j + 1 == width ? 0 : j + 1)                                    \
         dx[i] = (T)(a[j] * dy[i] + c[j] * (x[i] - m[j]) + o[j]);                             \
     for (; i + 8 <= n; i += 8, j = j + 8 >= width ? j + 8 - width : j + 8)                   \
         cbn_put_##S(dx + i, cbn_load_f64(a + j) * cbn_load_##S(dy + i)                       \
                             + cbn_load_f64(c + j) * (cbn_load_##S(x + i) - cbn_load_f64(m + j)) \
-                            + cbn_load_f64(o + j), i < body_end);                            \
+                            + cbn_load_f64(o + j), i < stream_end);                          \
     for (; i < n; i++, j = j + 1 == width ? 0 : j + 1)                                       \
         dx[i] = (T)(a[j] * dy[i] + c[j] * (x[i] - m[j]) + o[j]);                             \
 }
