@@ -583,8 +583,8 @@ static inline __attribute__((always_inline)) void cbn_act_gradient_sums_steps_k_
         const T *dy, int64_t dy_step, const T *y, int64_t y_step, const T *x, int64_t x_step,\
         int64_t n, double mean, int kind, double alpha, double *sum_dy, double *sum_dy_xc,   \
         const uint8_t *mask, int64_t bit0, int64_t bit_step) {                               \
-    const int aligned = 0;                                                                   \
-    CBN_GRADIENT_STEPS_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN)                                   \
+    const int aligned = 0, general = 1;                                                      \
+    CBN_GRADIENT_STEPS_BODY(T, S, CBN_DZ_RUN, CBN_DZ1_RUN, 1, (void)0)                       \
 }                                                                                            \
 static inline __attribute__((always_inline)) void cbn_act_gradient_sums_rows_k_##S(       \
         const T *dy_base, const int64_t *dy_rows, int64_t dy_step, const T *y_base,          \

@@ -79,7 +79,6 @@ cdef enum:
     # Row groups (planes grids whose plan has row_group > 1, see group_staged):
     GROUP_ROWS = 64             # outer rows per group at most: long runs of the odd operand
     GROUP_TILE_BYTES = 16384    # a tile (group rows x inner elements) stays in L1
-    RUN_PIECE = 64              # elementwise runs stepping both ways: a piece reversed at once
 
 
 # Machine-dependent thresholds, set by cbn._machine from the caches the OS reports (and a

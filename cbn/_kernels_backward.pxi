@@ -348,7 +348,7 @@ cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Wa
     tile's runs reduced once: 62M instructions to 50M for NHWC x Fortran, dy stored NCHW),
     or without row groups over n_rows whole runs (sums_length). (cbn.api never fuses an
     activation into a backward with row groups: there a group is one outer row.)"""
-    cdef Py_ssize_t t, segment, ri, n
+    cdef Py_ssize_t segment, ri, n
     cdef int64_t dy_step = group_step(g, dyw), x_step = group_step(g, xw)
     cdef floating *dy_stage = stage
     cdef floating *x_stage = stage + g.group_rows * g.group_run
@@ -374,16 +374,11 @@ cdef inline void group_gradient_sums(const Grid *g, const floating *dy, const Wa
             continue
         group_stage(g, dy_feature, dyw, ro, ri, n_rows, n, dy_stage)
         group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
-        if dy_step == 1 and x_step == 1:    # the tile's runs into one set of accumulators
-            tile_gradient_sums(group_row(g, <floating *>dy_feature, dyw, ro, 0, ri, n, dy_stage),
-                               group_row_step(g, dyw, n),
-                               group_row(g, <floating *>x_feature, xw, ro, 0, ri, n, x_stage),
-                               group_row_step(g, xw, n), n_rows, n, mean[f], sum_dy, sum_dy_xc)
-            continue
-        for t in range(n_rows):
-            gradient_run(group_row(g, <floating *>dy_feature, dyw, ro, t, ri, n, dy_stage),
-                         dy_step, group_row(g, <floating *>x_feature, xw, ro, t, ri, n, x_stage),
-                         x_step, n, mean[f], sum_dy, sum_dy_xc)
+        tile_gradient_sums(group_row(g, <floating *>dy_feature, dyw, ro, 0, ri, n, dy_stage),
+                           dy_step, group_row_step(g, dyw, n),
+                           group_row(g, <floating *>x_feature, xw, ro, 0, ri, n, x_stage),
+                           x_step, group_row_step(g, xw, n), n_rows, n, mean[f], sum_dy,
+                           sum_dy_xc)
 
 
 # Row groups where exactly one of dy and x is staged (NHWC: x Fortran beside a dy stored as
@@ -528,7 +523,7 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
                                       Py_ssize_t ro, Py_ssize_t f0,
                                       floating *stage) noexcept nogil:
     """dx of group_features features from f0 in the outer rows of the group from ro."""
-    cdef Py_ssize_t f, t, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
+    cdef Py_ssize_t f, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
     cdef bint stream = g.stream and not group_staged(g, dxw)
     cdef int64_t dy_step = group_step(g, dyw), x_step = group_step(g, xw)
     cdef int64_t dx_step = group_step(g, dxw)
@@ -566,14 +561,13 @@ cdef inline void input_gradient_group(const Grid *g, const floating *dy, const W
                 continue
             group_stage(g, dy_feature, dyw, ro, ri, n_rows, n, dy_stage)
             group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
-            for t in range(n_rows):
-                input_gradient_run(group_row(g, <floating *>dy_feature, dyw, ro, t, ri, n,
-                                             dy_stage), dy_step,
-                                   group_row(g, <floating *>x_feature, xw, ro, t, ri, n,
-                                             x_stage), x_step,
-                                   group_row(g, dx_feature, dxw, ro, t, ri, n, dx_stage),
-                                   dx_step, n, k.mean[f], k.coef_dy[f], k.coef_xc[f],
-                                   k.offset[f], stream)
+            input_gradient_tile(group_row(g, <floating *>dy_feature, dyw, ro, 0, ri, n,
+                                          dy_stage), dy_step, group_row_step(g, dyw, n),
+                                group_row(g, <floating *>x_feature, xw, ro, 0, ri, n, x_stage),
+                                x_step, group_row_step(g, xw, n),
+                                group_row(g, dx_feature, dxw, ro, 0, ri, n, dx_stage), dx_step,
+                                group_row_step(g, dxw, n), n_rows, n, k.mean[f],
+                                k.coef_dy[f], k.coef_xc[f], k.offset[f], stream)
             group_flush(g, dx_stage, dx_feature, dxw, ro, ri, n_rows, n)
     if g.stream:
         cbn_store_fence()

@@ -25,11 +25,13 @@ cdef extern from "_simd.h":
                                     double *s1, double *s2) noexcept nogil
     void cbn_shifted_sums_steps_f64(const double *p, int64_t step, int64_t n, double shift,
                                     double *s1, double *s2) noexcept nogil
-    void cbn_gradient_sums_steps_f32(const float *dy, int64_t dy_step, const float *x,
-                                     int64_t x_step, int64_t n, double mean, double *sum_dy,
+    void cbn_gradient_sums_steps_f32(const float *dy, int64_t dy_step, int64_t dy_row_step,
+                                     const float *x, int64_t x_step, int64_t x_row_step,
+                                     int64_t n_rows, int64_t n, double mean, double *sum_dy,
                                      double *sum_dy_xc) noexcept nogil
-    void cbn_gradient_sums_steps_f64(const double *dy, int64_t dy_step, const double *x,
-                                     int64_t x_step, int64_t n, double mean, double *sum_dy,
+    void cbn_gradient_sums_steps_f64(const double *dy, int64_t dy_step, int64_t dy_row_step,
+                                     const double *x, int64_t x_step, int64_t x_row_step,
+                                     int64_t n_rows, int64_t n, double mean, double *sum_dy,
                                      double *sum_dy_xc) noexcept nogil
     void cbn_shifted_sums_rows_f32(const float *base, const int64_t *rows, int64_t n_rows,
                                    int64_t n, double shift, double *s1,
@@ -108,6 +110,24 @@ cdef extern from "_simd.h":
     void cbn_transpose_out_f64(const double *src, int64_t src_stride, int64_t n_r,
                                int64_t n_c, double *dst, int64_t dst_stride,
                                int stream) noexcept nogil
+    void cbn_normalize_steps_f32(const float *x, int64_t x_step, int64_t x_row_step,
+                                 float *y, int64_t y_step, int64_t y_row_step, int64_t n_rows,
+                                 int64_t n, double mean, double scale, double shift,
+                                 int stream) noexcept nogil
+    void cbn_normalize_steps_f64(const double *x, int64_t x_step, int64_t x_row_step,
+                                 double *y, int64_t y_step, int64_t y_row_step, int64_t n_rows,
+                                 int64_t n, double mean, double scale, double shift,
+                                 int stream) noexcept nogil
+    void cbn_input_gradient_steps_f32(const float *dy, int64_t dy_step, int64_t dy_row_step,
+                                      const float *x, int64_t x_step, int64_t x_row_step,
+                                      float *dx, int64_t dx_step, int64_t dx_row_step,
+                                      int64_t n_rows, int64_t n, double mean, double coef_dy,
+                                      double coef_xc, double offset, int stream) noexcept nogil
+    void cbn_input_gradient_steps_f64(const double *dy, int64_t dy_step, int64_t dy_row_step,
+                                      const double *x, int64_t x_step, int64_t x_row_step,
+                                      double *dx, int64_t dx_step, int64_t dx_row_step,
+                                      int64_t n_rows, int64_t n, double mean, double coef_dy,
+                                      double coef_xc, double offset, int stream) noexcept nogil
     void cbn_reverse_rows_f32(const float *src, int64_t src_stride, int64_t n_rows,
                               int64_t width, float *dst, int64_t dst_stride) noexcept nogil
     void cbn_reverse_rows_f64(const double *src, int64_t src_stride, int64_t n_rows,

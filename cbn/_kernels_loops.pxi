@@ -319,35 +319,6 @@ cdef inline void normalize_rows(const floating *x, int64_t x_row_stride, floatin
                       stream)
 
 
-# Elementwise runs whose operands step along the same axis in opposite directions (NCHW x
-# C-ordered beside a reversed out=: W forwards in one, backwards in the other; a row group's
-# reversed operand beside a staged tile) go a piece at a time: each reversed input's piece
-# reversed into a buffer (_simd.h's vector reversal), a reversed output's piece written there
-# and reversed out, so the SIMD loops serve the run where an element at a time made such
-# pairings 3-5x their matched calls. Each value is computed as in the scalar loop: same bits.
-cdef inline const floating *forwards(const floating *p, int64_t step, Py_ssize_t i,
-                                     Py_ssize_t m, floating *piece) noexcept nogil:
-    """Elements i .. i + m of a run stepping by step (1 or -1), adjacent and forwards: in
-    place, or reversed into piece."""
-    if step == 1:
-        return p + i
-    reverse_rows(p - (i + m - 1), 0, 1, m, piece, 0)
-    return piece
-
-
-cdef inline void backwards(const floating *piece, floating *p, int64_t step, Py_ssize_t i,
-                           Py_ssize_t m) noexcept nogil:
-    """forwards' inverse for an output (written forwards in piece where step is -1)."""
-    if step == -1:
-        reverse_rows(piece, 0, 1, m, p - (i + m - 1), 0)
-
-
-cdef inline bint opposite(int64_t a, int64_t b, int64_t c=1) noexcept nogil:
-    """Whether runs of these steps are each adjacent elements, not all in one direction."""
-    return (a == 1 or a == -1) and (b == 1 or b == -1) and (c == 1 or c == -1) and not (
-        a == b and b == c)
-
-
 cdef inline void normalize_forwards(const floating *x, floating *y, Py_ssize_t n, double mean,
                                     double scale, double shift, bint stream) noexcept nogil:
     cdef Py_ssize_t i
@@ -361,30 +332,29 @@ cdef inline void normalize_forwards(const floating *x, floating *y, Py_ssize_t n
         y[i] = <floating>((x[i] - mean) * scale + shift)
 
 
+cdef inline void normalize_tile(const floating *x, int64_t x_step, int64_t x_row_step,
+                                floating *y, int64_t y_step, int64_t y_row_step,
+                                Py_ssize_t n_rows, Py_ssize_t n, double mean, double scale,
+                                double shift, bint stream) noexcept nogil:
+    """normalize_run over n_rows runs, each operand's *_row_step apart."""
+    if x_step == -1 and y_step == -1:
+        # Both along a reversed axis (NCHW with W walked backwards): the same runs read
+        # forwards, so the SIMD loops serve them (each value is the same in either order).
+        x, y, x_step, y_step = x - (n - 1), y - (n - 1), 1, 1
+    if x_step == 1 and y_step == 1 and n_rows == 1:
+        normalize_forwards(x, y, n, mean, scale, shift, stream)
+    elif floating is float:
+        cbn_normalize_steps_f32(x, x_step, x_row_step, y, y_step, y_row_step, n_rows, n, mean,
+                                scale, shift, stream)
+    else:
+        cbn_normalize_steps_f64(x, x_step, x_row_step, y, y_step, y_row_step, n_rows, n, mean,
+                                scale, shift, stream)
+
+
 cdef inline void normalize_run(const floating *x, int64_t x_step, floating *y, int64_t y_step,
                                Py_ssize_t n, double mean, double scale,
                                double shift, bint stream) noexcept nogil:
-    cdef Py_ssize_t i, m
-    cdef floating x_piece[RUN_PIECE]
-    cdef floating y_piece[RUN_PIECE]
-    if x_step == -1 and y_step == -1:
-        # Both along a reversed axis (NCHW with W walked backwards): the same run read
-        # forwards, so the SIMD loops serve it (each value is the same in either order).
-        x, y, x_step, y_step = x - (n - 1), y - (n - 1), 1, 1
-    if x_step == 1 and y_step == 1:
-        normalize_forwards(x, y, n, mean, scale, shift, stream)
-    elif opposite(x_step, y_step):
-        i = 0
-        while i < n:
-            m = min(<Py_ssize_t>RUN_PIECE, n - i)
-            normalize_forwards(forwards(x, x_step, i, m, x_piece),
-                               y + i if y_step == 1 else y_piece, m, mean, scale, shift,
-                               stream and y_step == 1)
-            backwards(y_piece, y, y_step, i, m)
-            i += m
-    else:
-        for i in range(n):
-            y[i * y_step] = <floating>((x[i * x_step] - mean) * scale + shift)
+    normalize_tile(x, x_step, 0, y, y_step, 0, 1, n, mean, scale, shift, stream)
 
 
 cdef inline void add_gradient_rows(const floating *dy, int64_t dy_row_stride,
@@ -405,28 +375,33 @@ cdef inline void gradient_run(const floating *dy, int64_t dy_step, const floatin
                               int64_t x_step, Py_ssize_t n, double mean,
                               double *sum_dy, double *sum_dy_xc) noexcept nogil:
     """sum_dy += Σ dy, sum_dy_xc += Σ dy·(x − mean) over a run (any steps: the same order)."""
-    if dy_step == 1 and x_step == 1:
+    tile_gradient_sums(dy, dy_step, 0, x, x_step, 0, 1, n, mean, sum_dy, sum_dy_xc)
+
+
+cdef inline void tile_gradient_sums(const floating *dy, int64_t dy_step, int64_t dy_row_step,
+                                    const floating *x, int64_t x_step, int64_t x_row_step,
+                                    Py_ssize_t n_rows, Py_ssize_t n, double mean,
+                                    double *sum_dy, double *sum_dy_xc) noexcept nogil:
+    """gradient_run over n_rows runs, *_row_step apart, into one set of accumulators,
+    reduced once."""
+    if dy_step == 1 and x_step == 1 and n_rows == 1:
         if floating is float:
             cbn_gradient_sums_run_f32(dy, x, n, mean, sum_dy, sum_dy_xc)
         else:
             cbn_gradient_sums_run_f64(dy, x, n, mean, sum_dy, sum_dy_xc)
+    elif dy_step == 1 and x_step == 1:
+        if floating is float:
+            cbn_gradient_sums_tile_f32(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
+                                       sum_dy_xc)
+        else:
+            cbn_gradient_sums_tile_f64(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
+                                       sum_dy_xc)
     elif floating is float:
-        cbn_gradient_sums_steps_f32(dy, dy_step, x, x_step, n, mean, sum_dy, sum_dy_xc)
+        cbn_gradient_sums_steps_f32(dy, dy_step, dy_row_step, x, x_step, x_row_step, n_rows, n,
+                                    mean, sum_dy, sum_dy_xc)
     else:
-        cbn_gradient_sums_steps_f64(dy, dy_step, x, x_step, n, mean, sum_dy, sum_dy_xc)
-
-
-cdef inline void tile_gradient_sums(const floating *dy, int64_t dy_row_step,
-                                    const floating *x, int64_t x_row_step, Py_ssize_t n_rows,
-                                    Py_ssize_t n, double mean, double *sum_dy,
-                                    double *sum_dy_xc) noexcept nogil:
-    """gradient_run over n_rows runs of n contiguous elements, *_row_step apart, reduced once."""
-    if floating is float:
-        cbn_gradient_sums_tile_f32(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
-                                   sum_dy_xc)
-    else:
-        cbn_gradient_sums_tile_f64(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
-                                   sum_dy_xc)
+        cbn_gradient_sums_steps_f64(dy, dy_step, dy_row_step, x, x_step, x_row_step, n_rows, n,
+                                    mean, sum_dy, sum_dy_xc)
 
 
 cdef inline void rows_gradient_sums(const floating *dy, const int64_t *dy_rows,
@@ -509,32 +484,33 @@ cdef inline void input_gradient_forwards(const floating *dy, const floating *x, 
         dx[i] = <floating>(coef_dy * dy[i] + coef_xc * (x[i] - mean) + offset)
 
 
+cdef inline void input_gradient_tile(const floating *dy, int64_t dy_step, int64_t dy_row_step,
+                                     const floating *x, int64_t x_step, int64_t x_row_step,
+                                     floating *dx, int64_t dx_step, int64_t dx_row_step,
+                                     Py_ssize_t n_rows, Py_ssize_t n, double mean,
+                                     double coef_dy, double coef_xc, double offset,
+                                     bint stream) noexcept nogil:
+    """input_gradient_run over n_rows runs, each operand's *_row_step apart."""
+    if dy_step == -1 and x_step == -1 and dx_step == -1:    # read forwards, as normalize_tile
+        dy, x, dx, dy_step, x_step, dx_step = dy - (n - 1), x - (n - 1), dx - (n - 1), 1, 1, 1
+    if dy_step == 1 and x_step == 1 and dx_step == 1 and n_rows == 1:
+        input_gradient_forwards(dy, x, dx, n, mean, coef_dy, coef_xc, offset, stream)
+    elif floating is float:
+        cbn_input_gradient_steps_f32(dy, dy_step, dy_row_step, x, x_step, x_row_step, dx,
+                                     dx_step, dx_row_step, n_rows, n, mean, coef_dy, coef_xc,
+                                     offset, stream)
+    else:
+        cbn_input_gradient_steps_f64(dy, dy_step, dy_row_step, x, x_step, x_row_step, dx,
+                                     dx_step, dx_row_step, n_rows, n, mean, coef_dy, coef_xc,
+                                     offset, stream)
+
+
 cdef inline void input_gradient_run(const floating *dy, int64_t dy_step, const floating *x,
                                     int64_t x_step, floating *dx, int64_t dx_step, Py_ssize_t n,
                                     double mean, double coef_dy, double coef_xc,
                                     double offset, bint stream) noexcept nogil:
-    cdef Py_ssize_t i, m
-    cdef floating dy_piece[RUN_PIECE]
-    cdef floating x_piece[RUN_PIECE]
-    cdef floating dx_piece[RUN_PIECE]
-    if dy_step == -1 and x_step == -1 and dx_step == -1:    # read forwards, as normalize_run
-        dy, x, dx, dy_step, x_step, dx_step = dy - (n - 1), x - (n - 1), dx - (n - 1), 1, 1, 1
-    if dy_step == 1 and x_step == 1 and dx_step == 1:
-        input_gradient_forwards(dy, x, dx, n, mean, coef_dy, coef_xc, offset, stream)
-    elif opposite(dy_step, x_step, dx_step):     # as normalize_run's
-        i = 0
-        while i < n:
-            m = min(<Py_ssize_t>RUN_PIECE, n - i)
-            input_gradient_forwards(forwards(dy, dy_step, i, m, dy_piece),
-                                    forwards(x, x_step, i, m, x_piece),
-                                    dx + i if dx_step == 1 else dx_piece, m, mean, coef_dy,
-                                    coef_xc, offset, stream and dx_step == 1)
-            backwards(dx_piece, dx, dx_step, i, m)
-            i += m
-    else:
-        for i in range(n):
-            dx[i * dx_step] = <floating>(coef_dy * dy[i * dy_step]
-                                         + coef_xc * (x[i * x_step] - mean) + offset)
+    input_gradient_tile(dy, dy_step, 0, x, x_step, 0, dx, dx_step, 0, 1, n, mean, coef_dy,
+                        coef_xc, offset, stream)
 
 
 # Chan, Golub & LeVeque (1979): fold a block's (n_b, mean_b, M2_b) into a running

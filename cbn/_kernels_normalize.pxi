@@ -314,7 +314,7 @@ cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floa
                           const double *scale, const double *shift, floating *stage,
                           const Activation *act) noexcept nogil:
     """The runs of group_features features from f0 in the outer rows of the group from ro."""
-    cdef Py_ssize_t f, t, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
+    cdef Py_ssize_t f, segment, ri, n, n_rows = group_length(g, ro, g.n_ro)
     cdef bint stream = g.stream and not group_staged(g, yw)
     cdef int64_t x_step = group_step(g, xw), y_step = group_step(g, yw)
     cdef floating *x_stage = stage
@@ -343,10 +343,11 @@ cdef void normalize_group(const Grid *g, const floating *x, const Walk *xw, floa
                                      mean[f], scale[f], shift[f])
                 continue
             group_stage(g, x_feature, xw, ro, ri, n_rows, n, x_stage)
-            for t in range(n_rows):
-                normalize_run(group_row(g, <floating *>x_feature, xw, ro, t, ri, n, x_stage),
-                              x_step, group_row(g, y_feature, yw, ro, t, ri, n, y_stage),
-                              y_step, n, mean[f], scale[f], shift[f], stream)
+            normalize_tile(group_row(g, <floating *>x_feature, xw, ro, 0, ri, n, x_stage),
+                           x_step, group_row_step(g, xw, n),
+                           group_row(g, y_feature, yw, ro, 0, ri, n, y_stage), y_step,
+                           group_row_step(g, yw, n), n_rows, n, mean[f], scale[f], shift[f],
+                           stream)
             group_flush(g, y_stage, y_feature, yw, ro, ri, n_rows, n)
     if g.stream:
         cbn_store_fence()

@@ -259,20 +259,80 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
  * the same order as a contiguous run's. Summed element by element instead, each sum waited
  * on the last (4 cycles an add): NCHW (32,64,56,56) float32 with every other W, one thread,
  * took 5.5x the C-ordered statistics and 6.9x its backward. */
+/* A reversed run (step -1: a reversed axis beside a forward one) is loaded as the 8
+ * elements below p and its lanes reversed, one permute: gathered an element at a time, the
+ * backward of NCHW float32 with x's W reversed beside a C-ordered dy spent a third of its
+ * time in the sums' gathers. The lanes hold the same values either way. */
+typedef int32_t cbn_v8i32 __attribute__((vector_size(32)));
+typedef int64_t cbn_v8i __attribute__((vector_size(64)));
+static inline cbn_v8f cbn_reverse_v8f(cbn_v8f v) {
+#ifdef __clang__
+    return __builtin_shufflevector(v, v, 7, 6, 5, 4, 3, 2, 1, 0);
+#else
+    return __builtin_shuffle(v, (cbn_v8i32){7, 6, 5, 4, 3, 2, 1, 0});
+#endif
+}
+static inline cbn_v8d cbn_reverse_v8d(cbn_v8d v) {
+#ifdef __clang__
+    return __builtin_shufflevector(v, v, 7, 6, 5, 4, 3, 2, 1, 0);
+#else
+    return __builtin_shuffle(v, (cbn_v8i){7, 6, 5, 4, 3, 2, 1, 0});
+#endif
+}
+static inline cbn_v8d cbn_reversed_f32(const float *p) {
+    cbn_v8f v;
+    memcpy(&v, p, sizeof v);
+    return cbn_widen_f32(cbn_reverse_v8f(v));
+}
+static inline cbn_v8d cbn_reversed_f64(const double *p) {
+    return cbn_reverse_v8d(cbn_load_f64(p));
+}
+/* cbn_stepped: the 8 elements from p, step apart, by a load where step is 1, a load and a
+ * permute where it is -1, else gathered. Its callers are specialized (CBN_BY_STEPS) so that
+ * the steps are constants in the loops, or general (the gather alone): with the tests on
+ * the steps inside the loop GCC kept the sums' accumulators in memory. */
 #define CBN_DEFINE_GATHER(T, S)                                                              \
 static inline cbn_v8d cbn_gather_##S(const T *p, int64_t step) {                             \
     cbn_v8d v;                                                                               \
     for (int k = 0; k < 8; k++) v[k] = p[k * step];                                          \
     return v;                                                                                \
+}                                                                                            \
+static inline __attribute__((always_inline)) cbn_v8d cbn_stepped_##S(const T *p, int64_t step, \
+                                                                    int general) {           \
+    if (!general && step == 1) return cbn_load_##S(p);                                       \
+    if (!general && step == -1) return cbn_reversed_##S(p - 7);                              \
+    return cbn_gather_##S(p, step);                                                          \
 }
 CBN_DEFINE_GATHER(float, f32)
 CBN_DEFINE_GATHER(double, f64)
-#define CBN_GRADIENT_STEPS_BODY(T, S, DY, DY1)                                               \
-    CBN_ROWS_SUMS(1, (void)0, mean, DY(S, i + 8 * q),                                        \
-                  cbn_gather_##S(x + (i + 8 * q) * x_step, x_step) - c, DY1(S, i),           \
+/* CALL(steps..., general) with each of the given steps (of runs of adjacent elements, ±1,
+ * not all 1) a constant, or the general case. */
+#define CBN_UNIT(a) ((a) == 1 || (a) == -1)
+#define CBN_BY_STEPS2(CALL, A, B)                                                            \
+    if ((A) == 1 && (B) == -1) CALL(1, -1, 0);                                               \
+    else if ((A) == -1 && (B) == 1) CALL(-1, 1, 0);                                          \
+    else if ((A) == 1 && (B) == 1) CALL(1, 1, 0);                                            \
+    else CALL(A, B, 1);
+#define CBN_BY_STEPS3(CALL, A, B, C)                                                         \
+    if (CBN_UNIT(A) && CBN_UNIT(B) && CBN_UNIT(C)) {                                         \
+        if ((A) == 1) { CBN_BY_STEPS3_REST(CALL, 1, B, C) }                                  \
+        else { CBN_BY_STEPS3_REST(CALL, -1, B, C) }                                          \
+    } else CALL(A, B, C, 1);
+#define CBN_BY_STEPS3_REST(CALL, A, B, C)                                                    \
+    if ((B) == 1 && (C) == 1) CALL(A, 1, 1, 0);                                              \
+    else if ((B) == 1) CALL(A, 1, -1, 0);                                                    \
+    else if ((C) == 1) CALL(A, -1, 1, 0);                                                    \
+    else CALL(A, -1, -1, 0);
+#define CBN_GRADIENT_STEPS_BODY(T, S, DY, DY1, N_ROWS, NEXT_ROW)                             \
+    CBN_ROWS_SUMS(N_ROWS, NEXT_ROW, mean, DY(S, i + 8 * q),                                  \
+                  cbn_stepped_##S(x + (i + 8 * q) * x_step, x_step, general) - c, DY1(S, i), \
                   x[(i) * x_step] - mean, sum_dy, sum_dy_xc, +=)
-#define CBN_DY_STEPS(S, i) cbn_gather_##S(dy + (i) * dy_step, dy_step)
+#define CBN_DY_STEPS(S, i) cbn_stepped_##S(dy + (i) * dy_step, dy_step, general)
 #define CBN_DY1_STEPS(S, i) dy[(i) * dy_step]
+#define CBN_SUMS_STEPS_f32(A, B, G) cbn_gradient_sums_steps_k_f32(dy, A, dy_row_step, x, B,    \
+    x_row_step, n_rows, n, mean, sum_dy, sum_dy_xc, G)
+#define CBN_SUMS_STEPS_f64(A, B, G) cbn_gradient_sums_steps_k_f64(dy, A, dy_row_step, x, B,    \
+    x_row_step, n_rows, n, mean, sum_dy, sum_dy_xc, G)
 #define CBN_DEFINE_RUN_SUMS(T, S)                                                            \
 static void cbn_shifted_sums_run_##S(const T *p, int64_t n, double shift, double *s1,        \
                                      double *s2) {                                           \
@@ -283,10 +343,20 @@ static void cbn_shifted_sums_steps_##S(const T *p, int64_t step, int64_t n, doub
     CBN_RUN_SUMS(shift, cbn_gather_##S(p + (i + 8 * q) * step, step) - c, u,                 \
                  p[i * step] - shift, u, s1, s2, =)                                          \
 }                                                                                           \
-static void cbn_gradient_sums_steps_##S(const T *dy, int64_t dy_step, const T *x,            \
-                                        int64_t x_step, int64_t n, double mean,              \
+static inline __attribute__((always_inline)) void cbn_gradient_sums_steps_k_##S(             \
+        const T *dy, int64_t dy_step, int64_t dy_row_step, const T *x, int64_t x_step,       \
+        int64_t x_row_step, int64_t n_rows, int64_t n, double mean, double *sum_dy,          \
+        double *sum_dy_xc, int general) {                                                    \
+    CBN_GRADIENT_STEPS_BODY(T, S, CBN_DY_STEPS, CBN_DY1_STEPS, n_rows,                       \
+                            (dy += dy_row_step, x += x_row_step))                            \
+}                                                                                           \
+/* n_rows runs (dy_row_step and x_row_step apart) of n elements dy_step and x_step apart,   \
+ * into one set of accumulators, reduced once (a tile's runs, or one run). */              \
+static void cbn_gradient_sums_steps_##S(const T *dy, int64_t dy_step, int64_t dy_row_step,   \
+                                        const T *x, int64_t x_step, int64_t x_row_step,      \
+                                        int64_t n_rows, int64_t n, double mean,              \
                                         double *sum_dy, double *sum_dy_xc) {                 \
-    CBN_GRADIENT_STEPS_BODY(T, S, CBN_DY_STEPS, CBN_DY1_STEPS)                               \
+    CBN_BY_STEPS2(CBN_SUMS_STEPS_##S, dy_step, x_step)                                       \
 }                                                                                           \
 static void cbn_shifted_sums_rows_##S(const T *base, const int64_t *rows, int64_t n_rows,    \
                                       int64_t n, double shift, double *s1, double *s2) {     \
@@ -804,6 +874,113 @@ static void cbn_input_gradient_stream_##S(const T *dy, const T *x, T *dx, int64_
 CBN_DEFINE_STREAMING(float, f32)
 CBN_DEFINE_STREAMING(double, f64)
 
+/* The same over n_rows runs (each operand's *_row_step apart) of n elements whose steps are
+ * any (one element apart, each ±1, or further): vectors loaded through cbn_stepped (a
+ * reversed run: one load and a permute) and stored the same way, the rest element by
+ * element. An output stepping forwards streams (where the caller asks) a run's whole lines
+ * by the run rule (cbn_run_streams), or, rows back to back, the whole span's, where no
+ * vector straddles two rows. Before, a run stepping both ways was reversed piece by piece
+ * through buffers on the stack, each 64-byte load of a piece waiting for its two 32-byte
+ * stores to retire (no store forwarding): NCHW (32,64,56,56) float32 inference from x with
+ * W reversed into a C-ordered out=, one thread, half its time there. */
+#define CBN_DEFINE_SCATTER(T, S)                                                             \
+static inline __attribute__((always_inline)) void cbn_scatter_##S(T *p, int64_t step,        \
+                                                                 cbn_v8d v, int streamed,    \
+                                                                 int general) {              \
+    if (!general && step == 1) {                                                             \
+        cbn_put_##S(p, v, streamed);                                                         \
+    } else if (!general && step == -1) {                                                     \
+        cbn_store_##S(p - 7, cbn_reverse_v8d(v));                                            \
+    } else {                                                                                 \
+        for (int k = 0; k < 8; k++) p[k * step] = (T)v[k];                                   \
+    }                                                                                        \
+}
+CBN_DEFINE_SCATTER(float, f32)
+CBN_DEFINE_SCATTER(double, f64)
+/* [head, stream_end) of the tile's elements, counted row after row, take streaming stores. */
+static inline int64_t cbn_tile_stream_end(const void *out, int64_t itemsize, int64_t step,
+                                          int64_t row_step, int64_t n_rows, int64_t n,
+                                          int stream, int64_t *head) {
+    int64_t end;
+    *head = 0;
+    if (!stream || step != 1 || (n_rows > 1 && (row_step != n || n % 8)))
+        return 0;
+    end = cbn_stream_end(out, itemsize, n_rows * n,
+                         cbn_run_streams(out, n_rows * n * itemsize), head);
+    if (n_rows > 1 && *head % 8) {      /* a vector would straddle two rows */
+        *head = 0;
+        return 0;
+    }
+    return end;
+}
+#define CBN_STEPS_WALK(T, S, OUT, ONE, VECTOR, NEXT_ROW)                                     \
+    int64_t r, i, e, head;                                                                   \
+    const int64_t stream_end = cbn_tile_stream_end(OUT, sizeof(T), OUT##_step,               \
+                                                   OUT##_row_step, n_rows, n, stream, &head); \
+    for (r = 0, e = 0; r < n_rows; r++, e += n, NEXT_ROW) {                                  \
+        for (i = 0; n_rows == 1 && i < head; i++) ONE(T, i);                                 \
+        for (; i + 8 <= n; i += 8)                                                           \
+            cbn_scatter_##S(OUT + i * OUT##_step, OUT##_step, VECTOR(S, i),                  \
+                            e + i >= head && e + i < stream_end, general);                   \
+        for (; i < n; i++) ONE(T, i);                                                        \
+    }
+#define CBN_NORMALIZED_STEPS1(T, i)                                                          \
+    y[(i) * y_step] = (T)((x[(i) * x_step] - mean) * scale + shift)
+#define CBN_NORMALIZED_STEPS(S, i)                                                           \
+    ((cbn_stepped_##S(x + (i) * x_step, x_step, general) - m) * s + b)
+#define CBN_INPUT_GRADIENT_STEPS1(T, i)                                                      \
+    dx[(i) * dx_step] = (T)(coef_dy * dy[(i) * dy_step] + coef_xc * (x[(i) * x_step] - mean) \
+                            + offset)
+#define CBN_INPUT_GRADIENT_STEPS(S, i)                                                       \
+    (a * cbn_stepped_##S(dy + (i) * dy_step, dy_step, general)                               \
+     + c * (cbn_stepped_##S(x + (i) * x_step, x_step, general) - m) + o)
+#define CBN_NORMALIZE_STEPS_f32(A, B, G) cbn_normalize_steps_k_f32(x, A, x_row_step, y, B,   \
+    y_row_step, n_rows, n, mean, scale, shift, stream, G)
+#define CBN_NORMALIZE_STEPS_f64(A, B, G) cbn_normalize_steps_k_f64(x, A, x_row_step, y, B,   \
+    y_row_step, n_rows, n, mean, scale, shift, stream, G)
+#define CBN_INPUT_GRADIENT_STEPS_f32(A, B, C, G) cbn_input_gradient_steps_k_f32(dy, A,       \
+    dy_row_step, x, B, x_row_step, dx, C, dx_row_step, n_rows, n, mean, coef_dy, coef_xc,   \
+    offset, stream, G)
+#define CBN_INPUT_GRADIENT_STEPS_f64(A, B, C, G) cbn_input_gradient_steps_k_f64(dy, A,       \
+    dy_row_step, x, B, x_row_step, dx, C, dx_row_step, n_rows, n, mean, coef_dy, coef_xc,   \
+    offset, stream, G)
+#define CBN_DEFINE_STEPS_ELEMENTWISE(T, S)                                                   \
+static inline __attribute__((always_inline)) void cbn_normalize_steps_k_##S(                 \
+        const T *x, int64_t x_step, int64_t x_row_step, T *y, int64_t y_step,                \
+        int64_t y_row_step, int64_t n_rows, int64_t n, double mean, double scale,            \
+        double shift, int stream, int general) {                                             \
+    const cbn_v8d m = (cbn_v8d){0} + mean, s = (cbn_v8d){0} + scale,                         \
+                  b = (cbn_v8d){0} + shift;                                                  \
+    CBN_STEPS_WALK(T, S, y, CBN_NORMALIZED_STEPS1, CBN_NORMALIZED_STEPS,                     \
+                   (x += x_row_step, y += y_row_step))                                       \
+}                                                                                            \
+static void cbn_normalize_steps_##S(const T *x, int64_t x_step, int64_t x_row_step, T *y,    \
+                                    int64_t y_step, int64_t y_row_step, int64_t n_rows,      \
+                                    int64_t n, double mean, double scale, double shift,      \
+                                    int stream) {                                            \
+    CBN_BY_STEPS2(CBN_NORMALIZE_STEPS_##S, x_step, y_step)                                   \
+}                                                                                            \
+static inline __attribute__((always_inline)) void cbn_input_gradient_steps_k_##S(            \
+        const T *dy, int64_t dy_step, int64_t dy_row_step, const T *x, int64_t x_step,       \
+        int64_t x_row_step, T *dx, int64_t dx_step, int64_t dx_row_step, int64_t n_rows,     \
+        int64_t n, double mean, double coef_dy, double coef_xc, double offset, int stream,   \
+        int general) {                                                                       \
+    const cbn_v8d m = (cbn_v8d){0} + mean, a = (cbn_v8d){0} + coef_dy,                       \
+                  c = (cbn_v8d){0} + coef_xc, o = (cbn_v8d){0} + offset;                     \
+    CBN_STEPS_WALK(T, S, dx, CBN_INPUT_GRADIENT_STEPS1, CBN_INPUT_GRADIENT_STEPS,            \
+                   (dy += dy_row_step, x += x_row_step, dx += dx_row_step))                  \
+}                                                                                            \
+static void cbn_input_gradient_steps_##S(const T *dy, int64_t dy_step, int64_t dy_row_step,  \
+                                         const T *x, int64_t x_step, int64_t x_row_step,     \
+                                         T *dx, int64_t dx_step, int64_t dx_row_step,        \
+                                         int64_t n_rows, int64_t n, double mean,             \
+                                         double coef_dy, double coef_xc, double offset,      \
+                                         int stream) {                                       \
+    CBN_BY_STEPS3(CBN_INPUT_GRADIENT_STEPS_##S, dy_step, x_step, dx_step)                    \
+}
+CBN_DEFINE_STEPS_ELEMENTWISE(float, f32)
+CBN_DEFINE_STEPS_ELEMENTWISE(double, f64)
+
 /* The same over n_planes runs of n >= 8 elements that follow each other in memory, one
  * feature each (features p = 0, 1, ... at their factors' [p]): the planes of an NCHW image,
  * written as one run whose whole lines stream. Plane by plane, planes that are not whole
@@ -812,7 +989,6 @@ CBN_DEFINE_STREAMING(double, f64)
  * 12.5 ms; as one run 8.7 ms (14 x 14: 10.0 -> 7.1 ms, 56 x 56 the same 6.0). A vector that
  * spans two planes takes each lane's factors from its own plane (cbn_plane_factor): the same
  * values as the loops above, element for element. */
-typedef int64_t cbn_v8i __attribute__((vector_size(64)));
 static inline cbn_v8d cbn_plane_factor(const double *factor, int64_t p, int64_t in_plane) {
     const cbn_v8i lanes = {0, 1, 2, 3, 4, 5, 6, 7};
     const cbn_v8i first = lanes < in_plane;

@@ -96,3 +96,19 @@ def test_disagreeing_operands_get_tiles_of_whole_lines(x_order, dy_order):
         assert 1 in (abs(layout.feature_stride), abs(layout.row_stride))
     np.testing.assert_array_equal(read_at_offsets(x, plan_offsets(plan, 0)),
                                   read_at_offsets(dy, plan_offsets(plan, 1)))
+
+
+@pytest.mark.parametrize("images,row_group,features_outer", [(32, 56, False), (3, 56, True)])
+def test_runs_of_a_feature_nearer_than_features_are_grouped(images, row_group,
+                                                             features_outer):
+    """NCHW with W reversed in x beside a C-ordered dy (W steps -1 in one, +1 in the other:
+    H and W do not merge): each feature's H runs of an image make a row group, so the walk
+    takes a channel's plane at a time, as memory runs, instead of one row of every channel
+    in turn; with few images, each channel's images in turn. Matched, H and W merge."""
+    values = np.empty((images, 64, 56, 56), np.float32)
+    reversed_x = values[..., ::-1]
+    plan = make_plan(values.shape, (1,), (element_strides(values), element_strides(reversed_x)))
+    assert (plan.row_group, plan.features_outer) == (row_group, features_outer)
+    assert plan.n_row_inner == 56
+    matched = make_plan(values.shape, (1,), (element_strides(values),) * 2)
+    assert (matched.row_group, matched.n_row_inner) == (1, 56 * 56)

@@ -360,12 +360,17 @@ def test_blocks_of_runs_match_reference_and_own_bits(step, dtype):
 
 
 # NCHW with W reversed in some operands only (RI runs stepping by 1 in one, -1 in another):
-# the elementwise passes take each run a piece at a time, reversed into or out of a buffer
-# (normalize_run, input_gradient_run: forwards, backwards); 150 columns make pieces of 64,
-# 64 and 22 (SIMD bodies and tails). A Fortran out= beside reversed x takes row groups, x's
-# runs reversed beside the staged tile. Elementwise results are the all-C call's bits.
+# each image's H runs of a channel are one tile (near rows, cbn._layout), whose reversed
+# runs are loaded and stored with their lanes reversed (_simd.h's cbn_stepped, cbn_scatter).
+# 150 columns make vector bodies and tails; rows of 16 back to back in out= a span that
+# streams whole lines (cbn_tile_stream_end), also one element past a line start ("C+1",
+# where no vector may straddle two rows: none streams); rows of 7, vectors that would
+# straddle rows; 3 images, each channel's images in turn (MIN_NEAR_GROUPS). A Fortran out=
+# beside reversed x takes row groups, x's runs reversed beside the staged tile. Elementwise
+# results are the all-C call's bits.
 OPPOSITE_LAYOUTS = {"C": np.ascontiguousarray, "F": np.asfortranarray,
-                    "reversed": reversed_features}
+                    "reversed": reversed_features,
+                    "C+1": lambda values: shifted(values, "C", 1)}
 
 
 def assert_nchw_elementwise_c_bits(shape, layouts, dtype, seed):
@@ -413,11 +418,12 @@ def assert_nchw_elementwise_c_bits(shape, layouts, dtype, seed):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("x_layout,dy_layout,out_layout", [
     ("C", "C", "reversed"), ("reversed", "C", "C"), ("reversed", "reversed", "C"),
-    ("C", "reversed", "reversed"), ("reversed", "C", "F"), ("C", "reversed", "C")])
-def test_runs_stepping_both_ways_match_reference_and_c_bits(x_layout, dy_layout, out_layout,
-                                                            dtype, streaming):
-    assert_nchw_elementwise_c_bits((3, 4, 5, 150), (x_layout, dy_layout, out_layout), dtype,
-                                   seed=29)
+    ("C", "reversed", "reversed"), ("reversed", "C", "F"), ("C", "reversed", "C"),
+    ("reversed", "C", "C+1")])
+@pytest.mark.parametrize("shape", [(3, 4, 5, 150), (9, 3, 5, 16), (9, 2, 3, 7)])
+def test_runs_stepping_both_ways_match_reference_and_c_bits(shape, x_layout, dy_layout,
+                                                            out_layout, dtype, streaming):
+    assert_nchw_elementwise_c_bits(shape, (x_layout, dy_layout, out_layout), dtype, seed=29)
 
 
 # The plan's first operand (x; dy in the backward) Fortran beside another with W reversed
