@@ -11,8 +11,9 @@ cdef struct Grid:
     Py_ssize_t group_rows, group_run    # row groups: outer rows, and inner elements per tile
     Py_ssize_t group_features   # planes: features per item, every one or one (features_outer)
     bint backwards_staged   # row groups, elementwise passes: see group_staged
-    Py_ssize_t sum_rows     # RI without row groups: whole runs of a feature (in consecutive
-                            # outer rows) the statistics and gradient sums reduce at once
+    Py_ssize_t sum_rows     # RI: whole runs of a feature (in consecutive outer rows) the
+                            # statistics (and without row groups the gradient sums) reduce
+                            # at once; row groups' gradient sums take a tile at once
     Py_ssize_t n_bytes                               # of one operand
     bint stream                                      # streaming stores for the output
     bint rows_contiguous        # FI, and every operand's rows follow each other in memory
@@ -130,8 +131,7 @@ cdef Grid make_grid(plan, Py_ssize_t itemsize):
         g.group_run = (min(g.n_ri, max(8, GROUP_TILE_BYTES // itemsize // g.group_rows))
                        if g.row_group > 1 else g.n_ri)
         g.planes = (plan.agree and g.n_ro >= PLANE_ORDER_MIN_OUTER) or g.row_group > 1
-        if g.row_group == 1:
-            g.sum_rows = max(1, min(<Py_ssize_t>SUM_ROWS, SUM_RUNS_ELEMENTS // g.n_ri))
+        g.sum_rows = max(1, min(<Py_ssize_t>SUM_ROWS, SUM_RUNS_ELEMENTS // g.n_ri))
         if g.planes:
             g.n_chunks = max(1, min(<Py_ssize_t>PLANE_CHUNKS, g.n_ro,
                                     g.n_rows * g.n_features // MIN_PLANE_CHUNK_ELEMENTS))

@@ -40,6 +40,7 @@ class Plan:
                                   # another operand steps fastest (its rows' groups), or 1
     features_outer: bool          # row groups: each feature's groups in turn (_features_outer)
     feature_order: tuple          # kept axes (positions in the sorted kept-axis list) in memory order
+    flipped_features: tuple       # kept axes (positions as above) walked from their last index
     operands: tuple               # one OperandLayout per operand, in the order given
 
     @property
@@ -136,17 +137,20 @@ def make_plan(shape, axes, element_strides):
     other's fastest axis, which becomes the innermost outer reduced one (``row_group``): the
     kernels walk groups of outer rows, which are whole cache lines of every operand.
     """
-    # A reduced axis that every operand walks backwards (x[..., ::-1] and its gradient, a
-    # flipped image) is walked forwards instead: its runs then merge and step up as C
-    # order's do. Walked backwards, NCHW with W reversed took 12x (statistics) and 10x
-    # (backward) the C-ordered calls' time: runs of one row of W, summed element by element.
+    # An axis that every operand walks backwards (x[..., ::-1] and its gradient, a flipped
+    # image, channels reversed as in BGR <-> RGB) is walked forwards instead: its runs then
+    # merge and step up as C order's do. Walked backwards, NCHW with W reversed took 12x
+    # (statistics) and 10x (backward) the C-ordered calls' time: runs of one row of W,
+    # summed element by element; NHWC with C reversed staged every tile (inference 2x).
     # Only where each operand's walk starts changes: shifts move it to that axis' last
     # element, in the feature offsets (every element's address holds one; the rows' offsets
-    # are left out where a chunk's rows are one run). Where another operand (a fresh out=)
-    # steps forwards the axis stays as it is, and the sums, taken in x's (and dy's) own plan
-    # (cbn._plans.plan_and_own), keep their bits.
+    # are left out where a chunk's rows are one run). A flipped kept axis numbers its
+    # features from the last (flipped_features: cbn._plans maps the per-feature arrays);
+    # each feature's sums run over the rows as before, so the bits are the unflipped call's.
+    # Where another operand (a fresh out=) steps forwards the axis stays as it is, and the
+    # sums, taken in x's (and dy's) own plan (cbn._plans.plan_and_own), keep their bits.
     flipped = [a for a in range(len(shape))
-               if a not in axes and shape[a] > 1 and all(s[a] <= 0 for s in element_strides)
+               if shape[a] > 1 and all(s[a] <= 0 for s in element_strides)
                and any(s[a] < 0 for s in element_strides)]
     shifts = [sum((shape[a] - 1) * s[a] for a in flipped) for s in element_strides]
     element_strides = tuple(tuple(-v if a in flipped else v for a, v in enumerate(s))
@@ -207,4 +211,5 @@ def make_plan(shape, axes, element_strides):
     features_outer = (_features_outer(operands, row_group, fi_extent)
                       or near_rows and n_row_outer // row_group < MIN_NEAR_GROUPS)
     return Plan(n_feature_outer, fi_extent, n_row_outer, ri_extent, features_inner, agree,
-                row_group, features_outer, feature_order, operands)
+                row_group, features_outer, feature_order,
+                tuple(axes.index(a) for a in flipped if a in axes), operands)

@@ -33,6 +33,7 @@ class Plan:
         self.kernel = _kernels.KernelPlan(layout, itemsize)
         self.n_features = layout.n_features
         self.order = layout.feature_order
+        self.flipped = layout.flipped_features
         self.identity = self.order == tuple(sorted(self.order))
         self.agree = layout.agree     # every operand steps fastest along the same axis
         self.row_groups = layout.row_group > 1
@@ -42,7 +43,7 @@ class Plan:
         self.inverse = tuple(np.argsort(self.order))
         self._shape = (layout.n_feature_outer, layout.n_feature_inner, layout.n_row_outer,
                        layout.n_row_inner, layout.features_inner, layout.agree,
-                       layout.row_group, layout.feature_order,
+                       layout.row_group, layout.feature_order, layout.flipped_features,
                        any(o.feature_stride != 1 for o in layout.operands))
         self._walks = tuple((o.feature_offsets.tobytes(), o.feature_stride,
                              o.row_offsets.tobytes(), o.row_stride) for o in layout.operands)
@@ -54,6 +55,8 @@ class Plan:
 
     def to_kernel(self, value):
         """A feature-shaped float64 array as the contiguous vector the kernels index."""
+        if self.flipped:
+            value = np.flip(value, self.flipped)
         if self.one_axis and value.flags.c_contiguous:
             return value
         if self.identity:
@@ -62,10 +65,13 @@ class Plan:
 
     def from_kernel(self, vector):
         if self.one_axis:
-            return vector
-        if self.identity:
-            return vector.reshape(self.permuted_shape)
-        return np.ascontiguousarray(vector.reshape(self.permuted_shape).transpose(self.inverse))
+            value = vector
+        elif self.identity:
+            value = vector.reshape(self.permuted_shape)
+        else:
+            value = np.ascontiguousarray(
+                vector.reshape(self.permuted_shape).transpose(self.inverse))
+        return np.ascontiguousarray(np.flip(value, self.flipped)) if self.flipped else value
 
 
 @lru_cache(maxsize=512)

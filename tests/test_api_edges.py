@@ -199,13 +199,16 @@ def same_bits(a, b):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape,axis,flip", [((9, 6, 7, 19), 1, (3,)), ((9, 6, 7, 19), 1, (2, 3)),
                                              ((9, 6, 7, 19), 1, (0, 3)), ((5, 7, 9, 6), -1, (2,)),
-                                             ((40, 13), -1, (0,)), ((9, 6, 7, 19), 1, (1, 3))])
+                                             ((40, 13), -1, (0,)), ((9, 6, 7, 19), 1, (1, 3)),
+                                             ((9, 6, 7, 19), 1, (1,)), ((5, 7, 9, 6), -1, (3,)),
+                                             ((5, 7, 9, 70), -1, (2, 3)), ((40, 13), -1, (1,))])
 def test_flipped_views_give_the_flipped_bits(shape, axis, flip, dtype):
     """A reduced axis that every operand walks backwards (a flipped image, x[..., ::-1],
     its gradient and out=) is walked forwards: the call then reads memory as the call on
     the unflipped arrays does and gives its bits, flipped; beside a fresh (C-ordered)
     output the sums are taken in x's and dy's own plan, so the same bits. A flipped feature
-    axis stays as it is (its statistics belong to its features)."""
+    axis (channels reversed) is walked forwards too, its features numbered from the last:
+    each feature's sums run as in the unflipped call, so the same bits, flipped."""
     rng = np.random.default_rng(len(flip) * 10 + axis)
     x_mem = (rng.standard_normal(shape) * 2 + 1).astype(dtype)
     dy_mem = rng.standard_normal(shape).astype(dtype)

@@ -40,10 +40,12 @@ def test_plan_addresses_every_element(case):
     assert plan.n_features == int(np.prod([x.shape[a] for a in axes]))
     assert plan.n_features * plan.n_rows == x.size
     got = read_at_offsets(x, plan_offsets(plan))
-    # Row f of the plan must hold exactly the elements of feature f (in the plan's order).
+    # Row f of the plan must hold exactly the elements of feature f (in the plan's order,
+    # a flipped kept axis numbered from its last index).
     features = [axes[i] for i in plan.feature_order]
     reduced = [a for a in range(x.ndim) if a not in axes]
-    want = np.transpose(x, features + reduced).reshape(plan.n_features, -1)
+    flipped = np.flip(x, [axes[i] for i in plan.flipped_features])
+    want = np.transpose(flipped, features + reduced).reshape(plan.n_features, -1)
     np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
 
 
@@ -112,3 +114,18 @@ def test_runs_of_a_feature_nearer_than_features_are_grouped(images, row_group,
     assert plan.n_row_inner == 56
     matched = make_plan(values.shape, (1,), (element_strides(values),) * 2)
     assert (matched.row_group, matched.n_row_inner) == (1, 56 * 56)
+
+
+def test_kept_axes_walked_backwards_by_every_operand_are_flipped():
+    """Channels stored reversed in x and dy (NHWC, BGR <-> RGB): the feature axis is walked
+    forwards, its features numbered from the last, so the plan is the C-ordered one's but
+    for where each walk starts; beside a forward operand it is not flipped."""
+    values = np.empty((8, 14, 14, 32), np.float32)
+    reversed_c = values[..., ::-1]
+    both = make_plan(values.shape, (3,), (element_strides(reversed_c),) * 2)
+    plain = make_plan(values.shape, (3,), (element_strides(values),) * 2)
+    assert both.flipped_features == (0,) and plain.flipped_features == ()
+    assert [o.feature_stride for o in both.operands] == [1, 1]
+    assert both.features_inner and both.n_row_outer == plain.n_row_outer == 1
+    mixed = make_plan(values.shape, (3,), (element_strides(reversed_c), element_strides(values)))
+    assert mixed.flipped_features == ()
