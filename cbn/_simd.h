@@ -265,20 +265,13 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
  * time in the sums' gathers. The lanes hold the same values either way. */
 typedef int32_t cbn_v8i32 __attribute__((vector_size(32)));
 typedef int64_t cbn_v8i __attribute__((vector_size(64)));
-static inline cbn_v8f cbn_reverse_v8f(cbn_v8f v) {
 #ifdef __clang__
-    return __builtin_shufflevector(v, v, 7, 6, 5, 4, 3, 2, 1, 0);
+#define CBN_REVERSE8(v, INDEX) __builtin_shufflevector(v, v, 7, 6, 5, 4, 3, 2, 1, 0)
 #else
-    return __builtin_shuffle(v, (cbn_v8i32){7, 6, 5, 4, 3, 2, 1, 0});
+#define CBN_REVERSE8(v, INDEX) __builtin_shuffle(v, (INDEX){7, 6, 5, 4, 3, 2, 1, 0})
 #endif
-}
-static inline cbn_v8d cbn_reverse_v8d(cbn_v8d v) {
-#ifdef __clang__
-    return __builtin_shufflevector(v, v, 7, 6, 5, 4, 3, 2, 1, 0);
-#else
-    return __builtin_shuffle(v, (cbn_v8i){7, 6, 5, 4, 3, 2, 1, 0});
-#endif
-}
+static inline cbn_v8f cbn_reverse_v8f(cbn_v8f v) { return CBN_REVERSE8(v, cbn_v8i32); }
+static inline cbn_v8d cbn_reverse_v8d(cbn_v8d v) { return CBN_REVERSE8(v, cbn_v8i); }
 static inline cbn_v8d cbn_reversed_f32(const float *p) {
     cbn_v8f v;
     memcpy(&v, p, sizeof v);
