@@ -79,17 +79,27 @@ def train(rank, world_size, args):
 
 # A DistributedDataParallel model lives in reference cycles; left to the interpreter's exit,
 # it was destroyed after its process group, and gloo aborted the process ("terminate called
-# without an active exception") in about 1 run of 7, after training had finished.
+# without an active exception") in about 1 run of 7, after training had finished. With the
+# model collected first it still aborted rank 0 once in a CI run (2026-12-01), rank 1 having
+# torn its connections down while rank 0 still printed and checked: the ranks now meet at a
+# barrier before either destroys the group (after training only, so that a rank that failed
+# does not leave the others waiting at it).
+
+
+def train_and_leave(rank, world_size, args):
+    """train, then the process group's teardown in the same order on every rank."""
+    try:
+        train(rank, world_size, args)
+        dist.barrier()
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def spawned(rank, world_size, args, store):
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world_size)
-    try:
-        train(rank, world_size, args)
-    finally:
-        gc.collect()
-        dist.destroy_process_group()
+    train_and_leave(rank, world_size, args)
 
 
 def main():
@@ -104,11 +114,7 @@ def main():
     args = parser.parse_args()
     if "LOCAL_RANK" in os.environ:                         # started by torchrun
         dist.init_process_group("gloo")
-        try:
-            train(dist.get_rank(), dist.get_world_size(), args)
-        finally:
-            gc.collect()    # DDP's objects go before their process group (see spawned)
-            dist.destroy_process_group()
+        train_and_leave(dist.get_rank(), dist.get_world_size(), args)
         return
     with tempfile.TemporaryDirectory() as directory:
         mp.spawn(spawned, args=(args.nprocs, args, os.path.join(directory, "store")),
