@@ -39,16 +39,6 @@ cdef extern from "_simd.h":
     void cbn_shifted_sums_rows_f64(const double *base, const int64_t *rows, int64_t n_rows,
                                    int64_t n, double shift, double *s1,
                                    double *s2) noexcept nogil
-    void cbn_gradient_sums_run_f32(const float *dy, const float *x, int64_t n, double mean,
-                                   double *sum_dy, double *sum_dy_xc) noexcept nogil
-    void cbn_gradient_sums_run_f64(const double *dy, const double *x, int64_t n, double mean,
-                                   double *sum_dy, double *sum_dy_xc) noexcept nogil
-    void cbn_gradient_sums_tile_f32(const float *dy, int64_t dy_row_step, const float *x,
-                                    int64_t x_row_step, int64_t n_rows, int64_t n, double mean,
-                                    double *sum_dy, double *sum_dy_xc) noexcept nogil
-    void cbn_gradient_sums_tile_f64(const double *dy, int64_t dy_row_step, const double *x,
-                                    int64_t x_row_step, int64_t n_rows, int64_t n, double mean,
-                                    double *sum_dy, double *sum_dy_xc) noexcept nogil
     void cbn_gradient_sums_rows_f32(const float *dy_base, const int64_t *dy_rows,
                                     const float *x_base, const int64_t *x_rows, int64_t n_rows,
                                     int64_t n, double mean, double *sum_dy,

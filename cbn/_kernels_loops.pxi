@@ -384,19 +384,7 @@ cdef inline void tile_gradient_sums(const floating *dy, int64_t dy_step, int64_t
                                     double *sum_dy, double *sum_dy_xc) noexcept nogil:
     """gradient_run over n_rows runs, *_row_step apart, into one set of accumulators,
     reduced once."""
-    if dy_step == 1 and x_step == 1 and n_rows == 1:
-        if floating is float:
-            cbn_gradient_sums_run_f32(dy, x, n, mean, sum_dy, sum_dy_xc)
-        else:
-            cbn_gradient_sums_run_f64(dy, x, n, mean, sum_dy, sum_dy_xc)
-    elif dy_step == 1 and x_step == 1:
-        if floating is float:
-            cbn_gradient_sums_tile_f32(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
-                                       sum_dy_xc)
-        else:
-            cbn_gradient_sums_tile_f64(dy, dy_row_step, x, x_row_step, n_rows, n, mean, sum_dy,
-                                       sum_dy_xc)
-    elif floating is float:
+    if floating is float:
         cbn_gradient_sums_steps_f32(dy, dy_step, dy_row_step, x, x_step, x_row_step, n_rows, n,
                                     mean, sum_dy, sum_dy_xc)
     else:

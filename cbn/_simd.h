@@ -254,11 +254,6 @@ static void cbn_gradient_sums_##S(const T *dy, int64_t dy_row_stride, const T *x
 /* The tiles of runs whose starts are given by offset tables (rows of any layout, row r
  * at base + rows[r]); the next row's pointers are only formed while there is one. */
 #define CBN_NEXT_ROWS (row < n_rows ? (dy = dy_base + dy_rows[row], x = x_base + x_rows[row]) : x)
-/* Runs whose elements are step apart (not 1: every other column, a reversed axis beside a
- * forward one): the same vector loops, each vector's 8 elements gathered (cbn_gather), so
- * the same order as a contiguous run's. Summed element by element instead, each sum waited
- * on the last (4 cycles an add): NCHW (32,64,56,56) float32 with every other W, one thread,
- * took 5.5x the C-ordered statistics and 6.9x its backward. */
 /* A reversed run (step -1: a reversed axis beside a forward one) is loaded as the 8
  * elements below p and its lanes reversed, one permute: gathered an element at a time, the
  * backward of NCHW float32 with x's W reversed beside a C-ordered dy spent a third of its
@@ -280,10 +275,16 @@ static inline cbn_v8d cbn_reversed_f32(const float *p) {
 static inline cbn_v8d cbn_reversed_f64(const double *p) {
     return cbn_reverse_v8d(cbn_load_f64(p));
 }
+/* Runs whose elements are step apart (not 1: every other column, a reversed axis beside a
+ * forward one): the same vector loops, each vector's 8 elements gathered (cbn_gather), so
+ * the same order as a contiguous run's. Summed element by element instead, each sum waited
+ * on the last (4 cycles an add): NCHW (32,64,56,56) float32 with every other W, one thread,
+ * took 5.5x the C-ordered statistics and 6.9x its backward. */
 /* cbn_stepped: the 8 elements from p, step apart, by a load where step is 1, a load and a
  * permute where it is -1, else gathered. Its callers are specialized (CBN_BY_STEPS) so that
  * the steps are constants in the loops, or general (the gather alone): with the tests on
- * the steps inside the loop GCC kept the sums' accumulators in memory. */
+ * the steps inside the loop GCC kept the sums' accumulators in memory. A contiguous run's
+ * sums are the steps 1, 1 case: the same loop. */
 #define CBN_DEFINE_GATHER(T, S)                                                              \
 static inline cbn_v8d cbn_gather_##S(const T *p, int64_t step) {                             \
     cbn_v8d v;                                                                               \
@@ -356,16 +357,6 @@ static void cbn_shifted_sums_rows_##S(const T *base, const int64_t *rows, int64_
     const T *p = base + rows[0];                                                             \
     CBN_ROWS_SUMS(n_rows, (row < n_rows ? (p = base + rows[row]) : p), shift,                \
                   cbn_load_##S(p + i + 8 * q) - c, u, p[i] - shift, u, s1, s2, =)            \
-}                                                                                           \
-static void cbn_gradient_sums_run_##S(const T *dy, const T *x, int64_t n, double mean,       \
-                                      double *sum_dy, double *sum_dy_xc) {                   \
-    CBN_GRADIENT_RUN_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN)                                     \
-}                                                                                           \
-static void cbn_gradient_sums_tile_##S(const T *dy, int64_t dy_row_step, const T *x,         \
-                                       int64_t x_row_step, int64_t n_rows, int64_t n,        \
-                                       double mean, double *sum_dy, double *sum_dy_xc) {     \
-    CBN_GRADIENT_ROWS_BODY(T, S, CBN_DY_RUN, CBN_DY1_RUN, n_rows,                            \
-                           (dy += dy_row_step, x += x_row_step))                             \
 }                                                                                           \
 static void cbn_gradient_sums_rows_##S(const T *dy_base, const int64_t *dy_rows,            \
                                        const T *x_base, const int64_t *x_rows,              \
