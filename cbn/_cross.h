@@ -1,8 +1,8 @@
 /* Elementwise passes (normalize, dx), and the backward's gradient sums, over FI tiles
  * whose operands are laid out crosswise:
  * each one either a row of adjacent features ("by rows": feature stride 1, a C-ordered
- * dense x) or a feature of adjacent rows ("by features": row stride 1, a Fortran-ordered
- * or transposed out=), at least one of each. The tile goes in 8x8 blocks straight from the
+ * dense x, or -1, its features reversed) or a feature of adjacent rows ("by features": row
+ * stride 1 or -1, a Fortran-ordered or transposed out=), at least one of each. The tile goes in 8x8 blocks straight from the
  * inputs to the output: each block loaded in its operand's own order, transposed in
  * registers to rows of features where it is by features, computed with each feature's
  * factors as a vector, and transposed back where the output is by features. Through a
@@ -26,17 +26,43 @@
 #ifdef __AVX__
 #define CBN_CROSS 1
 
+/* Whether an operand holds a row of adjacent features (its feature step +1 or -1: a
+ * reversed view's lanes are reversed in the register), else a feature of adjacent rows. */
+static inline int cbn_cross_by_rows(int64_t feature_stride) {
+    return feature_stride == 1 || feature_stride == -1;
+}
+
+/* 8 adjacent elements from p on, stepping +1 or -1 (then read from p - 7, lanes reversed). */
+static inline __m256 cbn_cross_run(const float *p, int64_t step) {
+    if (step == 1) return _mm256_loadu_ps(p);
+    return (__m256)cbn_reverse_v8f((cbn_v8f)_mm256_loadu_ps(p - 7));
+}
+
 /* Block (r, j) of an operand (elements r .. r + 8 of rows, j .. j + 8 of features) as 8
  * rows of 8 features. */
 static inline void cbn_cross_load(const float *p, int64_t row_stride, int64_t feature_stride,
                                   int64_t r, int64_t j, __m256 v[8]) {
     int q;
-    if (feature_stride == 1) {
-        for (q = 0; q < 8; q++) v[q] = _mm256_loadu_ps(p + (r + q) * row_stride + j);
+    if (cbn_cross_by_rows(feature_stride)) {
+        for (q = 0; q < 8; q++)
+            v[q] = cbn_cross_run(p + (r + q) * row_stride + j * feature_stride, feature_stride);
         return;
     }
-    for (q = 0; q < 8; q++) v[q] = _mm256_loadu_ps(p + (j + q) * feature_stride + r);
+    for (q = 0; q < 8; q++)
+        v[q] = cbn_cross_run(p + (j + q) * feature_stride + r * row_stride, row_stride);
     cbn_transpose_regs_f32(v);
+}
+
+/* 8 elements stored from p on, stepping +1 or -1 as cbn_cross_run reads them; streamed
+ * only where the walk allows it (forward steps, cbn_cross_plan). */
+static inline void cbn_cross_put(float *p, int64_t step, __m256 v, int stream) {
+    if (step != 1) {
+        _mm256_storeu_ps(p - 7, (__m256)cbn_reverse_v8f((cbn_v8f)v));
+    } else if (stream) {
+        _mm256_stream_ps(p, v);
+    } else {
+        _mm256_storeu_ps(p, v);
+    }
 }
 
 /* Blocks a (r, j) and b, rows of features, stored: b is (r + 8, j) where the output is by
@@ -44,23 +70,18 @@ static inline void cbn_cross_load(const float *p, int64_t row_stride, int64_t fe
 static inline void cbn_cross_store(float *p, int64_t row_stride, int64_t feature_stride,
                                    int64_t r, int64_t j, __m256 a[8], __m256 b[8],
                                    int stream) {
-    int q;
-    float *first, *second;
-    if (feature_stride != 1) {
+    int q, by_rows = cbn_cross_by_rows(feature_stride);
+    int64_t step = by_rows ? feature_stride : row_stride;
+    float *first;
+    if (!by_rows) {
         cbn_transpose_regs_f32(a);
         cbn_transpose_regs_f32(b);
     }
     for (q = 0; q < 8; q++) {
-        first = feature_stride == 1 ? p + (r + q) * row_stride + j
-                                    : p + (j + q) * feature_stride + r;
-        second = first + 8;
-        if (stream) {
-            _mm256_stream_ps(first, a[q]);
-            _mm256_stream_ps(second, b[q]);
-        } else {
-            _mm256_storeu_ps(first, a[q]);
-            _mm256_storeu_ps(second, b[q]);
-        }
+        first = by_rows ? p + (r + q) * row_stride + j * feature_stride
+                        : p + (j + q) * feature_stride + r * row_stride;
+        cbn_cross_put(first, step, a[q], stream);
+        cbn_cross_put(first + 8 * step, step, b[q], stream);
     }
 }
 
@@ -77,13 +98,15 @@ static inline cbn_cross_walk cbn_cross_plan(const float *out, int64_t row_stride
                                             int64_t feature_stride, int64_t n_rows,
                                             int64_t width, int stream) {
     cbn_cross_walk w;
-    int64_t head = 0, along = feature_stride == 1 ? row_stride : feature_stride;
-    int64_t n_along = feature_stride == 1 ? width : n_rows;
-    int64_t n_across = feature_stride == 1 ? n_rows : width;
-    w.by_features = feature_stride != 1;
+    int by_rows = cbn_cross_by_rows(feature_stride);
+    int64_t head = 0, along = by_rows ? row_stride : feature_stride;
+    int64_t n_along = by_rows ? width : n_rows;
+    int64_t n_across = by_rows ? n_rows : width;
+    w.by_features = !by_rows;
     /* Streaming where every line of the output's pieces starts alike (pieces a whole
-     * number of lines apart), from its first line start. */
-    w.stream = stream && (along * (int64_t)sizeof(float)) % 64 == 0
+     * number of lines apart), from its first line start, and its pieces step forwards. */
+    w.stream = stream && (by_rows ? feature_stride : row_stride) == 1
+               && (along * (int64_t)sizeof(float)) % 64 == 0
                && ((uintptr_t)out) % sizeof(float) == 0;
     if (w.stream) {
         head = (int64_t)(((64 - ((uintptr_t)out & 63)) & 63) / sizeof(float));
@@ -159,7 +182,8 @@ static void cbn_normalize_cross_f32(const float *x, int64_t x_row_stride,
                                     int64_t y_feature_stride, int64_t n_rows, int64_t width,
                                     const double *mean, const double *scale,
                                     const double *shift, int stream) {
-    CBN_CROSS_WALK(y, y_row_stride, y_feature_stride, x_feature_stride == 1, CBN_CROSS_Y_BLOCK,
+    CBN_CROSS_WALK(y, y_row_stride, y_feature_stride, cbn_cross_by_rows(x_feature_stride),
+                   CBN_CROSS_Y_BLOCK,
                    CBN_CROSS_Y_SCALAR)
 }
 
@@ -201,7 +225,8 @@ static void cbn_input_gradient_cross_f32(const float *dy, int64_t dy_row_stride,
                                          const double *coef_dy, const double *coef_xc,
                                          const double *offset, int stream) {
     CBN_CROSS_WALK(dx, dx_row_stride, dx_feature_stride,
-                   dy_feature_stride == 1 && x_feature_stride == 1, CBN_CROSS_DX_BLOCK,
+                   cbn_cross_by_rows(dy_feature_stride) && cbn_cross_by_rows(x_feature_stride),
+                   CBN_CROSS_DX_BLOCK,
                    CBN_CROSS_DX_SCALAR)
 }
 

@@ -110,7 +110,7 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
     # tile's rows read and written a line each at every step of the walk down them took
     # longer than staging that input (1.9-2.0x to 2.2x), so the stage serves those.
     if floating is float:
-        if not act.fused and dxw.feature_stride != 1 and crosswise(g, dyw, xw, dxw):
+        if not act.fused and not by_rows(dxw) and crosswise(g, dyw, xw, dxw):
             cross_rows(g, &it, dx_tile, dxw, &runs.r, &runs.end)
             cbn_input_gradient_cross_f32(
                 dy_tile + runs.r * dyw.row_stride, dyw.row_stride, dyw.feature_stride,

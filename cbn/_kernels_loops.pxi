@@ -65,8 +65,13 @@ cdef inline const floating *rows_of(const Grid *g, const floating *tile, const W
 # output or the sums in 8x8 blocks transposed in registers, where the stage copied every odd
 # operand's run through a buffer (its copies cost as much as the arithmetic). The same bits:
 # the elementwise passes in any order, the sums in the stage's runs.
+cdef inline bint by_rows(const Walk *w) noexcept nogil:
+    """A row of adjacent features, stepping either way (_cross.h: a reversed view)."""
+    return w.feature_stride == 1 or w.feature_stride == -1
+
+
 cdef inline bint by_rows_or_features(const Walk *w) noexcept nogil:
-    return w.feature_stride == 1 or w.row_stride == 1
+    return by_rows(w) or w.row_stride == 1 or w.row_stride == -1
 
 
 cdef inline bint crosswise(const Grid *g, const Walk *a, const Walk *b,
@@ -78,8 +83,7 @@ cdef inline bint crosswise(const Grid *g, const Walk *a, const Walk *b,
     if not (by_rows_or_features(a) and by_rows_or_features(b)
             and (c == NULL or by_rows_or_features(c))):
         return False
-    return (a.feature_stride != 1 or b.feature_stride != 1
-            or (c != NULL and c.feature_stride != 1))
+    return not by_rows(a) or not by_rows(b) or (c != NULL and not by_rows(c))
 
 
 cdef inline Py_ssize_t cross_bound(const Grid *g, Py_ssize_t r, const floating *out,

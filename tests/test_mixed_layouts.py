@@ -443,11 +443,15 @@ def test_row_groups_stepping_back_match_reference_and_c_bits(x_layout, dy_layout
 
 
 def shifted(values, layout, offset):
-    """values in C or Fortran order, starting offset elements past a cache line start."""
+    """values in C or Fortran order (2-d), starting offset elements past a cache line start;
+    "C-" and "F-" walk the inner axis backwards (a reversed view of either)."""
     buffer = np.zeros(values.size + 64, values.dtype)
     start = (-buffer.ctypes.data % 64) // values.itemsize + offset
     flat = buffer[start:start + values.size]
-    out = flat.reshape(values.shape) if layout == "C" else flat.reshape(values.shape[::-1]).T
+    out = (flat.reshape(values.shape) if layout[0] == "C"
+           else flat.reshape(values.shape[::-1]).T)
+    if layout.endswith("-"):
+        out = out[:, ::-1] if layout[0] == "C" else out[::-1]
     out[...] = values
     return out
 
@@ -461,7 +465,8 @@ def stepped_fortran(values):
 
 
 # Dense float32 beside its transpose: each item taken crosswise (cbn/_cross.h), 8x8 blocks
-# straight from the inputs to the output or the sums, no stage. The gradient sums must
+# straight from the inputs to the output or the sums, no stage; an operand walked backwards
+# along its inner axis (C-, F-) has its blocks' lanes reversed. The gradient sums must
 # keep the staged runs' bits (those of a stepped Fortran operand, staged an element at a
 # time in the same runs). 3504 rows of 48
 # features make two chunks, every feature (Fortran) and row (C) of the output whole lines
@@ -469,7 +474,8 @@ def stepped_fortran(values):
 # output 3 elements into a line); 3501 rows of 37 features leave rows and features beyond
 # the blocks. The results are the C-ordered call's (inference, dx of the same sums) and
 # the reference's, on one thread and on two.
-@pytest.mark.parametrize("x_layout,other_layout", [("C", "F"), ("F", "C")])
+@pytest.mark.parametrize("x_layout,other_layout", [("C", "F"), ("F", "C"), ("C-", "F"),
+                                                    ("F", "C-"), ("C", "F-"), ("F-", "C-")])
 @pytest.mark.parametrize("shape", [(3504, 48), (3501, 37)])
 @pytest.mark.parametrize("offset", [0, 3])
 def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shape, offset,
@@ -493,7 +499,7 @@ def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shap
 
     with threadpool_limits(1, user_api="openmp"):
         inference, y, dx, dx_like_x, *sums = results = calls()
-    staged = cbn.api.gradient_sums(*(stepped_fortran(a) if a.flags.f_contiguous else a
+    staged = cbn.api.gradient_sums(*(stepped_fortran(a) if abs(a.strides[0]) == 4 else a
                                      for a in (dy, x)), mean, var)
     for a, b in zip(sums, staged):
         assert a.tobytes() == b.tobytes()
