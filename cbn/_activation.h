@@ -247,6 +247,21 @@ static inline uint32_t cbn_positive8_f64(cbn_v8d z) {
 }
 #endif
 
+/* cbn_normalize_act_image's steps for CBN_PLANES_WALK (_simd.h). */
+#define CBN_ACT_IMAGE1(S, i, p)                                                              \
+    cbn_act_image1_##S(x, residual, y, i, p, mean, scale, shift, kind, alpha, mask, &at,     \
+                       &word, &held, lo, hi)
+#define CBN_ACT_IMAGE1_f32(T, i, p) CBN_ACT_IMAGE1(f32, i, p)
+#define CBN_ACT_IMAGE1_f64(T, i, p) CBN_ACT_IMAGE1(f64, i, p)
+#define CBN_ACT_IMAGE8(S, i, stream)                                                         \
+    cbn_act_image8_##S(x, residual, y, i, m, s, b, kind, alpha, stream, mask, &at, &word,    \
+                       &held, lo, hi)
+#define CBN_ACT_IMAGE8_MIXED(S, i, p, in_plane, stream)                                      \
+    cbn_act_image8_##S(x, residual, y, i, cbn_plane_factor(mean, p, in_plane),               \
+                       cbn_plane_factor(scale, p, in_plane),                                 \
+                       cbn_plane_factor(shift, p, in_plane), kind, alpha, stream, mask, &at, \
+                       &word, &held, lo, hi)
+
 #define CBN_DEFINE_ACTIVATION(T, S)                                                          \
 static inline T cbn_act_##S(T z, int kind, double alpha) {                                   \
     if (kind == CBN_ACT_RELU) return (z > 0 || z != z) ? z : (T)0;                           \
@@ -335,13 +350,13 @@ static inline __attribute__((always_inline)) cbn_v8d cbn_dz8w_##S(              
  * atomic OR per element, next to streaming stores, drains the write-combining buffers (a    \
  * masked forward then took 1.8x the unmasked one). */                                       \
 static inline void cbn_set_signs_##S(uint8_t *mask, int64_t b, const T *y, int64_t from,     \
-                                     int64_t to, int64_t n) {                                \
+                                     int64_t to, int64_t lo, int64_t hi) {                   \
     uint64_t word = 0;                                                                       \
     int held = (int)((b + from) & 7);                                                        \
     int64_t i, at = b + from - held;                                                         \
     for (i = from; i < to; i++)                                                              \
-        cbn_gather_bits(mask, &at, &word, &held, y[i] > 0, 1, b, b + n);                     \
-    if (held) cbn_set_word(mask, at, word, held, b, b + n);                                  \
+        cbn_gather_bits(mask, &at, &word, &held, y[i] > 0, 1, lo, hi);                       \
+    if (held) cbn_set_word(mask, at, word, held, lo, hi);                                    \
 }                                                                                            \
 /* Bits b + f * bit_step + r = (y[r * y_row_stride + f] > 0) of n_rows rows of width        \
  * features whose rows' bits are adjacent (a channels_last or transposed view of x, the mask \
@@ -382,7 +397,8 @@ static inline void cbn_normalize_act_one_##S(const T *x, const T *residual, T *y
 static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_##S(          \
         const T *x, const T *residual, T *y, int64_t i, int64_t n, const double *mean,       \
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
-        int64_t stream_end, uint8_t *mask, int64_t b, int64_t bit_step, int bits) {          \
+        int64_t stream_end, uint8_t *mask, int64_t b, int64_t bit_step, int64_t lo,          \
+        int64_t hi, int bits) {                                                              \
     uint64_t word = 0;                                                                       \
     int k, held = (int)((b + i) & 7);   /* word's bits start the byte of bit b + i */        \
     int64_t at = b + i - held;                                                               \
@@ -403,8 +419,7 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         cbn_vec_put_##S(y + i, v, i < stream_end);                                           \
         if (bits == CBN_ANY_BITS) {                                                          \
             if (bit_step == 1) {                                                             \
-                cbn_gather_bits(mask, &at, &word, &held, cbn_signs_##S(positive), 8, b,      \
-                                b + n);                                                      \
+                cbn_gather_bits(mask, &at, &word, &held, cbn_signs_##S(positive), 8, lo, hi);\
             } else {                                                                         \
                 for (k = 0; k < 8; k++)                                                      \
                     cbn_set_bit(mask, b + (i + k) * bit_step, positive[k] & 1);              \
@@ -412,15 +427,17 @@ static inline __attribute__((always_inline)) int64_t cbn_normalize_act_vectors_#
         }                                                                                    \
     }                                                                                        \
     if (bits == CBN_ANY_BITS && bit_step == 1 && held)                                       \
-        cbn_set_word(mask, at, word, held, b, b + n);                                        \
+        cbn_set_word(mask, at, word, held, lo, hi);                                          \
     return i;                                                                                \
 }                                                                                            \
 /* Always inlined: called per row of an FI tile, per_element then folds (left to GCC, it    \
- * stopped inlining it as the file grew: 1.3x the instructions on the avx2 level). */        \
+ * stopped inlining it as the file grew: 1.3x the instructions on the avx2 level). The      \
+ * caller owns the mask's bits [lo, hi) (at least the run's, [b, b + n), where bit_step is  \
+ * 1): bytes wholly inside take plain ORs, the others atomic ones. */                        \
 static inline __attribute__((always_inline)) void cbn_normalize_act_##S(                     \
         const T *x, const T *residual, T *y, int64_t n, const double *mean,                  \
         const double *scale, const double *shift, int per_element, int kind, double alpha,   \
-        int stream, uint8_t *mask, int64_t b, int64_t bit_step) {                            \
+        int stream, uint8_t *mask, int64_t b, int64_t bit_step, int64_t lo, int64_t hi) {    \
     uint8_t *scalar_mask = bit_step == 1 ? NULL : mask;                                      \
     int64_t i = 0, head;                                                                     \
     const int64_t stream_end = cbn_stream_end(                                               \
@@ -428,43 +445,94 @@ static inline __attribute__((always_inline)) void cbn_normalize_act_##S(        
     for (; i < head; i++)                                                                    \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
                                   kind, alpha, scalar_mask, b, bit_step);                    \
-    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, 0, i, n);                       \
+    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, 0, i, lo, hi);                  \
     if (!mask)                                                                               \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
                                                       shift, per_element, K, alpha,          \
-                                                      stream_end, NULL, b, bit_step,         \
+                                                      stream_end, NULL, b, bit_step, lo, hi, \
                                                       CBN_NO_BITS))                          \
     else if (bit_step == 1 && ((b + i) & 7) == 0)                                            \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
                                                       shift, per_element, K, alpha,          \
-                                                      stream_end, mask, b, 1,                \
+                                                      stream_end, mask, b, 1, lo, hi,        \
                                                       CBN_ALIGNED_BITS))                     \
     else                                                                                     \
         CBN_BY_KIND(i = cbn_normalize_act_vectors_##S(x, residual, y, i, n, mean, scale,     \
                                                       shift, per_element, K, alpha,          \
-                                                      stream_end, mask, b, bit_step,         \
+                                                      stream_end, mask, b, bit_step, lo, hi, \
                                                       CBN_ANY_BITS))                         \
     int64_t tail = i;                                                                        \
     for (; i < n; i++)                                                                       \
         cbn_normalize_act_one_##S(x, residual, y, i, per_element ? i : 0, mean, scale, shift,\
                                   kind, alpha, scalar_mask, b, bit_step);                    \
-    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, tail, n, n);                    \
+    if (mask && bit_step == 1) cbn_set_signs_##S(mask, b, y, tail, n, lo, hi);               \
+}                                                                                            \
+/* An activated element i of plane p (scalar) and 8 from i on (factors m, s, c; each lane's  \
+ * own plane's where a vector spans two), their bits gathered (cbn_gather_bits) in [lo, hi). */\
+static inline void cbn_act_image1_##S(const T *x, const T *residual, T *y, int64_t i,        \
+                                      int64_t p, const double *mean, const double *scale,    \
+                                      const double *shift, int kind, double alpha,           \
+                                      uint8_t *mask, int64_t *at, uint64_t *word, int *held, \
+                                      int64_t lo, int64_t hi) {                              \
+    cbn_normalize_act_one_##S(x, residual, y, i, p, mean, scale, shift, kind, alpha, NULL,   \
+                              0, 0);                                                         \
+    if (mask) cbn_gather_bits(mask, at, word, held, y[i] > 0, 1, lo, hi);                    \
+}                                                                                            \
+static inline __attribute__((always_inline)) void cbn_act_image8_##S(                        \
+        const T *x, const T *residual, T *y, int64_t i, cbn_v8d m, cbn_v8d s, cbn_v8d c,     \
+        int kind, double alpha, int stream, uint8_t *mask, int64_t *at, uint64_t *word,      \
+        int *held, int64_t lo, int64_t hi) {                                                 \
+    CBN_VEC_##S v = __builtin_convertvector((cbn_load_##S(x + i) - m) * s + c, CBN_VEC_##S); \
+    CBN_VEC_##S zero = {0};                                                                  \
+    CBN_MASK_##S positive;                                                                   \
+    if (residual) v += cbn_vec_load_##S(residual + i, 1);                                    \
+    positive = v > zero;                                                                     \
+    cbn_vec_put_##S(y + i, cbn_act8_##S(v, kind, alpha), stream);                            \
+    if (mask) cbn_gather_bits(mask, at, word, held, cbn_signs_##S(positive), 8, lo, hi);     \
+}                                                                                            \
+/* cbn_normalize_act of n_planes runs of n >= 8 that follow each other in every operand, as  \
+ * are their bits (from bit): one run, walked as cbn_normalize_planes walks it, its bits     \
+ * gathered into words. Element for element the values of the plane-by-plane loop below. */  \
+static inline __attribute__((always_inline)) void cbn_normalize_act_image_##S(               \
+        const T *x, const T *residual, T *y, int64_t n_planes, int64_t n, const double *mean,\
+        const double *scale, const double *shift, int kind, double alpha, int stream,        \
+        uint8_t *mask, int64_t bit) {                                                        \
+    uint64_t word = 0;                                                                       \
+    int held = (int)(bit & 7);                                                               \
+    int64_t at = bit - held;                                                                 \
+    const int64_t lo = bit, hi = bit + n_planes * n;                                         \
+    CBN_PLANES_WALK(T, S, y, CBN_ACT_IMAGE1_##S, CBN_PLANE_Y_FACTORS, CBN_ACT_IMAGE8,        \
+                    CBN_ACT_IMAGE8_MIXED)                                                    \
+    if (mask && held) cbn_set_word(mask, at, word, held, lo, hi);                            \
 }                                                                                            \
 /* cbn_normalize_act of n_planes runs of n (one feature each, features p = 0, 1, ... at     \
  * their factors' [p]), each operand's runs *_step elements apart (the mask's b_step bits):  \
  * the planes of an NCHW image, in memory order, as cbn_act_input_gradient_planes below.    \
  * Walked from the kernels' tables a plane at a time, the fused forward of NCHW 7 x 7 planes \
- * took 1.9x the plain forward's time in cache ((64,64,7,7) float32, one thread). */         \
+ * took 1.9x the plain forward's time in cache ((64,64,7,7) float32, one thread). Where the  \
+ * planes' bits follow one another, the call owns them all: the bytes that two planes share \
+ * take plain ORs, where each plane's two mid-byte ends took an atomic OR (1.45x the plain  \
+ * forward, half the masked forward's time in its lock instructions). */                     \
 static void cbn_normalize_act_planes_##S(                                                    \
         const T *x, int64_t x_step, const T *residual, int64_t r_step, T *y, int64_t y_step, \
         int64_t n_planes, int64_t n, const double *mean, const double *scale,                \
         const double *shift, int kind, double alpha, int stream, uint8_t *mask, int64_t b,   \
         int64_t b_step, int64_t bit_step) {                                                  \
-    int64_t p;                                                                               \
-    for (p = 0; p < n_planes; p++)                                                           \
+    int64_t p, first;                                                                        \
+    int joined = bit_step == 1 && b_step == n;                                               \
+    if (n >= 8 && x_step == n && y_step == n && (!residual || r_step == n)                   \
+            && (!mask || joined)) {                                                          \
+        CBN_BY_KIND(cbn_normalize_act_image_##S(x, residual, y, n_planes, n, mean, scale,    \
+                                                shift, K, alpha, stream, mask, b))           \
+        return;                                                                              \
+    }                                                                                        \
+    for (p = 0; p < n_planes; p++) {                                                         \
+        first = b + p * b_step;                                                              \
         cbn_normalize_act_##S(x + p * x_step, residual ? residual + p * r_step : NULL,       \
                               y + p * y_step, n, mean + p, scale + p, shift + p, 0, kind,    \
-                              alpha, stream, mask, b + p * b_step, bit_step);                \
+                              alpha, stream, mask, first, bit_step, joined ? b : first,      \
+                              joined ? b + n_planes * n : first + n);                        \
+    }                                                                                        \
 }                                                                                            \
 /* dx = (T)(coef_dy * dz + coef_xc * (x - mean) + offset) and dres = dz (if not NULL), with  \
  * dz = dy * act'(z) (from y, or from the mask if not NULL), along a contiguous run (factors  \
@@ -565,6 +633,21 @@ CBN_DEFINE_ACTIVATION(double, f64)
 #define CBN_WITH_DRES(T, CALL)                                                               \
     if (dres) { T *D = dres; CALL; } else { T *const D = NULL; CALL; }
 
+/* cbn_act_input_gradient_image's steps for CBN_PLANES_WALK (_simd.h). */
+#define CBN_ACT_IMAGE_DX1(S, i, p)                                                           \
+    cbn_act_input_gradient_one_##S(dy, y, x, dx, dres, i, p, mean, coef_dy, coef_xc, offset, \
+                                   kind, alpha, mask, bit, 1)
+#define CBN_ACT_IMAGE_DX1_f32(T, i, p) CBN_ACT_IMAGE_DX1(f32, i, p)
+#define CBN_ACT_IMAGE_DX1_f64(T, i, p) CBN_ACT_IMAGE_DX1(f64, i, p)
+#define CBN_ACT_IMAGE_DX8(S, i, stream)                                                      \
+    cbn_act_image_dx8_##S(dy, y, x, dx, dres, i, m, a, c, o, kind, alpha, stream, mask, bit)
+#define CBN_ACT_IMAGE_DX8_MIXED(S, i, p, in_plane, stream)                                   \
+    cbn_act_image_dx8_##S(dy, y, x, dx, dres, i, cbn_plane_factor(mean, p, in_plane),        \
+                          cbn_plane_factor(coef_dy, p, in_plane),                            \
+                          cbn_plane_factor(coef_xc, p, in_plane),                            \
+                          cbn_plane_factor(offset, p, in_plane), kind, alpha, stream, mask,  \
+                          bit)
+
 #define CBN_DEFINE_ACTIVATION_SUMS(T, S)                                                     \
 static inline __attribute__((always_inline)) void cbn_act_gradient_sums_k_##S(            \
         const T *dy, int64_t dy_row_stride, const T *y, int64_t y_row_stride, const T *x,    \
@@ -618,6 +701,34 @@ static void cbn_act_input_gradient_##S(const T *dy, const T *y, const T *x, T *d
             stream, mask, b, bit_step, 0)))                                                  \
     }                                                                                        \
 }                                                                                            \
+/* dx (and dres) of 8 elements from i on (factors m, a, c, o; each lane's own plane's where  \
+ * a vector spans two), their bits read from any offset, as the vector loop above computes   \
+ * them; and of n_planes runs of n >= 8 that follow each other in every operand, as do their \
+ * bits (from bit): one run, walked as cbn_input_gradient_planes walks it. Plane by plane,   \
+ * 7 x 7 planes (most starting mid-byte) took each their call and a scalar tail. */          \
+static inline __attribute__((always_inline)) void cbn_act_image_dx8_##S(                     \
+        const T *dy, const T *y, const T *x, T *dx, T *dres, int64_t i, cbn_v8d m, cbn_v8d a,\
+        cbn_v8d c, cbn_v8d o, int kind, double alpha, int stream, const uint8_t *mask,       \
+        int64_t bit) {                                                                       \
+    CBN_VEC_##S d;                                                                           \
+    cbn_v8d w;                                                                               \
+    if (dres) {                                                                              \
+        d = cbn_dz8_##S(dy, 1, y, 1, mask, bit, 1, i, kind, alpha, 0);                       \
+        w = cbn_widen_##S(d);                                                                \
+        cbn_vec_put_##S(dres + i, d, stream);                                                \
+    } else {                                                                                 \
+        w = cbn_dz8w_##S(dy, 1, y, 1, mask, bit, 1, i, kind, alpha, 0);                      \
+    }                                                                                        \
+    cbn_vec_put_##S(dx + i, cbn_narrow_##S(a * w + c * (cbn_load_##S(x + i) - m) + o), stream);\
+}                                                                                            \
+static inline __attribute__((always_inline)) void cbn_act_input_gradient_image_##S(          \
+        const T *dy, const T *y, const T *x, T *dx, T *dres, int64_t n_planes, int64_t n,    \
+        const double *mean, const double *coef_dy, const double *coef_xc,                    \
+        const double *offset, int kind, double alpha, int stream, const uint8_t *mask,       \
+        int64_t bit) {                                                                       \
+    CBN_PLANES_WALK(T, S, dx, CBN_ACT_IMAGE_DX1_##S, CBN_PLANE_DX_FACTORS, CBN_ACT_IMAGE_DX8,\
+                    CBN_ACT_IMAGE_DX8_MIXED)                                                 \
+}                                                                                            \
 /* cbn_act_input_gradient of n_planes runs of n (one feature each, features p = 0, 1, ...    \
  * at their factors' [p]), each operand's runs *_step elements apart (the mask's b_step     \
  * bits): the planes of an NCHW image, in memory order. The loop over them is here, its     \
@@ -632,6 +743,21 @@ static void cbn_act_input_gradient_planes_##S(                                  
         const double *offset, int kind, double alpha, int stream, const uint8_t *mask,       \
         int64_t b, int64_t b_step, int64_t bit_step) {                                       \
     int64_t p;                                                                               \
+    /* dres streams beside dx where their lines start at the same offset, else neither */   \
+    int streams = stream && (!dres || ((uintptr_t)dres & 63) == ((uintptr_t)dx & 63));      \
+    if (n >= 8 && dy_step == n && x_step == n && dx_step == n && (!dres || dres_step == n)   \
+            && (mask ? bit_step == 1 && b_step == n : y_step == n)) {                        \
+        if (mask) {                                                                          \
+            CBN_WITH_DRES(T, CBN_BY_KIND(cbn_act_input_gradient_image_##S(                   \
+                dy, NULL, x, dx, D, n_planes, n, mean, coef_dy, coef_xc, offset, K, alpha,   \
+                streams, mask, b)))                                                          \
+        } else {                                                                             \
+            CBN_WITH_DRES(T, CBN_BY_KIND(cbn_act_input_gradient_image_##S(                   \
+                dy, y, x, dx, D, n_planes, n, mean, coef_dy, coef_xc, offset, K, alpha,      \
+                streams, NULL, 0)))                                                          \
+        }                                                                                    \
+        return;                                                                              \
+    }                                                                                        \
     for (p = 0; p < n_planes; p++)                                                           \
         cbn_act_input_gradient_##S(dy + p * dy_step, y ? y + p * y_step : NULL,              \
                                    x + p * x_step, dx + p * dx_step,                         \
@@ -668,7 +794,7 @@ static void cbn_act_gradient_sums_rows_##S(const T *dy_base, const int64_t *dy_r
                                            double alpha, double *sum_dy, double *sum_dy_xc, \
                                            const uint8_t *mask, int64_t bit_base,           \
                                            const int64_t *bit_rows, int64_t bit_step) {     \
-    int bytes = mask && bit_step == 1 && dy_step == 1;                                       \
+    int adjacent = mask && bit_step == 1 && dy_step == 1, bytes = adjacent;                  \
     for (int64_t r = 0; bytes && r < n_rows; r++)                                            \
         bytes = ((bit_base + bit_rows[r]) & 7) == 0;                                         \
     if (bytes) {                                                                             \
@@ -676,6 +802,18 @@ static void cbn_act_gradient_sums_rows_##S(const T *dy_base, const int64_t *dy_r
                                                      x_base, x_rows, n_rows, n, mean, K,     \
                                                      alpha, sum_dy, sum_dy_xc, mask,         \
                                                      bit_base, bit_rows, 1, 1))              \
+    } else if (adjacent) {     /* rows starting mid-byte (7 x 7 planes): the same constants \
+                                * but for the byte loads (in the general loop, 4x the plain \
+                                * sums' time) */                                            \
+        CBN_BY_KIND(cbn_act_gradient_sums_rows_k_##S(dy_base, dy_rows, 1, NULL, NULL, 0,     \
+                                                     x_base, x_rows, n_rows, n, mean, K,     \
+                                                     alpha, sum_dy, sum_dy_xc, mask,         \
+                                                     bit_base, bit_rows, 1, 0))              \
+    } else if (!mask && dy_step == 1 && y_step == 1) {     /* dz from y, the same again */   \
+        CBN_BY_KIND(cbn_act_gradient_sums_rows_k_##S(dy_base, dy_rows, 1, y_base, y_rows, 1, \
+                                                     x_base, x_rows, n_rows, n, mean, K,     \
+                                                     alpha, sum_dy, sum_dy_xc, NULL, 0,      \
+                                                     NULL, 0, 0))                            \
     } else {                                                                                 \
         CBN_BY_KIND(cbn_act_gradient_sums_rows_k_##S(dy_base, dy_rows, dy_step, y_base,      \
                                                      y_rows, y_step, x_base, x_rows, n_rows, \
@@ -692,6 +830,12 @@ static void cbn_act_gradient_sums_run_##S(const T *dy, int64_t dy_step, const T 
     if (mask && bit_step == 1 && dy_step == 1 && (bit0 & 7) == 0) {                          \
         CBN_BY_KIND(cbn_act_gradient_sums_run_k_##S(dy, 1, NULL, 0, x, n, mean, K, alpha,    \
                                                     sum_dy, sum_dy_xc, mask, bit0, 1, 1))    \
+    } else if (mask && bit_step == 1 && dy_step == 1) {                                      \
+        CBN_BY_KIND(cbn_act_gradient_sums_run_k_##S(dy, 1, NULL, 0, x, n, mean, K, alpha,    \
+                                                    sum_dy, sum_dy_xc, mask, bit0, 1, 0))    \
+    } else if (!mask && dy_step == 1 && y_step == 1) {                                       \
+        CBN_BY_KIND(cbn_act_gradient_sums_run_k_##S(dy, 1, y, 1, x, n, mean, K, alpha,       \
+                                                    sum_dy, sum_dy_xc, NULL, 0, 0, 0))       \
     } else {                                                                                 \
         CBN_BY_KIND(cbn_act_gradient_sums_run_k_##S(dy, dy_step, y, y_step, x, n, mean, K,   \
                                                     alpha, sum_dy, sum_dy_xc, mask, bit0,    \
@@ -759,7 +903,8 @@ CBN_DEFINE_ACTIVATION_SUMS(double, f64)
                                       y + r * y_row_stride, j, j, mean, scale, shift, kind,  \
                                       alpha, NULL, 0, 0);                                    \
         if (CBN_MASK_MODE && (FROM) < (TO))                                                  \
-            cbn_set_signs_##S(mask, CBN_ROW_BIT(r), y + r * y_row_stride, FROM, TO, width);  \
+            cbn_set_signs_##S(mask, CBN_ROW_BIT(r), y + r * y_row_stride, FROM, TO,          \
+                              CBN_ROW_BIT(r), CBN_ROW_BIT(r) + width);                       \
     }
 #define CBN_ACT_Y_COLUMNS_f32(T, FROM, TO) CBN_ACT_Y_COLUMNS(f32, FROM, TO)
 #define CBN_ACT_Y_COLUMNS_f64(T, FROM, TO) CBN_ACT_Y_COLUMNS(f64, FROM, TO)

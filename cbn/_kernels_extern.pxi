@@ -223,11 +223,13 @@ cdef extern from "_activation.h":
     void cbn_normalize_act_f32(const float *x, const float *residual, float *y, int64_t n,
                                const double *mean, const double *scale, const double *shift,
                                int per_element, int kind, double alpha, int stream,
-                               unsigned char *mask, int64_t b, int64_t bit_step) noexcept nogil
+                               unsigned char *mask, int64_t b, int64_t bit_step, int64_t lo,
+                               int64_t hi) noexcept nogil
     void cbn_normalize_act_f64(const double *x, const double *residual, double *y, int64_t n,
                                const double *mean, const double *scale, const double *shift,
                                int per_element, int kind, double alpha, int stream,
-                               unsigned char *mask, int64_t b, int64_t bit_step) noexcept nogil
+                               unsigned char *mask, int64_t b, int64_t bit_step, int64_t lo,
+                               int64_t hi) noexcept nogil
     void cbn_act_input_gradient_f32(const float *dy, const float *y, const float *x, float *dx,
                                     float *dres, int64_t n, const double *mean,
                                     const double *coef_dy, const double *coef_xc,

@@ -45,10 +45,10 @@ cdef inline void normalize_act(const floating *x, const floating *residual, floa
                                bint stream, int64_t b, int64_t bit_step) noexcept nogil:
     if floating is float:
         cbn_normalize_act_f32(x, residual, y, n, mean, scale, shift, per_element, act.kind,
-                              act.alpha, stream, act.mask, b, bit_step)
+                              act.alpha, stream, act.mask, b, bit_step, b, b + n)
     else:
         cbn_normalize_act_f64(x, residual, y, n, mean, scale, shift, per_element, act.kind,
-                              act.alpha, stream, act.mask, b, bit_step)
+                              act.alpha, stream, act.mask, b, bit_step, b, b + n)
 
 
 cdef inline void set_row_signs(unsigned char *mask, int64_t b, int64_t bit_step,

@@ -241,6 +241,42 @@ def test_fused_backward_in_the_planes_order(shape, dtype, activation, through_ma
         assert fused.tobytes() == expected.tobytes()
 
 
+# An image's planes, back to back in every operand and in the mask, are walked as one run
+# (cbn_normalize_act_image, cbn_act_input_gradient_image): vectors that span two planes
+# take each lane's factors from its own plane, and the bits of planes that start mid-byte
+# (7 x 7, 37 x 31; 4 x 4 starts every plane on a byte) are gathered across them. The
+# forward with a residual, every activation, on one and two threads: the composed call's
+# bits, and the mask's; the backward the same through the mask and through y.
+@pytest.mark.parametrize("shape", [(44, 80, 7, 7), (24, 6, 37, 31), (64, 24, 4, 4),
+                                   (3, 5, 9, 1)])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_planes_walked_as_one_run_give_the_composed_bits(shape, dtype, activation, streaming):
+    rng = np.random.default_rng(9)
+    x, dy, residual = (rng.standard_normal(shape).astype(dtype) for _ in range(3))
+    gamma, beta = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    act = as_activation(activation)
+    maskable = act.name in MASKABLE
+    plain, mean, var = cbn.batch_norm_forward(x, gamma, beta, axis=1)
+    expected = act.apply(plain + residual)
+    for threads in (1, 2):
+        with threadpool_limits(threads, user_api="openmp"):
+            got = cbn.batch_norm_forward(x, gamma, beta, axis=1, activation=activation,
+                                         residual=residual, return_mask=maskable)
+            assert got[0].tobytes() == expected.tobytes()
+            if maskable:
+                assert got[3].tobytes() == pack_mask(expected > 0).tobytes()
+            dz = act.gradient(dy, expected)
+            composed = cbn.batch_norm_backward(dz, x, mean, var, gamma, axis=1)
+            for mask in ((got[3], None) if maskable else (None,)):
+                grads = cbn.batch_norm_backward(dy, x, mean, var, gamma, axis=1,
+                                                activation=activation, residual=True,
+                                                mask=mask, y=None if mask is not None
+                                                else expected)
+                for fused, want in zip(grads, composed + (dz,)):
+                    assert fused.tobytes() == want.tobytes()
+
+
 @pytest.mark.parametrize("shape", [(19, 8, 7, 7), (5, 8, 7, 7), (19, 6, 7, 3)])
 @pytest.mark.parametrize("through_mask", [True, False])
 def test_fused_backward_of_short_runs(shape, through_mask):
