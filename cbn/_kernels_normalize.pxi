@@ -417,7 +417,10 @@ cdef void forward_nogil(const Grid *g, const floating *x, const Walk *xw, floati
                         const Activation *act) noexcept nogil:
     cdef Py_ssize_t f
     cdef Grid second = second_pass(g, g.n_bytes)
-    if not g.features_inner and g.n_chunks == 1:
+    # Not with row groups, whose statistics (compute_moments: runs folded sum_rows at a
+    # time) ri_moments sums in another order: the forward's statistics are batch_stats'
+    # bits (x stepped along H beside a fresh y took near rows' row groups, then differed).
+    if not g.features_inner and g.n_chunks == 1 and g.row_group == 1:
         fused_forward(g, x, xw, y, yw, gamma, shift, epsilon, mean, var, scale, act)
         return
     compute_moments(g, x, xw, ws, mean, var)

@@ -426,6 +426,26 @@ def test_runs_stepping_both_ways_match_reference_and_c_bits(shape, x_layout, dy_
     assert_nchw_elementwise_c_bits(shape, (x_layout, dy_layout, out_layout), dtype, seed=29)
 
 
+# x alone takes near rows' row groups (stepped along H, NCHW): the training forward's
+# statistics must still be batch_stats' bits, with a fresh y or any out= (with one chunk per
+# feature, the forward took its fused statistics-and-normalize walk, which summed those
+# runs in another order than batch_stats' row groups: a last bit off).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(15, 7, 17, 23), (9, 3, 8, 40)])
+def test_forward_statistics_are_batch_stats_bits_with_row_groups(shape, dtype):
+    rng = np.random.default_rng(41)
+    values = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    x = np.zeros(shape[:2] + (2 * shape[2], shape[3]), dtype)[:, :, ::2]
+    x[...] = values
+    assert cbn._plans.plan_of(shape, (1,), x.itemsize, x.strides).kernel.layout.row_group > 1
+    mean, var = cbn.batch_stats(x, axis=1)
+    y_ref = reference.batch_norm_forward(values, axis=1)[0]
+    for out in (None, np.zeros(shape, dtype), np.zeros(shape, dtype, order="F")):
+        y, got_mean, got_var = cbn.batch_norm_forward(x, axis=1, out=out)
+        assert got_mean.tobytes() == mean.tobytes() and got_var.tobytes() == var.tobytes()
+        assert_close(y, y_ref, dtype, condition=100)
+
+
 # The plan's first operand (x; dy in the backward) Fortran beside another with W reversed
 # (NCHW): row groups along W, whose tile in the reversed operand steps back from outer row
 # to outer row; the elementwise passes stage it from its last row (group_staged's
