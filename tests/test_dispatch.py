@@ -15,9 +15,10 @@ from processes import environment, run
 
 TESTS = Path(__file__).resolve().parent
 # The kernel tests: every layout and loop order (hypothesis), the edge cases, the thread
-# split, the mixed layouts, and this file's check that the level asked for is in use.
+# split, the mixed layouts, the fused ops (whose mask reads differ by level), and this
+# file's check that the level asked for is in use.
 KERNEL_TESTS = ["test_api_oracle.py", "test_api_edges.py", "test_api_threads.py",
-                "test_mixed_layouts.py", "test_layout.py", "test_streaming.py",
+                "test_mixed_layouts.py", "test_layout.py", "test_streaming.py", "test_fused.py",
                 "test_dispatch.py::test_the_level_asked_for_is_the_one_in_use"]
 RUNNABLE = [level for level in _dispatch.BUILT if level in _dispatch.SUPPORTED]
 DISPATCHED = _dispatch.BUILT[-1] in _dispatch.LEVELS     # not a single CBN_MARCH build
