@@ -2,8 +2,8 @@
 
 ``python -m cbn bench [...]`` runs the full side-by-side benchmark (see cbn.benchmark);
 ``python -m cbn bench --torch [...]`` cbn.torch's modules against PyTorch's (cbn.torch.benchmark);
-``python -m cbn calibrate`` measures streaming against ordinary stores on this machine and
-records the verdict for its CPU (see cbn._machine).
+``python -m cbn calibrate`` measures streaming against ordinary stores, and crosswise against
+staged walks, on this machine and records the verdicts for its CPU (see cbn._machine).
 ``python -m cbn bench --layouts [...]`` times every pairing of operand layouts against the
 matched call (see cbn.layout_benchmark).
 """
@@ -38,9 +38,10 @@ def print_build():
 
 
 def calibrate():
-    """Time streaming against ordinary stores, record the verdict, print the thresholds."""
+    """Time streaming against ordinary stores and crosswise against staged walks, record the
+    verdicts, print the thresholds."""
     caches = _machine.cache_sizes()
-    record = _machine.calibrate(caches, benchmark.time_stores)
+    record = _machine.calibrate(caches, benchmark.time_stores, benchmark.time_cross)
     _machine.save_calibration(caches, record)
     _machine.current.cache_clear()
     print(f"Caches: {caches.describe()}")

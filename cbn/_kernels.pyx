@@ -94,6 +94,10 @@ cdef Py_ssize_t strip_min_bytes = 1 << 62
 # FI second passes walk their items last to first (walk's second_pass) where the first pass
 # read at most this many bytes:
 cdef Py_ssize_t descend_max_bytes = 0
+# Float32 elementwise outputs by rows beside an input by features (a C-ordered y beside a
+# Fortran x) that do not stream go crosswise (_cross.h) where set, else through the stage
+# (see crosswise):
+cdef bint cross_rows_out = False
 
 
 def set_stream_min_bytes(Py_ssize_t n_bytes):
@@ -123,6 +127,14 @@ def set_descend_max_bytes(Py_ssize_t n_bytes):
     its items last to first; returns the old one."""
     global descend_max_bytes
     old, descend_max_bytes = descend_max_bytes, n_bytes
+    return old
+
+
+def set_cross_rows_out(bint crosswise):
+    """Set whether elementwise outputs by rows beside an input by features go crosswise
+    rather than through the stage; returns the old setting."""
+    global cross_rows_out
+    old, cross_rows_out = cross_rows_out, crosswise
     return old
 
 

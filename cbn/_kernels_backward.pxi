@@ -105,12 +105,8 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         bit_row_stride, bit_step = act.mask_walk.row_stride, act.mask_walk.feature_stride
     elif act.fused:
         o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
-    # Crosswise where dx is by features (dense x C beside a Fortran dy and out=: 2.8x the
-    # slower matched call to 2.3x); where dx is by rows beside an input by features, its
-    # tile's rows read and written a line each at every step of the walk down them took
-    # longer than staging that input (1.9-2.0x to 2.2x), so the stage serves those.
-    if floating is float:
-        if not act.fused and not by_rows(dxw) and crosswise(g, dyw, xw, dxw):
+    if floating is float:   # dense x C beside a Fortran dy and out=: 2.8x to 2.3x
+        if not act.fused and crosswise(g, dyw, xw, dxw):
             cross_rows(g, &it, dx_tile, dxw, &runs.r, &runs.end)
             cbn_input_gradient_cross_f32(
                 dy_tile + runs.r * dyw.row_stride, dyw.row_stride, dyw.feature_stride,

@@ -75,15 +75,26 @@ cdef inline bint by_rows_or_features(const Walk *w) noexcept nogil:
 
 
 cdef inline bint crosswise(const Grid *g, const Walk *a, const Walk *b,
-                           const Walk *c) noexcept nogil:
-    """Whether an FI elementwise pass over operands a, b (and c unless NULL) takes its tiles
-    crosswise (_cross.h)."""
+                           const Walk *out) noexcept nogil:
+    """Whether an FI pass over inputs a and b (NULL: none) into out (NULL: the gradient
+    sums) takes its tiles crosswise (_cross.h). An elementwise output by rows beside an
+    input by features does so where it streams (the stage's outputs never do: dense
+    (307200, 1024) float32 from memory, x and dy Fortran beside a C-ordered out=, Intel
+    Xeon: inference 215 ms crosswise, 354 staged, 198 matched; backward 618, 853, 480), and
+    in cache where cross_rows_out is set: there its tile's rows, read and written a line
+    each at every step of the walk down them, cost more than the stage on some machines
+    and less on others (dense (8192, 1024) inference: Intel Xeon 1.95x the matched call
+    staged, 2.25x crosswise; AMD EPYC 2.5x staged, 1.8-2.0x crosswise), so python -m cbn
+    calibrate chooses."""
     if not CBN_CROSS or g.n_ro != 1:
         return False
-    if not (by_rows_or_features(a) and by_rows_or_features(b)
-            and (c == NULL or by_rows_or_features(c))):
+    if out != NULL and by_rows(out) and not (cross_rows_out or g.stream):
         return False
-    return not by_rows(a) or not by_rows(b) or (c != NULL and not by_rows(c))
+    if not (by_rows_or_features(a) and (b == NULL or by_rows_or_features(b))
+            and (out == NULL or by_rows_or_features(out))):
+        return False
+    return (not by_rows(a) or (b != NULL and not by_rows(b))
+            or (out != NULL and not by_rows(out)))
 
 
 cdef inline Py_ssize_t cross_bound(const Grid *g, Py_ssize_t r, const floating *out,

@@ -41,11 +41,8 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
             stream = False
     if act.residual != NULL:
         r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
-    # Crosswise where y is by features (x C beside a Fortran out=); where y is by rows beside
-    # an x by features, the stage serves, as for dx (Intel Xeon, dense inference, x Fortran
-    # beside a C-ordered out=: 2.9x the slower matched call crosswise, 1.7-1.9x staged).
     if floating is float:
-        if not act.fused and not by_rows(yw) and crosswise(g, xw, yw, NULL):
+        if not act.fused and crosswise(g, xw, NULL, yw):
             cross_rows(g, &it, y_tile, yw, &runs.r, &runs.end)
             cbn_normalize_cross_f32(x_tile + runs.r * xw.row_stride, xw.row_stride,
                                     xw.feature_stride, y_tile + runs.r * yw.row_stride,

@@ -17,6 +17,13 @@ What follows the machine is only how that work is stored and scheduled, never it
   data walk its chunks of rows last to first, starting on what the statistics (sums) pass
   read last, while that is still in the caches. It pays while a good part of what the first
   pass read can still be cached: up to twice the LLC (beyond, a quarter or less of it);
+* the route of float32 outputs laid out by rows (a C-ordered y or dx) beside an input laid
+  out by features (a Fortran x), where they do not stream (streaming ones go crosswise,
+  which streams them, on every machine): crosswise, 8x8 blocks transposed in registers, or
+  through a stage that transposes the input's runs in cache. Which is faster in cache
+  differs between CPUs (the Intel Xeon staged faster, the AMD EPYC measured crosswise
+  faster), so it is staged unless ``python -m cbn calibrate`` measured crosswise faster on
+  this CPU;
 * strips, from ``strip_min_bytes`` of per-feature factors a row: rows of features innermost
   whose factor arrays (3 doubles a feature to normalize, 4 for the input gradient) take half
   the L1d or more are written strip by strip with the factors held in registers; loaded at
@@ -127,24 +134,35 @@ class Thresholds:
     stream_reason: str
     strip_min_bytes: int
     descend_max_bytes: int
+    cross_rows_out: bool = False
+    cross_reason: str = "not calibrated"
 
     def describe(self):
         stream = ("never" if self.stream_min_bytes >= NEVER
                   else f"outputs from {_size(self.stream_min_bytes)}")
+        route = "crosswise" if self.cross_rows_out else "staged"
         return (f"streaming stores: {stream} ({self.stream_reason}); one thread below "
                 f"{_size(self.parallel_min_bytes)}; factors in registers from "
                 f"{_size(self.strip_min_bytes)} a row; second passes last to first after "
-                f"first passes of up to {_size(self.descend_max_bytes)}")
+                f"first passes of up to {_size(self.descend_max_bytes)}; outputs by rows "
+                f"beside inputs by features {route} ({self.cross_reason})")
 
 
 def thresholds(caches, calibration=None):
     """The kernels' thresholds for these caches; calibration: a record of calibrate(), or None."""
     stream_min, reason = caches.llc, "output >= last-level cache"
+    cross, cross_reason = False, "not calibrated"
     if calibration is not None:
         stream_min = caches.llc if calibration["stream_pays"] else NEVER
         reason = (f"calibrated: streaming {calibration['stream_ms']:.1f} ms, ordinary "
                   f"{calibration['plain_ms']:.1f} ms on {_size(calibration['bytes'])}")
-    return Thresholds(stream_min, 4 * caches.l1d, reason, caches.l1d // 2, 2 * caches.llc)
+    if calibration is not None and "cross_rows_out" in calibration:   # older records: staged
+        cross = calibration["cross_rows_out"]
+        cross_reason = (f"calibrated: crosswise {calibration['cross_ms']:.1f} ms, staged "
+                        f"{calibration['staged_ms']:.1f} ms on "
+                        f"{_size(calibration['cross_bytes'])}")
+    return Thresholds(stream_min, 4 * caches.l1d, reason, caches.l1d // 2, 2 * caches.llc,
+                      cross, cross_reason)
 
 
 # --- calibration, cached per CPU ------------------------------------------------------------
@@ -195,22 +213,33 @@ def save_calibration(caches, record, path=None):
         json.dump(records, f, indent=1)
 
 
-def calibrate(caches, time_stores, repeats=5):
-    """Whether streaming stores beat ordinary ones on an output of twice the LLC.
+def calibrate(caches, time_stores, time_cross, repeats=5):
+    """Whether streaming stores beat ordinary ones on an output of twice the LLC, and whether
+    outputs by rows beside inputs by features go faster crosswise than staged.
 
     time_stores(n_bytes, stream) -> seconds of one call writing n_bytes (cbn.benchmark's
-    inference with out=); stream and ordinary calls alternate, and the medians decide, with
-    a 5 % margin for ordinary stores (they leave the output's tail in the cache).
+    inference with out=), with streaming stores or not; ordinary stores win ties within
+    5 % (they leave the output's tail in the cache). time_cross(n_bytes, crosswise) ->
+    seconds of the calls that take either route on operands of n_bytes, measured at half
+    the LLC, where the route's own work shows (from memory both wait on it); staging wins
+    ties within 5 %, being what every other pairing of layouts does.
     """
-    n_bytes = 2 * caches.llc
-    times = {True: [], False: []}
-    time_stores(n_bytes, True)   # first touch of the buffers
-    for _ in range(repeats):
-        for stream in (True, False):
-            times[stream].append(time_stores(n_bytes, stream))
-    stream_s, plain_s = (sorted(times[s])[repeats // 2] for s in (True, False))
+    stream_s, plain_s = _alternate(time_stores, 2 * caches.llc, repeats)
+    cross_s, staged_s = _alternate(time_cross, caches.llc // 2, repeats)
     return {"stream_pays": stream_s < 0.95 * plain_s, "stream_ms": stream_s * 1e3,
-            "plain_ms": plain_s * 1e3, "bytes": n_bytes}
+            "plain_ms": plain_s * 1e3, "bytes": 2 * caches.llc,
+            "cross_rows_out": cross_s < 0.95 * staged_s, "cross_ms": cross_s * 1e3,
+            "staged_ms": staged_s * 1e3, "cross_bytes": caches.llc // 2}
+
+
+def _alternate(time, n_bytes, repeats):
+    """Median seconds of time(n_bytes, True) and time(n_bytes, False), called in turn."""
+    times = {True: [], False: []}
+    time(n_bytes, True)   # first touch of the buffers
+    for _ in range(repeats):
+        for choice in (True, False):
+            times[choice].append(time(n_bytes, choice))
+    return tuple(sorted(times[choice])[repeats // 2] for choice in (True, False))
 
 
 @functools.lru_cache(maxsize=1)
@@ -226,6 +255,7 @@ def apply(kernels, chosen):
     kernels.set_parallel_min_bytes(chosen.parallel_min_bytes)
     kernels.set_strip_min_bytes(chosen.strip_min_bytes)
     kernels.set_descend_max_bytes(chosen.descend_max_bytes)
+    kernels.set_cross_rows_out(chosen.cross_rows_out)
 
 
 def _read(path):

@@ -144,6 +144,29 @@ def _store_buffers(n_bytes):
     return x, np.empty_like(x)
 
 
+def time_cross(n_bytes, crosswise):
+    """Seconds of an inference and a backward call with out=, each operand n_bytes of dense
+    float32 rows of 1024 features, x and dy in Fortran order, out= in C order, crosswise or
+    staged (cbn._machine.calibrate's measurement)."""
+    x, dy, out, mean, var = _cross_buffers(n_bytes)
+    old = _kernels.set_cross_rows_out(crosswise)
+    try:
+        start = time.perf_counter()
+        api.batch_norm_inference(x, mean, var, out=out)
+        api.batch_norm_backward(dy, x, mean, var, out=out)
+        return time.perf_counter() - start
+    finally:
+        _kernels.set_cross_rows_out(old)
+
+
+@functools.lru_cache(maxsize=1)
+def _cross_buffers(n_bytes):
+    rng = np.random.default_rng(0)
+    x, dy = (np.asfortranarray(rng.standard_normal((max(8, n_bytes // 4096), 1024),
+                                                   np.float32)) for _ in range(2))
+    return (x, dy, np.empty(x.shape, np.float32), *api.batch_stats(x))
+
+
 def import_torch():
     try:
         import torch

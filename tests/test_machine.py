@@ -65,24 +65,34 @@ def test_thresholds_follow_the_caches_and_the_calibration():
     assert _machine.thresholds(caches).parallel_min_bytes == 128 * KIB
     assert _machine.thresholds(caches).strip_min_bytes == 16 * KIB
     assert _machine.thresholds(caches).descend_max_bytes == 72 * MIB
+    assert _machine.thresholds(caches).cross_rows_out is False
     slow = {"stream_pays": False, "stream_ms": 12.9, "plain_ms": 7.3, "bytes": 72 * MIB}
     assert _machine.thresholds(caches, slow).stream_min_bytes == _machine.NEVER
     assert "12.9 ms" in _machine.thresholds(caches, slow).describe()
+    assert _machine.thresholds(caches, slow).cross_rows_out is False   # an older record
+    crosswise = dict(slow, cross_rows_out=True, cross_ms=3.5, staged_ms=4.5,
+                     cross_bytes=18 * MIB)
+    assert _machine.thresholds(caches, crosswise).cross_rows_out is True
+    assert "crosswise 3.5 ms" in _machine.thresholds(caches, crosswise).describe()
 
 
-@pytest.mark.parametrize("stream_s, plain_s, pays", [(1.0, 2.0, True), (2.0, 1.0, False),
-                                                     (0.97, 1.0, False)])
-def test_calibration_decides_by_the_medians(stream_s, plain_s, pays):
+@pytest.mark.parametrize("fast_s, slow_s, pays", [(1.0, 2.0, True), (2.0, 1.0, False),
+                                                  (0.97, 1.0, False)])
+def test_calibration_decides_by_the_medians(fast_s, slow_s, pays):
     caches = _machine.Caches(32 * KIB, MIB, 8 * MIB, "test")
-    asked = []
+    asked = {"stores": [], "cross": []}
 
-    def time_stores(n_bytes, stream):
-        asked.append(n_bytes)
-        return stream_s if stream else plain_s
+    def timer(name):
+        def time(n_bytes, choice):
+            asked[name].append(n_bytes)
+            return fast_s if choice else slow_s
+        return time
 
-    record = _machine.calibrate(caches, time_stores)
+    record = _machine.calibrate(caches, timer("stores"), timer("cross"))
     assert record["stream_pays"] is pays
-    assert set(asked) == {16 * MIB}   # twice the last-level cache
+    assert record["cross_rows_out"] is pays
+    assert set(asked["stores"]) == {16 * MIB}   # twice the last-level cache
+    assert set(asked["cross"]) == {4 * MIB}     # half of it
 
 
 def test_calibration_is_kept_per_machine(tmp_path):
@@ -110,6 +120,9 @@ def test_the_kernels_use_this_machines_thresholds():
     old = _kernels.set_descend_max_bytes(0)
     _kernels.set_descend_max_bytes(old)
     assert old == chosen.descend_max_bytes
+    old = _kernels.set_cross_rows_out(True)
+    _kernels.set_cross_rows_out(old)
+    assert old == chosen.cross_rows_out
 
 
 LAYOUTS = [((64, 6, 6, 64), -1, "C"), ((48, 16, 9, 9), 1, "C"), ((40, 6, 6, 64), -1, "F"),

@@ -484,6 +484,15 @@ def stepped_fortran(values):
     return wide[::2]
 
 
+@pytest.fixture(params=[False, True], ids=["staged C outputs", "crosswise C outputs"])
+def cross_rows_out(request):
+    """Outputs by rows beside inputs by features (C beside F) crosswise or staged: the route
+    is the machine's choice (python -m cbn calibrate), so both must hold."""
+    old = _kernels.set_cross_rows_out(request.param)
+    yield request.param
+    _kernels.set_cross_rows_out(old)
+
+
 # Dense float32 beside its transpose: each item taken crosswise (cbn/_cross.h), 8x8 blocks
 # straight from the inputs to the output or the sums, no stage; an operand walked backwards
 # along its inner axis (C-, F-) has its blocks' lanes reversed. The gradient sums must
@@ -499,7 +508,7 @@ def stepped_fortran(values):
 @pytest.mark.parametrize("shape", [(3504, 48), (3501, 37)])
 @pytest.mark.parametrize("offset", [0, 3])
 def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shape, offset,
-                                                    streaming):
+                                                    streaming, cross_rows_out):
     rng = np.random.default_rng(37)
     values = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy_values = rng.standard_normal(shape).astype(np.float32)
