@@ -1,5 +1,6 @@
-/* Elementwise passes (normalize, dx), and the backward's gradient sums, over FI tiles
- * whose operands are laid out crosswise:
+/* Elementwise passes (normalize, dx), and the backward's gradient sums, over FI tiles (or
+ * one outer row's segment of a tile: an image of NHWC data stored as NCHW) whose operands
+ * are laid out crosswise:
  * each one either a row of adjacent features ("by rows": feature stride 1, a C-ordered
  * dense x, or -1, its features reversed) or a feature of adjacent rows ("by features": row
  * stride 1 or -1, a Fortran-ordered or transposed out=), at least one of each. The tile goes in 8x8 blocks straight from the

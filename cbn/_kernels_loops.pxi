@@ -60,11 +60,13 @@ cdef inline const floating *rows_of(const Grid *g, const floating *tile, const W
 
 # FI passes (normalize, dx, the gradient sums) of float32 tiles whose operands each hold a
 # row of adjacent features or a feature of adjacent rows, not all alike (dense x C-ordered
-# beside a Fortran-ordered or transposed dy or out=, and the other way round), with each
-# item one run of rows: _cross.h's loops take the tile straight from the inputs to the
-# output or the sums in 8x8 blocks transposed in registers, where the stage copied every odd
-# operand's run through a buffer (its copies cost as much as the arithmetic). The same bits:
-# the elementwise passes in any order, the sums in the stage's runs.
+# beside a Fortran-ordered or transposed dy or out=, and the other way round; NHWC x
+# stored as NCHW beside a C-ordered dy, image by image), with each item taken one outer
+# row's segment of rows at a time: _cross.h's loops take the segment straight from the
+# inputs to the output or the sums in 8x8 blocks transposed in registers, where the stage
+# copied every odd operand's run through a buffer (its copies cost as much as the
+# arithmetic). The same bits: the elementwise passes in any order, the sums in the stage's
+# runs (which end where outer rows do).
 cdef inline bint by_rows(const Walk *w) noexcept nogil:
     """A row of adjacent features, stepping either way (_cross.h: a reversed view)."""
     return w.feature_stride == 1 or w.feature_stride == -1
@@ -77,16 +79,21 @@ cdef inline bint by_rows_or_features(const Walk *w) noexcept nogil:
 cdef inline bint crosswise(const Grid *g, const Walk *a, const Walk *b,
                            const Walk *out) noexcept nogil:
     """Whether an FI pass over inputs a and b (NULL: none) into out (NULL: the gradient
-    sums) takes its tiles crosswise (_cross.h). An elementwise output by rows beside an
-    input by features does so where it streams (the stage's outputs never do: dense
-    (307200, 1024) float32 from memory, x and dy Fortran beside a C-ordered out=, Intel
-    Xeon: inference 215 ms crosswise, 354 staged, 198 matched; backward 618, 853, 480), and
-    in cache where cross_rows_out is set: there its tile's rows, read and written a line
-    each at every step of the walk down them, cost more than the stage on some machines
-    and less on others (dense (8192, 1024) inference: Intel Xeon 1.95x the matched call
-    staged, 2.25x crosswise; AMD EPYC 2.5x staged, 1.8-2.0x crosswise), so python -m cbn
-    calibrate chooses."""
-    if not CBN_CROSS or g.n_ro != 1:
+    sums) takes its tiles crosswise (_cross.h): with outer rows, only where each is at least
+    the stage's run long (NHWC (32,56,56,64) x C beside an NCHW-stored out=, images of 3136
+    rows: inference 1.8-2.2x the slower matched call to 1.4x, backward out= 1.6-1.9x to
+    1.15x); shorter ones each cost the loops' set-up and tails, where the stage joins runs
+    that continue one another into long pieces (x Fortran beside a C-ordered dy, runs of 32
+    images: backward 1.9x staged, 2.5-2.8x crosswise). An elementwise output by rows beside
+    an input by features goes crosswise where it streams (the stage's outputs never do:
+    dense (307200, 1024) float32 from memory, x and dy Fortran beside a C-ordered out=,
+    Intel Xeon: inference 215 ms crosswise, 354 staged, 198 matched; backward 618, 853,
+    480), and in cache where cross_rows_out is set: there its tile's rows, read and written
+    a line each at every step of the walk down them, cost more than the stage on some
+    machines and less on others (dense (8192, 1024) inference: Intel Xeon 1.95x the matched
+    call staged, 2.25x crosswise; AMD EPYC 2.5x staged, 1.8-2.0x crosswise), so python -m
+    cbn calibrate chooses."""
+    if not CBN_CROSS or (g.n_ro > 1 and g.n_ri < g.rows_per_run):
         return False
     if out != NULL and by_rows(out) and not (cross_rows_out or g.stream):
         return False
@@ -101,25 +108,28 @@ cdef inline Py_ssize_t cross_bound(const Grid *g, Py_ssize_t r, const floating *
                                     const Walk *w) noexcept nogil:
     """Where an item bound at row r moves (cross_rows): on to the output's next line start,
     where the output streams and each of its features is rows of whole lines apart."""
-    cdef Py_ssize_t head = 0
+    cdef Py_ssize_t head = 0, ro = r // g.n_ri
     if r == 0 or r >= g.n_rows:
         return min(r, g.n_rows)
     if (g.stream and w.row_stride == 1 and w.feature_stride != 1
             and (w.feature_stride * <int64_t>sizeof(floating)) % 64 == 0):
-        head = ((64 - <Py_ssize_t>((<uintptr_t>(out + r)) % 64)) % 64) // sizeof(floating)
-    return min(r + head, g.n_rows)
+        head = ((64 - <Py_ssize_t>((<uintptr_t>(out + row_offset(w, ro, r - ro * g.n_ri)))
+                                   % 64)) % 64) // sizeof(floating)
+    return min(r + head, (ro + 1) * g.n_ri)
 
 
-cdef inline void cross_rows(const Grid *g, const FiItem *it, const floating *out,
-                            const Walk *w, Py_ssize_t *begin, Py_ssize_t *end) noexcept nogil:
-    """The rows an item takes crosswise, out its output's tile (row 0): its own, each bound
-    moved on to the output's next line start (the same for both items that share it), so
-    that every line of a streaming output is one item's, streamed whole: where the bounds
-    fell within lines (NumPy's arrays start 16 bytes into one) two lines of every feature in
-    each item took ordinary stores (dense inference beside a Fortran out=: 12.6 ms against
-    5.5 in a C test of the loops)."""
-    begin[0] = cross_bound(g, it.r_begin, out, w)
-    end[0] = cross_bound(g, it.r_end, out, w)
+cdef inline Runs cross_rows(const Grid *g, const FiItem *it, const floating *out,
+                            const Walk *w) noexcept nogil:
+    """The rows an item takes crosswise, out its output's tile (row 0), as runs that end
+    where outer rows do (a call of the crosswise loops each: their operands step evenly
+    only within an outer row): its own, each bound moved on to the output's next line start
+    within its outer row (the same for both items that share it), so that every line of a
+    streaming output is one item's, streamed whole: where the bounds fell within lines
+    (NumPy's arrays start 16 bytes into one) two lines of every feature in each item took
+    ordinary stores (dense inference beside a Fortran out=: 12.6 ms against 5.5 in a C test
+    of the loops)."""
+    return make_runs(g, cross_bound(g, it.r_begin, out, w), cross_bound(g, it.r_end, out, w),
+                     g.n_ri)
 
 
 # Runs of rows that continue one another in an operand staged by transposing (NHWC x in

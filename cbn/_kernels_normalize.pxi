@@ -43,12 +43,15 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
     if floating is float:
         if not act.fused and crosswise(g, xw, NULL, yw):
-            cross_rows(g, &it, y_tile, yw, &runs.r, &runs.end)
-            cbn_normalize_cross_f32(x_tile + runs.r * xw.row_stride, xw.row_stride,
-                                    xw.feature_stride, y_tile + runs.r * yw.row_stride,
-                                    yw.row_stride, yw.feature_stride, runs.end - runs.r,
-                                    it.width, mean + it.f0, scale + it.f0, shift + it.f0,
-                                    g.stream)
+            runs = cross_rows(g, &it, y_tile, yw)
+            while runs.r < runs.end:
+                n = run_length(g, &runs)
+                cbn_normalize_cross_f32(x_tile + row_offset(xw, runs.ro, runs.ri),
+                                        xw.row_stride, xw.feature_stride,
+                                        y_tile + row_offset(yw, runs.ro, runs.ri),
+                                        yw.row_stride, yw.feature_stride, n, it.width,
+                                        mean + it.f0, scale + it.f0, shift + it.f0, g.stream)
+                advance(g, &runs, n)
             return
     if stream and g.rows_contiguous and not act.fused:   # the whole chunk is one run
         normalize_rows(x_tile + it.r_begin * xw.row_stride, xw.row_stride,

@@ -544,3 +544,75 @@ def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shap
             again = calls()
         for a, b in zip(again, results):
             assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+
+
+def channels_first(values, offset=0, step=1):
+    """NHWC values stored as NCHW (a channels-first array seen as NHWC), starting offset
+    elements past a cache line start; step 2 takes every other W of one twice as wide, whose
+    rows are not adjacent (staged an element at a time, never crosswise)."""
+    n, h, w, c = values.shape
+    buffer = np.zeros(values.size * step + 64, values.dtype)
+    start = (-buffer.ctypes.data % 64) // values.itemsize + offset
+    stored = buffer[start:start + values.size * step].reshape(n, c, h, w * step)[..., ::step]
+    view = stored.transpose(0, 2, 3, 1)
+    view[...] = values
+    return view
+
+
+# NHWC x stored as NCHW beside C-ordered dy and out= (and the other way round): each image's
+# rows are one crosswise segment of the tile (a run that ends where the image does), where
+# images are at least the stage's run long. 6 images of 24 x 40 pixels and 40 channels
+# make 3 chunks, the second starting 396 rows into the fourth image; each channel of an
+# NCHW-stored output is 960 floats, whole cache lines, so streaming items start on its
+# next line within their image (cross_rows). 4 images of 30 x 31 pixels and 37 channels
+# leave rows and features beyond the blocks; 5 x 7 images are staged. The sums must
+# keep the stage's runs' bits (those of an x whose W steps by 2, staged an element at a
+# time in the same runs); every result the reference's, the same on one thread and two.
+@pytest.mark.parametrize("x_first", [True, False], ids=["x NCHW-stored", "dy NCHW-stored"])
+@pytest.mark.parametrize("shape", [(6, 24, 40, 40), (4, 30, 31, 37), (3, 5, 7, 13)])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_crosswise_images_match_reference_and_staged_bits(x_first, shape, offset, streaming,
+                                                          cross_rows_out):
+    rng = np.random.default_rng(41)
+    values = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+    dy_values = rng.standard_normal(shape).astype(np.float32)
+
+    def arranged(array, first, step=1):
+        return channels_first(array, 1, step) if first else array.copy()
+
+    x, dy = arranged(values, x_first), arranged(dy_values, not x_first)
+    mean, var = cbn.batch_stats(values)
+    y_ref, _, _ = reference.batch_norm_forward(values)
+    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
+
+    def out_like_dy():
+        if x_first:
+            return np.zeros_like(values)
+        return channels_first(np.zeros_like(values), offset)
+
+    def calls():
+        return (cbn.batch_norm_inference(x, mean, var, out=out_like_dy()),
+                cbn.batch_norm_forward(x, out=out_like_dy())[0],
+                cbn.batch_norm_backward(dy, x, mean, var, out=out_like_dy())[0],
+                cbn.batch_norm_backward(dy, x, mean, var)[0],
+                *cbn.api.gradient_sums(dy, x, mean, var))
+
+    with threadpool_limits(1, user_api="openmp"):
+        inference, y, dx, dx_like_x, *sums = results = calls()
+    staged = cbn.api.gradient_sums(arranged(dy_values, not x_first, 2),
+                                   arranged(values, x_first, 2), mean, var)
+    for a, b in zip(sums, staged):
+        assert a.tobytes() == b.tobytes()
+    assert_close(inference, y_ref, np.float32, condition=100)
+    assert_close(y, y_ref, np.float32, condition=100)
+    assert_close(dx, dx_ref, np.float32, condition=100)
+    assert np.ascontiguousarray(dx).tobytes() == np.ascontiguousarray(dx_like_x).tobytes()
+    assert (np.ascontiguousarray(inference).tobytes()
+            == cbn.batch_norm_inference(values, mean, var).tobytes())
+    assert (np.ascontiguousarray(y).tobytes()
+            == np.ascontiguousarray(cbn.batch_norm_forward(x)[0]).tobytes())
+    if cbn.openmp_enabled():
+        with threadpool_limits(2, user_api="openmp"):
+            again = calls()
+        for a, b in zip(again, results):
+            assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
