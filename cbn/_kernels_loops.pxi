@@ -85,23 +85,38 @@ cdef inline bint crosswise(const Grid *g, const Walk *a, const Walk *b,
     1.15x); shorter ones each cost the loops' set-up and tails, where the stage joins runs
     that continue one another into long pieces (x Fortran beside a C-ordered dy, runs of 32
     images: backward 1.9x staged, 2.5-2.8x crosswise). An elementwise output by rows beside
-    an input by features goes crosswise where it streams (the stage's outputs never do:
-    dense (307200, 1024) float32 from memory, x and dy Fortran beside a C-ordered out=,
-    Intel Xeon: inference 215 ms crosswise, 354 staged, 198 matched; backward 618, 853,
-    480), and in cache where cross_rows_out is set: there its tile's rows, read and written
-    a line each at every step of the walk down them, cost more than the stage on some
-    machines and less on others (dense (8192, 1024) inference: Intel Xeon 1.95x the matched
-    call staged, 2.25x crosswise; AMD EPYC 2.5x staged, 1.8-2.0x crosswise), so python -m
-    cbn calibrate chooses."""
+    an input by features only where cross_rows_pay."""
     if not CBN_CROSS or (g.n_ro > 1 and g.n_ri < g.rows_per_run):
         return False
-    if out != NULL and by_rows(out) and not (cross_rows_out or g.stream):
+    if out != NULL and by_rows(out) and not cross_rows_pay(g, out):
         return False
     if not (by_rows_or_features(a) and (b == NULL or by_rows_or_features(b))
             and (out == NULL or by_rows_or_features(out))):
         return False
     return (not by_rows(a) or (b != NULL and not by_rows(b))
             or (out != NULL and not by_rows(out)))
+
+
+cdef inline bint cross_rows_pay(const Grid *g, const Walk *out) noexcept nogil:
+    """Whether an elementwise output by rows beside an input by features goes crosswise,
+    which writes it 16 features a pass down the tile's rows, rather than through the stage,
+    which writes it row after row and reads the input in pieces of a run of rows.
+
+    From memory (the output streams): crosswise, unless the output's tile is one sequential
+    run and the stage's pieces are at least 16 cache lines. Float32 from memory on the
+    Intel Xeon (1.2 GB arrays), inference out=, staged / crosswise / matched: dense
+    (307200, 1024) x Fortran beside C, pieces of 32 rows, 354 / 215 / 198 ms; NHWC
+    (1568,56,56,64) x Fortran beside C, the output's rows an image apart, 1013 / 701 / 225;
+    NCHW (1568,64,56,56) x C beside an NHWC-stored out=, one run per image, pieces of 512
+    rows, 300 / 775 / 267. In cache the two are within 15 % either way and which wins
+    differs between machines (dense (8192, 1024) inference, x Fortran beside C: Intel Xeon
+    1.95x the matched call staged, 2.25x crosswise; AMD EPYC 2.5x staged, 1.8-2.0x
+    crosswise), so there python -m cbn calibrate chooses (cross_rows_out)."""
+    if not g.stream:
+        return cross_rows_out
+    return not (g.n_tiles == 1 and (out.row_stride == g.tile_width
+                                    or out.row_stride == -g.tile_width)
+                and g.rows_per_run * <Py_ssize_t>sizeof(float) >= 1024)
 
 
 cdef inline Py_ssize_t cross_bound(const Grid *g, Py_ssize_t r, const floating *out,

@@ -18,9 +18,10 @@ What follows the machine is only how that work is stored and scheduled, never it
   read last, while that is still in the caches. It pays while a good part of what the first
   pass read can still be cached: up to twice the LLC (beyond, a quarter or less of it);
 * the route of float32 outputs laid out by rows (a C-ordered y or dx) beside an input laid
-  out by features (a Fortran x), where they do not stream (streaming ones go crosswise,
-  which streams them, on every machine): crosswise, 8x8 blocks transposed in registers, or
-  through a stage that transposes the input's runs in cache. Which is faster in cache
+  out by features (a Fortran x), where they do not stream (streaming ones take the route
+  their layout favours, the same on every machine: cross_rows_pay in the kernels):
+  crosswise, 8x8 blocks transposed in registers, or through a stage that transposes the
+  input's runs in cache. Which is faster in cache
   differs between CPUs (the Intel Xeon staged faster, the AMD EPYC measured crosswise
   faster), so it is staged unless ``python -m cbn calibrate`` measured crosswise faster on
   this CPU;

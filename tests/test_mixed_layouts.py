@@ -501,11 +501,13 @@ def cross_rows_out(request):
 # features make two chunks, every feature (Fortran) and row (C) of the output whole lines
 # apart, so streaming items start on the output's next line (cross_rows: 13 rows on for an
 # output 3 elements into a line); 3501 rows of 37 features leave rows and features beyond
-# the blocks. The results are the C-ordered call's (inference, dx of the same sums) and
-# the reference's, on one thread and on two.
+# the blocks; 1203 rows of 208 features make the stage's pieces short (157 rows), so a
+# C-ordered output streams crosswise there (cross_rows_pay) and stays staged on the others.
+# The results are the C-ordered call's (inference, dx of the same sums) and the
+# reference's, on one thread and on two.
 @pytest.mark.parametrize("x_layout,other_layout", [("C", "F"), ("F", "C"), ("C-", "F"),
                                                     ("F", "C-"), ("C", "F-"), ("F-", "C-")])
-@pytest.mark.parametrize("shape", [(3504, 48), (3501, 37)])
+@pytest.mark.parametrize("shape", [(3504, 48), (3501, 37), (1203, 208)])
 @pytest.mark.parametrize("offset", [0, 3])
 def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shape, offset,
                                                     streaming, cross_rows_out):
