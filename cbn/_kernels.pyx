@@ -96,7 +96,7 @@ cdef Py_ssize_t strip_min_bytes = 1 << 62
 cdef Py_ssize_t descend_max_bytes = 0
 # Float32 elementwise outputs by rows beside an input by features (a C-ordered y beside a
 # Fortran x) that do not stream go crosswise (_cross.h) where set, else through the stage
-# (see crosswise):
+# (see cross_rows_pay):
 cdef bint cross_rows_out = False
 
 

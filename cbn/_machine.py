@@ -21,10 +21,9 @@ What follows the machine is only how that work is stored and scheduled, never it
   out by features (a Fortran x), where they do not stream (streaming ones take the route
   their layout favours, the same on every machine: cross_rows_pay in the kernels):
   crosswise, 8x8 blocks transposed in registers, or through a stage that transposes the
-  input's runs in cache. Which is faster in cache
-  differs between CPUs (the Intel Xeon staged faster, the AMD EPYC measured crosswise
-  faster), so it is staged unless ``python -m cbn calibrate`` measured crosswise faster on
-  this CPU;
+  input's runs in cache. Which is faster in cache differs between CPUs (the Intel Xeon
+  staged faster, the AMD EPYC measured crosswise faster), so it is staged unless
+  ``python -m cbn calibrate`` measured crosswise faster on this CPU;
 * strips, from ``strip_min_bytes`` of per-feature factors a row: rows of features innermost
   whose factor arrays (3 doubles a feature to normalize, 4 for the input gradient) take half
   the L1d or more are written strip by strip with the factors held in registers; loaded at
@@ -135,8 +134,8 @@ class Thresholds:
     stream_reason: str
     strip_min_bytes: int
     descend_max_bytes: int
-    cross_rows_out: bool = False
-    cross_reason: str = "not calibrated"
+    cross_rows_out: bool
+    cross_reason: str
 
     def describe(self):
         stream = ("never" if self.stream_min_bytes >= NEVER

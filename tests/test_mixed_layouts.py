@@ -463,7 +463,8 @@ def test_row_groups_stepping_back_match_reference_and_c_bits(x_layout, dy_layout
 
 
 def shifted(values, layout, offset):
-    """values in C or Fortran order (2-d), starting offset elements past a cache line start;
+    """values in C order (any rank) or Fortran order (2-d), starting offset elements past a
+    cache line start;
     "C-" and "F-" walk the inner axis backwards (a reversed view of either)."""
     buffer = np.zeros(values.size + 64, values.dtype)
     start = (-buffer.ctypes.data % 64) // values.itemsize + offset
@@ -515,26 +516,34 @@ def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shap
     values = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy_values = rng.standard_normal(shape).astype(np.float32)
     x, dy = shifted(values, x_layout, 1), shifted(dy_values, other_layout, 2)
+    staged = tuple(stepped_fortran(a) if abs(a.strides[0]) == 4 else a for a in (dy, x))
+    assert_crosswise_calls(values, dy_values, x, dy,
+                           lambda: shifted(values, other_layout, offset), staged)
+
+
+def assert_crosswise_calls(values, dy_values, x, dy, out_like, staged):
+    """Inference, forward and backward of x (and dy) into out_like() outputs, the backward
+    into a fresh one, and the gradient sums: each the reference's; the elementwise results
+    the bits of the C-ordered call (inference), of the call into x's own layout (forward)
+    or of the fresh output (dx); the sums those of staged, a (dy, x) pair the stage takes
+    in the same runs; the same bits on one thread and on two."""
     mean, var = cbn.batch_stats(values)
     y_ref, _, _ = reference.batch_norm_forward(values)
     dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
 
     def calls():
-        return (cbn.batch_norm_inference(x, mean, var, out=shifted(values, other_layout,
-                                                                   offset)),
-                cbn.batch_norm_forward(x, out=shifted(values, other_layout, offset))[0],
-                cbn.batch_norm_backward(dy, x, mean, var,
-                                        out=shifted(values, other_layout, offset))[0],
+        return (cbn.batch_norm_inference(x, mean, var, out=out_like()),
+                cbn.batch_norm_forward(x, out=out_like())[0],
+                cbn.batch_norm_backward(dy, x, mean, var, out=out_like())[0],
                 cbn.batch_norm_backward(dy, x, mean, var)[0],
                 *cbn.api.gradient_sums(dy, x, mean, var))
 
     with threadpool_limits(1, user_api="openmp"):
         inference, y, dx, dx_like_x, *sums = results = calls()
-    staged = cbn.api.gradient_sums(*(stepped_fortran(a) if abs(a.strides[0]) == 4 else a
-                                     for a in (dy, x)), mean, var)
-    for a, b in zip(sums, staged):
+    for a, b in zip(sums, cbn.api.gradient_sums(*staged, mean, var)):
         assert a.tobytes() == b.tobytes()
-    assert inference.tobytes() == cbn.batch_norm_inference(values, mean, var).tobytes()
+    assert (np.ascontiguousarray(inference).tobytes()
+            == cbn.batch_norm_inference(values, mean, var).tobytes())
     assert (np.ascontiguousarray(y).tobytes()
             == np.ascontiguousarray(cbn.batch_norm_forward(x)[0]).tobytes())
     assert np.ascontiguousarray(dx).tobytes() == np.ascontiguousarray(dx_like_x).tobytes()
@@ -582,39 +591,10 @@ def test_crosswise_images_match_reference_and_staged_bits(x_first, shape, offset
     def arranged(array, first, step=1):
         return channels_first(array, 1, step) if first else array.copy()
 
-    x, dy = arranged(values, x_first), arranged(dy_values, not x_first)
-    mean, var = cbn.batch_stats(values)
-    y_ref, _, _ = reference.batch_norm_forward(values)
-    dx_ref, _, _ = reference.batch_norm_backward(dy_values, values, mean, var)
-
     def out_like_dy():
-        if x_first:
-            return np.zeros_like(values)
-        return channels_first(np.zeros_like(values), offset)
+        zeros = np.zeros_like(values)
+        return shifted(zeros, "C", offset) if x_first else channels_first(zeros, offset)
 
-    def calls():
-        return (cbn.batch_norm_inference(x, mean, var, out=out_like_dy()),
-                cbn.batch_norm_forward(x, out=out_like_dy())[0],
-                cbn.batch_norm_backward(dy, x, mean, var, out=out_like_dy())[0],
-                cbn.batch_norm_backward(dy, x, mean, var)[0],
-                *cbn.api.gradient_sums(dy, x, mean, var))
-
-    with threadpool_limits(1, user_api="openmp"):
-        inference, y, dx, dx_like_x, *sums = results = calls()
-    staged = cbn.api.gradient_sums(arranged(dy_values, not x_first, 2),
-                                   arranged(values, x_first, 2), mean, var)
-    for a, b in zip(sums, staged):
-        assert a.tobytes() == b.tobytes()
-    assert_close(inference, y_ref, np.float32, condition=100)
-    assert_close(y, y_ref, np.float32, condition=100)
-    assert_close(dx, dx_ref, np.float32, condition=100)
-    assert np.ascontiguousarray(dx).tobytes() == np.ascontiguousarray(dx_like_x).tobytes()
-    assert (np.ascontiguousarray(inference).tobytes()
-            == cbn.batch_norm_inference(values, mean, var).tobytes())
-    assert (np.ascontiguousarray(y).tobytes()
-            == np.ascontiguousarray(cbn.batch_norm_forward(x)[0]).tobytes())
-    if cbn.openmp_enabled():
-        with threadpool_limits(2, user_api="openmp"):
-            again = calls()
-        for a, b in zip(again, results):
-            assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
+    staged = (arranged(dy_values, not x_first, 2), arranged(values, x_first, 2))
+    assert_crosswise_calls(values, dy_values, arranged(values, x_first),
+                           arranged(dy_values, not x_first), out_like_dy, staged)
