@@ -98,6 +98,9 @@ cdef Py_ssize_t descend_max_bytes = 0
 # Fortran x) that do not stream go crosswise (_cross.h) where set, else through the stage
 # (see cross_rows_pay):
 cdef bint cross_rows_out = False
+# The backward's crosswise passes take an item's rows in segments whose two input tiles
+# take about this many bytes (cross_segment):
+cdef Py_ssize_t cross_block_bytes = 1 << 62
 
 
 def set_stream_min_bytes(Py_ssize_t n_bytes):
@@ -127,6 +130,14 @@ def set_descend_max_bytes(Py_ssize_t n_bytes):
     its items last to first; returns the old one."""
     global descend_max_bytes
     old, descend_max_bytes = descend_max_bytes, n_bytes
+    return old
+
+
+def set_cross_block_bytes(Py_ssize_t n_bytes):
+    """Set the bytes of the two input tiles of a segment of the backward's crosswise
+    passes; returns the old setting."""
+    global cross_block_bytes
+    old, cross_block_bytes = cross_block_bytes, n_bytes
     return old
 
 

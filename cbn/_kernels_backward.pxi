@@ -24,7 +24,7 @@ cdef void fi_gradient_sums_item(const Grid *g, const floating *dy, const Walk *d
         acc_dy_xc[j] = 0.0
     if floating is float:
         if crosswise(g, dyw, xw, NULL):     # the stage's runs, without it: the same bits
-            runs = make_runs(g, it.r_begin, it.r_end, g.n_ri)   # an outer row a call
+            runs = make_runs(g, it.r_begin, it.r_end, cross_segment(g, g.rows_per_run))
             while runs.r < runs.end:
                 n = run_length(g, &runs)
                 cbn_gradient_sums_cross_f32(
@@ -110,7 +110,7 @@ cdef void fi_input_gradient_item(const Grid *g, const floating *dy, const Walk *
         o_tile = tile_of(<const floating *>act.output, act.output_walk, &it)
     if floating is float:   # dense x C beside a Fortran dy and out=: 2.8x to 2.3x
         if not act.fused and crosswise(g, dyw, xw, dxw):
-            runs = cross_rows(g, &it, dx_tile, dxw)
+            runs = cross_rows(g, &it, dx_tile, dxw, cross_segment(g, 16))
             while runs.r < runs.end:
                 n = run_length(g, &runs)
                 cbn_input_gradient_cross_f32(

@@ -134,17 +134,33 @@ cdef inline Py_ssize_t cross_bound(const Grid *g, Py_ssize_t r, const floating *
 
 
 cdef inline Runs cross_rows(const Grid *g, const FiItem *it, const floating *out,
-                            const Walk *w) noexcept nogil:
-    """The rows an item takes crosswise, out its output's tile (row 0), as runs that end
-    where outer rows do (a call of the crosswise loops each: their operands step evenly
-    only within an outer row): its own, each bound moved on to the output's next line start
-    within its outer row (the same for both items that share it), so that every line of a
-    streaming output is one item's, streamed whole: where the bounds fell within lines
-    (NumPy's arrays start 16 bytes into one) two lines of every feature in each item took
-    ordinary stores (dense inference beside a Fortran out=: 12.6 ms against 5.5 in a C test
-    of the loops)."""
+                            const Walk *w, Py_ssize_t segment) noexcept nogil:
+    """The rows an item takes crosswise, out its output's tile (row 0), as runs of at most
+    segment rows that end where outer rows do (a call of the crosswise loops each: their
+    operands step evenly only within an outer row): its own, each bound moved on to the
+    output's next line start within its outer row (the same for both items that share it),
+    so that every line of a streaming output is one item's, streamed whole: where the
+    bounds fell within lines (NumPy's arrays start 16 bytes into one) two lines of every
+    feature in each item took ordinary stores (dense inference beside a Fortran out=: 12.6
+    ms against 5.5 in a C test of the loops)."""
     return make_runs(g, cross_bound(g, it.r_begin, out, w), cross_bound(g, it.r_end, out, w),
-                     g.n_ri)
+                     segment)
+
+
+cdef inline Py_ssize_t cross_segment(const Grid *g, Py_ssize_t quantum) noexcept nogil:
+    """Rows a call of the backward's crosswise loops takes: whole quanta (16 rows, whole
+    lines of an output by features that streams; the stage's runs for the gradient sums,
+    whose bits they keep) whose two input tiles take at most cross_block_bytes (the L2),
+    one quantum at least. Walked 8 or 16 features at a time down all the rows of an item,
+    an input by rows gave each pass a line of every row, and the next pass found those
+    lines gone from the L2. From memory (dense (307200, 1024) float32 backward out=, x C
+    beside a Fortran dy and out=, one thread, interleaved in one process): 1380-1946 ms in
+    whole items, 986-1372 in segments of 256 rows (1 MiB of each input); 128 and 512 rows
+    were slower than 256. The normalizing pass is left whole: its one input by features
+    in segments (x Fortran beside a C-ordered out=) made inference slower, 194 to 237 ms
+    (with the next segment prefetched)."""
+    cdef Py_ssize_t rows = cross_block_bytes // (2 * g.tile_width * <Py_ssize_t>sizeof(float))
+    return max(quantum, rows // quantum * quantum)
 
 
 # Runs of rows that continue one another in an operand staged by transposing (NHWC x in

@@ -43,7 +43,7 @@ cdef void fi_normalize_item(const Grid *g, const floating *x, const Walk *xw, fl
         r_tile = tile_of(<const floating *>act.residual, act.residual_walk, &it)
     if floating is float:
         if not act.fused and crosswise(g, xw, NULL, yw):
-            runs = cross_rows(g, &it, y_tile, yw)
+            runs = cross_rows(g, &it, y_tile, yw, g.n_ri)
             while runs.r < runs.end:
                 n = run_length(g, &runs)
                 cbn_normalize_cross_f32(x_tile + row_offset(xw, runs.ro, runs.ri),

@@ -24,6 +24,10 @@ What follows the machine is only how that work is stored and scheduled, never it
   input's runs in cache. Which is faster in cache differs between CPUs (the Intel Xeon
   staged faster, the AMD EPYC measured crosswise faster), so it is staged unless
   ``python -m cbn calibrate`` measured crosswise faster on this CPU;
+* segments of the backward's crosswise passes, ``cross_block_bytes``: an item's rows are
+  taken in segments whose two input tiles fill the L2 (dense rows of 1024 float32
+  features: 256 rows), so that an input by rows, read a line of each row per pass of 8 or
+  16 features, is still in the L2 for the next pass;
 * strips, from ``strip_min_bytes`` of per-feature factors a row: rows of features innermost
   whose factor arrays (3 doubles a feature to normalize, 4 for the input gradient) take half
   the L1d or more are written strip by strip with the factors held in registers; loaded at
@@ -136,6 +140,7 @@ class Thresholds:
     descend_max_bytes: int
     cross_rows_out: bool
     cross_reason: str
+    cross_block_bytes: int
 
     def describe(self):
         stream = ("never" if self.stream_min_bytes >= NEVER
@@ -145,7 +150,8 @@ class Thresholds:
                 f"{_size(self.parallel_min_bytes)}; factors in registers from "
                 f"{_size(self.strip_min_bytes)} a row; second passes last to first after "
                 f"first passes of up to {_size(self.descend_max_bytes)}; outputs by rows "
-                f"beside inputs by features {route} ({self.cross_reason})")
+                f"beside inputs by features {route} ({self.cross_reason}); the "
+                f"backward's crosswise segments {_size(self.cross_block_bytes)} of inputs")
 
 
 def thresholds(caches, calibration=None):
@@ -162,7 +168,7 @@ def thresholds(caches, calibration=None):
                         f"{calibration['staged_ms']:.1f} ms on "
                         f"{_size(calibration['cross_bytes'])}")
     return Thresholds(stream_min, 4 * caches.l1d, reason, caches.l1d // 2, 2 * caches.llc,
-                      cross, cross_reason)
+                      cross, cross_reason, caches.l2)
 
 
 # --- calibration, cached per CPU ------------------------------------------------------------
@@ -256,6 +262,7 @@ def apply(kernels, chosen):
     kernels.set_strip_min_bytes(chosen.strip_min_bytes)
     kernels.set_descend_max_bytes(chosen.descend_max_bytes)
     kernels.set_cross_rows_out(chosen.cross_rows_out)
+    kernels.set_cross_block_bytes(chosen.cross_block_bytes)
 
 
 def _read(path):

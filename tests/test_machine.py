@@ -66,6 +66,7 @@ def test_thresholds_follow_the_caches_and_the_calibration():
     assert _machine.thresholds(caches).strip_min_bytes == 16 * KIB
     assert _machine.thresholds(caches).descend_max_bytes == 72 * MIB
     assert _machine.thresholds(caches).cross_rows_out is False
+    assert _machine.thresholds(caches).cross_block_bytes == MIB
     slow = {"stream_pays": False, "stream_ms": 12.9, "plain_ms": 7.3, "bytes": 72 * MIB}
     assert _machine.thresholds(caches, slow).stream_min_bytes == _machine.NEVER
     assert "12.9 ms" in _machine.thresholds(caches, slow).describe()
@@ -123,6 +124,9 @@ def test_the_kernels_use_this_machines_thresholds():
     old = _kernels.set_cross_rows_out(True)
     _kernels.set_cross_rows_out(old)
     assert old == chosen.cross_rows_out
+    old = _kernels.set_cross_block_bytes(0)
+    _kernels.set_cross_block_bytes(old)
+    assert old == chosen.cross_block_bytes
 
 
 LAYOUTS = [((64, 6, 6, 64), -1, "C"), ((48, 16, 9, 9), 1, "C"), ((40, 6, 6, 64), -1, "F"),

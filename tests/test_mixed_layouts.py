@@ -11,7 +11,7 @@ from threadpoolctl import threadpool_limits
 
 import cbn
 import cbn.api
-from cbn import _kernels, reference
+from cbn import _kernels, _machine, reference
 from cbn._layout import make_plan
 
 from budget import examples
@@ -494,6 +494,16 @@ def cross_rows_out(request):
     _kernels.set_cross_rows_out(old)
 
 
+@pytest.fixture(params=[False, True], ids=["L2 segments", "shortest segments"])
+def segments(request):
+    """The backward's crosswise passes in segments of the machine's L2, or of one quantum
+    each (16 rows for dx, the stage's run for the sums): the bits must not change."""
+    shortest = 1 if request.param else _machine.current().cross_block_bytes
+    old = _kernels.set_cross_block_bytes(shortest)
+    yield request.param
+    _kernels.set_cross_block_bytes(old)
+
+
 # Dense float32 beside its transpose: each item taken crosswise (cbn/_cross.h), 8x8 blocks
 # straight from the inputs to the output or the sums, no stage; an operand walked backwards
 # along its inner axis (C-, F-) has its blocks' lanes reversed. The gradient sums must
@@ -511,7 +521,7 @@ def cross_rows_out(request):
 @pytest.mark.parametrize("shape", [(3504, 48), (3501, 37), (1203, 208)])
 @pytest.mark.parametrize("offset", [0, 3])
 def test_crosswise_tiles_match_reference_and_c_bits(x_layout, other_layout, shape, offset,
-                                                    streaming, cross_rows_out):
+                                                    streaming, cross_rows_out, segments):
     rng = np.random.default_rng(37)
     values = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy_values = rng.standard_normal(shape).astype(np.float32)
@@ -583,7 +593,7 @@ def channels_first(values, offset=0, step=1):
 @pytest.mark.parametrize("shape", [(6, 24, 40, 40), (4, 30, 31, 37), (3, 5, 7, 13)])
 @pytest.mark.parametrize("offset", [0, 3])
 def test_crosswise_images_match_reference_and_staged_bits(x_first, shape, offset, streaming,
-                                                          cross_rows_out):
+                                                          cross_rows_out, segments):
     rng = np.random.default_rng(41)
     values = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
     dy_values = rng.standard_normal(shape).astype(np.float32)
